@@ -1,0 +1,28 @@
+# `make run` sets up and runs the default study; `make test` sets up and runs the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+ARGS ?=
+
+.PHONY: setup model run test clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first: a bare `torch` requirement would pull a multi-GB CUDA build on a fresh venv
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+model: setup
+	$(PY) -m optimizer.fetch
+
+run: model
+	$(PY) -m optimizer run $(ARGS)
+
+test: model
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs tests
+
+clean:
+	rm -rf $(VENV) studies/*.db studies/*/

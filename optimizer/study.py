@@ -1,0 +1,280 @@
+"""The Optuna study: storage, search space, objective, budget, resume and the Pareto table."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+from rich.table import Table
+
+from optimizer.config import Settings
+from optimizer.errors import UserError
+from optimizer.model import COMPONENTS
+from optimizer.params import Kernel, TrialParams, build_plan
+from optimizer.workbench import Workbench, progress_bar
+
+OBJECTIVES = ("refusal_rate", "kl_divergence")
+SUPPORTED_SCHEMES = ("sqlite", "postgresql", "mysql")
+MAX_CONSECUTIVE_FAILURES = 3
+# the trade-off shown while running: fewest refusals among trials within this KL
+PROGRESS_KL_LIMIT = 1.0
+
+
+# -- storage ---------------------------------------------------------------------------------
+
+
+def check_storage_url(url: str) -> None:
+    """Reject malformed or unsupported URLs before anything is loaded or written."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise UserError(f"malformed storage URL {url!r}; give --storage as sqlite:///path/to/study.db or postgresql://user:pass@host/db") from None
+    backend = parsed.get_backend_name()
+    if backend not in SUPPORTED_SCHEMES:
+        raise UserError(f"unsupported storage scheme {backend!r} in {url!r}; give --storage as sqlite:///FILE.db or postgresql://...")
+    if backend == "sqlite" and parsed.database and parsed.database != ":memory:":
+        parent = Path(parsed.database).parent
+        if not parent.is_dir():
+            raise UserError(f"the folder {parent} of the SQLite storage does not exist; create it or fix --storage")
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    check_storage_url(url)
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    except Exception as e:  # sqlalchemy raises many types for unreachable servers
+        raise UserError(f"cannot open storage {url}: {str(e).splitlines()[0]}; check the URL and that the server is running") from None
+
+
+# -- counting ---------------------------------------------------------------------------------
+
+
+def is_interrupted(trial: FrozenTrial) -> bool:
+    return trial.state == TrialState.FAIL and bool(trial.user_attrs.get("interrupted"))
+
+
+def counted_trials(study: optuna.Study) -> int:
+    """Trials that count toward the budget: finished in any state, except ones cut off by an
+    interruption (Ctrl-C, a killed process), which are retried instead of counted."""
+    finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=finished) if not is_interrupted(t))
+
+
+def fail_stale_running_trials(study: optuna.Study, console: Console) -> int:
+    """On SQLite (one local process, no heartbeat) a RUNNING trial at start was left by a dead process."""
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in stale:
+        study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    if stale:
+        console.print(f"[yellow]Marked {len(stale)} trial(s) left RUNNING by an earlier process as failed (not counted): {[t.number for t in stale]}[/]")
+    return len(stale)
+
+
+# -- search space -----------------------------------------------------------------------------
+
+
+def suggest_params(trial: optuna.Trial, n_layers: int, settings: Settings) -> TrialParams:
+    last = n_layers - 1
+    methods = settings.direction_methods
+    method = methods[0] if len(methods) == 1 else trial.suggest_categorical("direction_method", methods)
+    alpha = trial.suggest_float("alpha", 0.0, settings.alpha_max) if method == "contrastive" else None
+    scope = trial.suggest_categorical("direction_scope", ["global", "per_layer"])
+    index = trial.suggest_float("direction_index", 0.2 * last, 0.9 * last) if scope == "global" else None
+    kernels = {
+        c: Kernel(
+            peak_weight=trial.suggest_float(f"{c}_peak_weight", 0.0, 1.5),
+            peak_layer=trial.suggest_float(f"{c}_peak_layer", 0.3 * last, last),
+            min_ratio=trial.suggest_float(f"{c}_min_ratio", 0.0, 1.0),
+            falloff=trial.suggest_float(f"{c}_falloff", 1.0, max(1.0, 0.6 * last)),
+        )
+        for c in COMPONENTS
+    }
+    return TrialParams(method, alpha, index, kernels)
+
+
+def baseline_params(n_layers: int, settings: Settings) -> dict:
+    """Parameters of the unedited model inside the search space: every peak weight 0."""
+    last = n_layers - 1
+    params: dict = {"direction_scope": "global", "direction_index": 0.5 * last}
+    if len(settings.direction_methods) > 1:
+        params["direction_method"] = "mean_diff" if "mean_diff" in settings.direction_methods else settings.direction_methods[0]
+    if params.get("direction_method", settings.direction_methods[0]) == "contrastive":
+        params["alpha"] = 0.0
+    for c in COMPONENTS:
+        params.update({f"{c}_peak_weight": 0.0, f"{c}_peak_layer": last, f"{c}_min_ratio": 0.0, f"{c}_falloff": 1.0})
+    return params
+
+
+# -- study ------------------------------------------------------------------------------------
+
+
+def study_settings_record(bench: Workbench) -> dict:
+    """The settings that make trials comparable; stored on the study and checked on resume."""
+    s = bench.settings
+    return {
+        "scoring_prompts": s.scoring_prompts,
+        "direction_prompts": s.direction_prompts,
+        "max_new_tokens": s.max_new_tokens,
+        "system_prompt": s.system_prompt,
+        "harmful": s.harmful or "bundled",
+        "harmless": s.harmless or "bundled",
+        "refusal_markers": sorted(s.refusal_markers),
+    }
+
+
+def load_or_create_study(storage: optuna.storages.BaseStorage, bench: Workbench) -> tuple[optuna.Study, bool]:
+    """The study for these settings; refuses one created by another model or other scoring settings."""
+    settings = bench.settings
+    name = settings.study
+    existing = [s for s in storage.get_all_studies() if s.study_name == name]
+    if existing:
+        attrs = existing[0].user_attrs
+        if attrs.get("model_fingerprint") != bench.model_fingerprint:
+            raise UserError(
+                f"study {name!r} was created with model {attrs.get('model')!r} (fingerprint {attrs.get('model_fingerprint')}), "
+                f"not {bench.loaded.source!r} (fingerprint {bench.model_fingerprint}); use that model or another --study name"
+            )
+        if attrs.get("scoring_fingerprint") != bench.scoring_fingerprint() or attrs.get("directions_fingerprint") != bench.directions_fingerprint():
+            stored = attrs.get("settings", {})
+            current = study_settings_record(bench)
+            differ = sorted(k for k in current if stored.get(k) != current[k]) or ["prompt contents"]
+            raise UserError(
+                f"study {name!r} was created with other settings ({', '.join(differ)} differ), so its trials are not comparable; "
+                "run with the original settings or use another --study name"
+            )
+    seed = settings.seed
+    if seed is not None and existing:  # a resumed run must not replay the first run's random trials
+        seed += len(storage.get_all_trials(existing[0]._study_id, deepcopy=False))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(
+        multivariate=True, group=True, constant_liar=True, n_startup_trials=settings.startup_trials, seed=seed
+    )
+    study = optuna.create_study(
+        storage=storage, study_name=name, sampler=sampler, directions=["minimize", "minimize"], load_if_exists=True,
+    )
+    created = not existing
+    if created:
+        study.set_metric_names(list(OBJECTIVES))
+        study.set_user_attr("model", bench.loaded.source)
+        study.set_user_attr("model_fingerprint", bench.model_fingerprint)
+        study.set_user_attr("scoring_fingerprint", bench.scoring_fingerprint())
+        study.set_user_attr("directions_fingerprint", bench.directions_fingerprint())
+        study.set_user_attr("settings", study_settings_record(bench))
+        study.set_user_attr("n_layers", bench.loaded.n_layers)
+        study.enqueue_trial(baseline_params(bench.loaded.n_layers, settings), user_attrs={"baseline": True})
+    return study, created
+
+
+def refusals_text(trial: FrozenTrial) -> str:
+    return str(trial.user_attrs.get("refusals", "?"))
+
+
+def make_objective(bench: Workbench):
+    settings = bench.settings
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        try:
+            start = time.perf_counter()
+            params = suggest_params(trial, bench.loaded.n_layers, settings)
+            plan, info = build_plan(params, bench.stats)
+            directions_s = time.perf_counter() - start
+            scores = bench.score(plan)
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)
+            raise
+        timings = {"directions_s": round(directions_s, 4), **{k: round(v, 3) for k, v in scores.timings.items()}}
+        timings["total_s"] = round(time.perf_counter() - start, 3)
+        trial.set_user_attr("refusals", f"{scores.refusals}/{scores.n_harmful}")
+        trial.set_user_attr("kl_divergence", round(scores.kl, 6))
+        trial.set_user_attr("alpha", params.alpha)
+        trial.set_user_attr("direction", params.describe_direction())
+        trial.set_user_attr("fallback_layers", info.fallback_layers)
+        trial.set_user_attr("timings", timings)
+        trial.set_user_attr("scored_from_cache", scores.from_cache)
+        trial.set_user_attr("sample_responses", [{"prompt": p, "response": r} for p, r in scores.responses])
+        return scores.refusal_rate, scores.kl
+
+    return objective
+
+
+class StopAtBudget:
+    """Stop once the study holds `total` counted trials, or after repeated failures in a row."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.failures_in_a_row = 0
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.failures_in_a_row = self.failures_in_a_row + 1 if trial.state == TrialState.FAIL else 0
+        if counted_trials(study) >= self.total:
+            study.stop()
+        elif self.failures_in_a_row >= MAX_CONSECUTIVE_FAILURES:
+            study.stop()
+            raise UserError(f"{self.failures_in_a_row} trials failed in a row (last: trial {trial.number}); see the log above for the error")
+
+
+def best_tradeoff(study: optuna.Study) -> FrozenTrial | None:
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values[1] <= PROGRESS_KL_LIMIT]
+    return min(done, key=lambda t: (t.values[0], t.values[1]), default=None)
+
+
+def pareto_table(study: optuna.Study) -> Table:
+    table = Table(title=f"Pareto-optimal trials of study {study.study_name!r}")
+    for column in ("trial", "refusals", "KL divergence", "direction", "attn kernel", "mlp kernel"):
+        table.add_column(column)
+    for t in sorted(study.best_trials, key=lambda t: (t.values[0], t.values[1])):
+        kernels = [
+            f"w={t.params[f'{c}_peak_weight']:.2f} @{t.params[f'{c}_peak_layer']:.1f} min={t.params[f'{c}_min_ratio']:.2f} fall={t.params[f'{c}_falloff']:.1f}"
+            for c in COMPONENTS
+        ]
+        label = f"{t.number} (baseline)" if t.user_attrs.get("baseline") else str(t.number)
+        table.add_row(label, refusals_text(t), f"{t.values[1]:.4f}", str(t.user_attrs.get("direction", "")), *kernels)
+    return table
+
+
+def run_study(settings: Settings, console: Console) -> optuna.Study:
+    """`python -m optimizer run`: continue (or start) the study until it holds `settings.trials` trials."""
+    url = settings.resolved_storage()
+    if settings.storage:  # the default one is ours to create
+        check_storage_url(url)
+    bench = Workbench.open(settings, console)
+    if not settings.storage:
+        Path(settings.studies_dir).mkdir(parents=True, exist_ok=True)
+    storage = open_storage(url)
+    study, created = load_or_create_study(storage, bench)
+    bench.prepare(settings.study_dir())
+    base = bench.baseline_refusals
+    console.print(
+        f"Study {settings.study!r} in {url} ({'new' if created else 'resumed'}); model {bench.loaded.source} on "
+        f"{bench.loaded.device} {str(bench.loaded.dtype).removeprefix('torch.')}, {bench.loaded.n_layers} layers; "
+        f"baseline refusals {base.count}/{len(base.refused)}"
+    )
+    study.set_user_attr("baseline_refusals", f"{base.count}/{len(base.refused)}")
+    if url.startswith("sqlite"):
+        fail_stale_running_trials(study, console)
+    done = counted_trials(study)
+    remaining = settings.trials - done
+    if remaining <= 0:
+        console.print(f"Study already holds {done} finished trials (asked for {settings.trials}); nothing to run.")
+    else:
+        objective = make_objective(bench)
+        with progress_bar(console) as progress:
+            task = progress.add_task("Trials", total=settings.trials, completed=done)
+
+            def show(study: optuna.Study, trial: FrozenTrial) -> None:
+                progress.update(task, completed=counted_trials(study))
+                best = best_tradeoff(study)
+                if best is not None:
+                    progress.update(task, description=f"Trials (best: {refusals_text(best)} refusals, KL {best.values[1]:.3f}, #{best.number})")
+
+            study.optimize(objective, n_trials=remaining, callbacks=[StopAtBudget(settings.trials), show], catch=(Exception,))
+    console.print(pareto_table(study))
+    return study

@@ -1,0 +1,180 @@
+"""Everything a study computes once (model, prompts, statistics, baseline) and scoring one trial.
+
+Nothing here knows about Optuna: `study.py` drives a Workbench through `score`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from optimizer import cache
+from optimizer.ablation import AblationHooks, AblationPlan
+from optimizer.config import Settings
+from optimizer.directions import ContrastiveStats, compute_stats
+from optimizer.model import LoadedModel, load_model, model_fingerprint
+from optimizer.prompts import format_chat, load_prompts, split_prompts, take
+from optimizer.residuals import collect_residuals
+from optimizer.scoring import RefusalResult, first_token_logprobs, generate_and_classify, kl_divergence
+
+SAMPLE_RESPONSES = 3
+
+
+def _hash(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
+    )
+
+
+@dataclass
+class TrialScores:
+    refusals: int
+    n_harmful: int
+    kl: float
+    responses: list[tuple[str, str]]  # (prompt, response) samples
+    timings: dict[str, float] = field(default_factory=dict)
+    from_cache: bool = False
+
+    @property
+    def refusal_rate(self) -> float:
+        return self.refusals / self.n_harmful
+
+
+@dataclass
+class Workbench:
+    settings: Settings
+    loaded: LoadedModel
+    model_fingerprint: str
+    direction_texts: tuple[list[str], list[str]]  # harmful, harmless (chat-formatted)
+    harmful_prompts: list[str]  # scoring, raw
+    harmful_texts: list[str]  # scoring, chat-formatted
+    harmless_texts: list[str]
+    batch_size: int
+    console: Console
+    stats: ContrastiveStats | None = None
+    baseline_logprobs: torch.Tensor | None = None
+    baseline_refusals: RefusalResult | None = None
+    hooks: AblationHooks | None = None
+    cache_computations: int = 0  # how many cache entries this process computed (0 on a full reuse)
+
+    @classmethod
+    def open(cls, settings: Settings, console: Console) -> Workbench:
+        """Read prompts and load the model; nothing is written anywhere yet."""
+        harmful = split_prompts(load_prompts(settings.harmful, "harmful"))
+        harmless = split_prompts(load_prompts(settings.harmless, "harmless"))
+        n_dir, n_score = settings.direction_prompts, settings.scoring_prompts
+        dir_b = take(harmful.direction, n_dir, "harmful direction", "--direction-prompts")
+        dir_g = take(harmless.direction, n_dir, "harmless direction", "--direction-prompts")
+        score_b = take(harmful.scoring, n_score, "harmful scoring", "--scoring-prompts")
+        score_g = take(harmless.scoring, n_score, "harmless scoring", "--scoring-prompts")
+        with console.status("Loading model..."):
+            loaded = load_model(settings.model, settings.device, settings.dtype, settings.chat_template)
+        fmt = lambda ps: format_chat(loaded.tokenizer, ps, settings.system_prompt)  # noqa: E731
+        batch_size = settings.batch_size or (64 if loaded.device.type == "cuda" else 16)
+        return cls(
+            settings, loaded, model_fingerprint(loaded), (fmt(dir_b), fmt(dir_g)), score_b, fmt(score_b), fmt(score_g),
+            batch_size, console,
+        )
+
+    # -- identities ---------------------------------------------------------------------------
+
+    def scoring_fingerprint(self) -> str:
+        """What makes two trials' scores comparable: model, scoring prompts, length cap, markers."""
+        s = self.settings
+        return _hash(self.model_fingerprint, self.harmful_texts, self.harmless_texts, s.max_new_tokens, sorted(s.refusal_markers))
+
+    def directions_fingerprint(self) -> str:
+        return _hash(self.model_fingerprint, self.direction_texts)
+
+    def _numeric_fingerprint(self, base: str) -> str:
+        # cached tensors also depend on the dtype and device kind they were computed in
+        return _hash(base, str(self.loaded.dtype), self.loaded.device.type)
+
+    # -- one-time computations ----------------------------------------------------------------
+
+    def prepare(self, cache_dir: Path) -> None:
+        """Load the statistics and baseline from the cache, computing what is missing or stale."""
+        self.stats = self._cached_stats(cache_dir)
+        self.baseline_logprobs, self.baseline_refusals = self._cached_baseline(cache_dir)
+        self.hooks = AblationHooks(self.loaded)
+
+    def _note_miss(self, miss: cache.CacheMiss) -> None:
+        self.console.print(f"[yellow]{miss}[/]: computing it now")
+        self.cache_computations += 1
+
+    def _cached_stats(self, cache_dir: Path) -> ContrastiveStats:
+        fp = self._numeric_fingerprint(self.directions_fingerprint())
+        try:
+            tensors, _ = cache.load_entry(cache_dir, "directions", fp, self.loaded.device)
+            self.console.print(f"Reusing cached direction statistics from {cache_dir}")
+            return ContrastiveStats.from_tensors(tensors)
+        except cache.CacheMiss as miss:
+            self._note_miss(miss)
+        harmful_texts, harmless_texts = self.direction_texts
+        with progress_bar(self.console) as progress:
+            task = progress.add_task("Residuals", total=len(harmful_texts) + len(harmless_texts))
+            advance = lambda n: progress.advance(task, n)  # noqa: E731
+            harmful = collect_residuals(self.loaded, harmful_texts, self.batch_size, advance)
+            harmless = collect_residuals(self.loaded, harmless_texts, self.batch_size, advance)
+        start = time.perf_counter()
+        stats = compute_stats(harmful, harmless)
+        self.console.print(f"Contrastive-PCA statistics for {stats.n_layers} layers in {time.perf_counter() - start:.2f} s ({stats.nbytes() / 2**20:.1f} MiB)")
+        cache.save_entry(cache_dir, "directions", fp, stats.tensors(), {})
+        return stats
+
+    def _cached_baseline(self, cache_dir: Path) -> tuple[torch.Tensor, RefusalResult]:
+        fp = self._numeric_fingerprint(self.scoring_fingerprint())
+        try:
+            tensors, values = cache.load_entry(cache_dir, "baseline", fp, self.loaded.device)
+            self.console.print("Reusing cached baseline log-probabilities and refusals")
+            return tensors["logprobs"], RefusalResult(values["refused"], values["responses"], values["tokens"])
+        except cache.CacheMiss as miss:
+            self._note_miss(miss)
+        with self.console.status("Baseline: first-token log-probabilities and refusals of the unedited model..."):
+            logprobs = first_token_logprobs(self.loaded, self.harmless_texts, self.batch_size)
+            refusals = self._refusals()
+        values = {"refused": refusals.refused, "responses": refusals.responses, "tokens": refusals.tokens_generated}
+        cache.save_entry(cache_dir, "baseline", fp, {"logprobs": logprobs}, values)
+        return logprobs, refusals
+
+    def _refusals(self) -> RefusalResult:
+        s = self.settings
+        return generate_and_classify(self.loaded, self.harmful_texts, s.max_new_tokens, s.refusal_markers, self.batch_size)
+
+    # -- trials -------------------------------------------------------------------------------
+
+    def score(self, plan: AblationPlan) -> TrialScores:
+        """Refusals and KL of the model edited by `plan` (the unedited model's come from the cache)."""
+        assert self.hooks is not None and self.baseline_refusals is not None, "call prepare() first"
+        if plan.is_identity():
+            return self._scores(self.baseline_refusals, 0.0, {}, from_cache=True)
+        timings = {}
+        start = time.perf_counter()
+        self.hooks.apply(plan)
+        try:
+            timings["apply_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            kl = kl_divergence(self.baseline_logprobs, first_token_logprobs(self.loaded, self.harmless_texts, self.batch_size))
+            timings["kl_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            refusals = self._refusals()
+            timings["refusals_s"] = time.perf_counter() - start
+        finally:
+            self.hooks.clear()
+        return self._scores(refusals, kl, timings)
+
+    def _scores(self, refusals: RefusalResult, kl: float, timings: dict[str, float], from_cache: bool = False) -> TrialScores:
+        samples = list(zip(self.harmful_prompts, refusals.responses))[:SAMPLE_RESPONSES]
+        return TrialScores(refusals.count, len(refusals.refused), kl, samples, timings, from_cache)

@@ -1,0 +1,78 @@
+"""Trial hooks against the weight edit W <- (I - w r r^T) W, on tiny models."""
+
+import copy
+
+import pytest
+import torch
+
+from optimizer.ablation import AblationHooks, AblationPlan, bake_into_weights
+from optimizer.model import COMPONENTS, find_component, find_layers, load_model
+from optimizer.prompts import format_chat
+from optimizer.residuals import tokenize
+
+PROMPTS = ["Write a haiku about rain.", "How do I pick a lock?", "What is 2 + 2?"]
+
+
+def random_plan(loaded, seed: int = 0, zero: bool = False) -> AblationPlan:
+    g = torch.Generator().manual_seed(seed)
+    n, d = loaded.n_layers, loaded.hidden_size
+    dirs = {c: torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1) for c in COMPONENTS}
+    weights = {c: [0.0 if zero else float(w) for w in torch.rand(n, generator=g) * 1.5] for c in COMPONENTS}
+    return AblationPlan(dirs, weights)
+
+
+def logits_of(loaded) -> torch.Tensor:
+    with torch.inference_mode():
+        return loaded.model(**tokenize(loaded, format_chat(loaded.tokenizer, PROMPTS))).logits.float()
+
+
+@pytest.fixture(params=["tiny_dir", "tiny_llama_bias_dir"])
+def loaded(request):
+    return load_model(str(request.getfixturevalue(request.param)), "cpu", "float32")
+
+
+def test_zero_weights_leave_logits_unchanged(loaded):
+    before = logits_of(loaded)
+    hooks = AblationHooks(loaded)
+    hooks.apply(random_plan(loaded, zero=True))
+    torch.testing.assert_close(logits_of(loaded), before, rtol=0, atol=0)
+    hooks.apply(random_plan(loaded))
+    assert (logits_of(loaded) - before).abs().max() > 1e-3, "a non-zero plan must change the logits"
+    hooks.clear()
+    torch.testing.assert_close(logits_of(loaded), before, rtol=0, atol=0)
+
+
+def test_hooks_equal_weight_edit(loaded):
+    plan = random_plan(loaded, seed=1)
+    baked = copy.deepcopy(loaded)
+    bake_into_weights(baked, plan)
+    hooks = AblationHooks(loaded)
+    hooks.apply(plan)
+    hooked = logits_of(loaded)
+    hooks.remove()
+    # float32 through 4 small layers: differences are rounding only
+    torch.testing.assert_close(logits_of(baked), hooked, rtol=1e-4, atol=1e-4)
+    assert (logits_of(loaded) - hooked).abs().max() > 1e-3
+
+
+def test_components_found_by_structure(loaded):
+    layers = find_layers(loaded.model)
+    assert len(layers) == 4
+    for i, layer in enumerate(layers):
+        assert find_component(layer, "attn", i) is layer.self_attn.o_proj
+        assert find_component(layer, "mlp", i) is layer.mlp.down_proj
+
+
+def test_bias_is_edited_where_present(tiny_llama_bias_dir):
+    loaded = load_model(str(tiny_llama_bias_dir), "cpu", "float32")
+    plan = random_plan(loaded, seed=2)
+    originals = {c: copy.deepcopy(loaded.components[c][0]) for c in COMPONENTS}
+    bake_into_weights(loaded, plan)
+    x = torch.randn(5, 128)
+    for c in COMPONENTS:
+        edited, original = loaded.components[c][0], originals[c]
+        assert edited.bias is not None and not torch.equal(edited.bias, original.bias)
+        r, w = plan.directions[c][0], plan.weights[c][0]
+        y = original(x[:, : original.in_features])
+        expected = y - w * (y @ r).unsqueeze(-1) * r
+        torch.testing.assert_close(edited(x[:, : original.in_features]), expected, rtol=1e-5, atol=1e-5)

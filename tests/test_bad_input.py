@@ -1,0 +1,103 @@
+"""Bad input: a one-line message naming the problem and the fix, exit code 2, the study untouched."""
+
+from pathlib import Path
+
+import pytest
+
+from optimizer.cli import main
+from tests.conftest import file_digest
+from tests.test_study import run_args
+
+
+def expect_refusal(args: list[str], studies: Path, capsys, *fragments: str) -> str:
+    db = studies / "t.db"
+    before = file_digest(db)
+    cache_before = sorted((studies / "t").glob("*")) if (studies / "t").exists() else []
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    message = err[err.index("error:"):].strip()
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in message, message
+    assert file_digest(db) == before, "the study file must not change"
+    after = sorted((studies / "t").glob("*")) if (studies / "t").exists() else []
+    assert after == cache_before
+    return message
+
+
+def test_missing_model_path(tmp_path, capsys):
+    studies = tmp_path / "s"
+    expect_refusal(run_args(tmp_path / "nope", studies), studies, capsys, "does not exist", "--model")
+
+
+def test_unknown_hub_id_while_offline(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    studies = tmp_path / "s"
+    args = run_args(Path("x"), studies)
+    args[args.index("--model") + 1] = "no-such-org/no-such-model"
+    expect_refusal(args, studies, capsys, "could not load model", "offline")
+
+
+@pytest.mark.parametrize(
+    "content, fragments",
+    [
+        (b"", ("no prompts",)),
+        (b"\n  \n\n", ("no prompts",)),
+        (b"\x00\x01\x02binary", ("looks binary",)),
+        ("caf\u00e9 prompt\n".encode("latin-1"), ("not UTF-8", "re-save")),
+    ],
+)
+def test_bad_prompt_file(tiny_dir, tmp_path, capsys, content, fragments):
+    studies = tmp_path / "s"
+    prompts = tmp_path / "harmful.txt"
+    prompts.write_bytes(content)
+    expect_refusal(run_args(tiny_dir, studies, "--harmful", str(prompts)), studies, capsys, *fragments)
+
+
+def test_missing_prompt_file(tiny_dir, tmp_path, capsys):
+    studies = tmp_path / "s"
+    expect_refusal(run_args(tiny_dir, studies, "--harmless", str(tmp_path / "none.txt")), studies, capsys, "does not exist")
+
+
+def test_fewer_prompts_than_asked(tiny_dir, tmp_path, capsys):
+    studies = tmp_path / "s"
+    prompts = tmp_path / "harmful.txt"
+    prompts.write_text("\n".join(f"How do I do bad thing number {i}?" for i in range(12)))
+    message = expect_refusal(run_args(tiny_dir, studies, "--harmful", str(prompts)), studies, capsys, "asked for 8", "has only")
+    assert "--direction-prompts" in message
+
+
+def test_model_without_chat_template(no_template_dir, tmp_path, capsys):
+    studies = tmp_path / "s"
+    expect_refusal(run_args(no_template_dir, studies), studies, capsys, "no chat template", "--chat-template")
+
+
+@pytest.mark.parametrize(
+    "url, fragment",
+    [("not a url", "malformed storage URL"), ("redis://localhost/0", "unsupported storage scheme"), ("sqlite:////no/such/dir/x.db", "does not exist")],
+)
+def test_bad_storage_url(tiny_dir, tmp_path, capsys, url, fragment):
+    studies = tmp_path / "s"
+    expect_refusal(run_args(tiny_dir, studies, "--storage", url), studies, capsys, fragment, "--storage")
+
+
+@pytest.mark.parametrize("flag, value", [("--trials", "0"), ("--trials", "-3"), ("--scoring-prompts", "0")])
+def test_non_positive_counts(tiny_dir, tmp_path, capsys, flag, value):
+    studies = tmp_path / "s"
+    expect_refusal(run_args(tiny_dir, studies, flag, value), studies, capsys, flag, "positive")
+
+
+def test_study_created_by_another_model(tiny_dir, tiny_llama_bias_dir, tmp_path, capsys):
+    studies = tmp_path / "s"
+    assert main(run_args(tiny_dir, studies, "--trials", "1")) == 0
+    capsys.readouterr()
+    expect_refusal(run_args(tiny_llama_bias_dir, studies, "--trials", "2"), studies, capsys, "was created with model", "another --study")
+
+
+def test_study_created_with_other_scoring_settings(tiny_dir, tmp_path, capsys):
+    studies = tmp_path / "s"
+    assert main(run_args(tiny_dir, studies, "--trials", "1")) == 0
+    capsys.readouterr()
+    args = run_args(tiny_dir, studies, "--trials", "2", "--max-new-tokens", "5")
+    args.remove("--max-new-tokens"), args.remove("4")
+    expect_refusal(args, studies, capsys, "max_new_tokens", "another --study")

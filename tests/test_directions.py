@@ -1,0 +1,71 @@
+"""Low-rank contrastive PCA against a full d x d eigh, on random data."""
+
+import pytest
+import torch
+
+from optimizer.directions import compute_stats, contrastive_eigen, directions
+
+
+def synthetic(layers: int, n_b: int, n_g: int, d: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shift = torch.randn(layers, 1, d, generator=g)
+    harmful = torch.randn(layers, n_b, d, generator=g) * 0.7 + shift + 1.0
+    harmless = torch.randn(layers, n_g, d, generator=g) + 1.0
+    return harmful, harmless
+
+
+def full_matrix(harmful: torch.Tensor, harmless: torch.Tensor, alpha: float) -> torch.Tensor:
+    b, g = harmful.double(), harmless.double()
+    mu_g = g.mean(0)
+    return (b - mu_g).T @ (b - mu_g) / len(b) - alpha * (g - mu_g).T @ (g - mu_g) / len(g)
+
+
+@pytest.mark.parametrize("shape", [(20, 30, 64), (50, 40, 48)])  # m < d and m > d
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 2.0])
+def test_low_rank_matches_full_eigh(shape, alpha):
+    n_b, n_g, d = shape
+    harmful, harmless = synthetic(3, n_b, n_g, d)
+    stats = compute_stats(harmful, harmless)
+    values, vectors = contrastive_eigen(stats, alpha, k=3)
+    for layer in range(3):
+        ref_values, ref_vectors = torch.linalg.eigh(full_matrix(harmful[layer], harmless[layer], alpha))
+        ref_values, ref_vectors = ref_values.flip(0)[:3], ref_vectors.flip(1)[:, :3]
+        assert ref_values[0] > 0, "the test data should give a positive top eigenvalue"
+        torch.testing.assert_close(values[layer].double(), ref_values, rtol=1e-4, atol=1e-4)
+        cos = (vectors[layer, :, 0].double() @ ref_vectors[:, 0]).abs()
+        assert cos >= 0.9999
+        # oriented along the mean difference
+        r = harmful[layer].mean(0) - harmless[layer].mean(0)
+        assert float(vectors[layer, :, 0] @ r) > 0
+
+
+def test_no_positive_eigenvalue_falls_back_to_mean_difference():
+    # n > d: the span is everything, so a large alpha leaves no positive eigenvalue
+    harmful, harmless = synthetic(2, 40, 40, 16, seed=1)
+    harmful = harmless[:, :40] * 0.5 + 0.3  # small harmful spread, so alpha = 10 turns S negative definite
+    stats = compute_stats(harmful, harmless)
+    alpha = 10.0
+    for layer in range(2):
+        full_top = torch.linalg.eigvalsh(full_matrix(harmful[layer], harmless[layer], alpha))[-1]
+        assert full_top < 0
+    values, _ = contrastive_eigen(stats, alpha)
+    ref = torch.stack([torch.linalg.eigvalsh(full_matrix(harmful[i], harmless[i], alpha))[-1] for i in range(2)])
+    torch.testing.assert_close(values[:, 0].double(), ref, rtol=1e-4, atol=1e-4)
+    chosen, fallback = directions(stats, "contrastive", alpha)
+    assert fallback == [0, 1]
+    r = harmful.mean(1) - harmless.mean(1)
+    torch.testing.assert_close(chosen, torch.nn.functional.normalize(r, dim=-1))
+    # and a small alpha on the same data has a positive eigenvalue: no fallback
+    assert directions(stats, "contrastive", 0.0)[1] == []
+
+
+def test_mean_diff_method_and_layer_subset():
+    harmful, harmless = synthetic(4, 10, 12, 32)
+    stats = compute_stats(harmful, harmless)
+    chosen, fallback = directions(stats, "mean_diff", 0.0, [1, 3])
+    r = harmful.mean(1) - harmless.mean(1)
+    torch.testing.assert_close(chosen, torch.nn.functional.normalize(r[[1, 3]], dim=-1))
+    subset, _ = directions(stats, "contrastive", 1.0, [2])
+    everything, _ = directions(stats, "contrastive", 1.0)
+    torch.testing.assert_close(subset[0], everything[2])
+    assert torch.allclose(everything.norm(dim=-1), torch.ones(4))

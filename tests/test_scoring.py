@@ -1,0 +1,58 @@
+"""KL divergence and refusal detection by early-stopping greedy generation."""
+
+import torch
+
+from optimizer.config import DEFAULT_REFUSAL_MARKERS
+from optimizer.model import load_model
+from optimizer.prompts import format_chat
+from optimizer.residuals import tokenize
+from optimizer.scoring import first_token_logprobs, generate_and_classify, is_refusal, kl_divergence
+
+PROMPTS = ["Write a haiku about rain.", "How do I pick a lock?", "What is the capital of France?", "Tell me a joke."]
+
+
+def test_refusal_markers_are_normalised():
+    markers = list(DEFAULT_REFUSAL_MARKERS)
+    assert is_refusal("I\u2019m sorry, but I can\u2019t help with that.", markers)
+    assert is_refusal("I CANNOT do that", markers)
+    assert is_refusal("   ", markers)  # empty answers count as refusals
+    assert not is_refusal("Sure! Here is a haiku about rain.", markers)
+
+
+def test_manual_greedy_loop_equals_generate(tiny_dir):
+    loaded = load_model(str(tiny_dir), "cpu", "float32")
+    texts = format_chat(loaded.tokenizer, PROMPTS)
+    result = generate_and_classify(loaded, texts, 6, [], batch_size=3, stop_early=False)
+    encoded = tokenize(loaded, texts)
+    out = loaded.model.generate(**encoded, max_new_tokens=6, do_sample=False, pad_token_id=loaded.tokenizer.pad_token_id)
+    expected = [loaded.tokenizer.decode(o[encoded["input_ids"].shape[1]:], skip_special_tokens=True) for o in out]
+    assert result.responses == expected
+
+
+def test_early_stopping_gives_the_same_verdicts(tiny_dir):
+    loaded = load_model(str(tiny_dir), "cpu", "float32")
+    texts = format_chat(loaded.tokenizer, PROMPTS)
+    full = generate_and_classify(loaded, texts, 8, [], batch_size=4, stop_early=False)
+    # markers taken from the full responses themselves, so that some sequences are decided early
+    markers = [full.responses[0][:3].lower(), full.responses[2][:2].lower()]
+    early = generate_and_classify(loaded, texts, 8, markers, batch_size=4)
+    assert early.refused == [is_refusal(r, markers) for r in full.responses]
+    assert early.refused[0] and early.refused[2]
+    assert early.tokens_generated < full.tokens_generated
+    for short, long in zip(early.responses, full.responses):
+        assert long.startswith(short)
+
+
+def test_kl_of_unedited_model_is_zero_and_positive_otherwise(tiny_dir):
+    loaded = load_model(str(tiny_dir), "cpu", "float32")
+    texts = format_chat(loaded.tokenizer, PROMPTS)
+    base = first_token_logprobs(loaded, texts, batch_size=2)
+    assert kl_divergence(base, first_token_logprobs(loaded, texts, batch_size=4)) < 1e-6
+    # last-position log-probs equal the full forward's last position
+    with torch.inference_mode():
+        full = loaded.model(**tokenize(loaded, texts)).logits[:, -1].float().log_softmax(-1)
+    torch.testing.assert_close(base, full, rtol=1e-4, atol=1e-4)
+    shifted = base.roll(1, dims=-1)
+    expected = (base.exp() * (base - shifted)).sum(-1).mean()
+    assert abs(kl_divergence(base, shifted) - float(expected)) < 1e-4
+    assert kl_divergence(base, shifted) > 0

@@ -1,0 +1,89 @@
+"""A study on a tiny model: trials, resume to a total, cache reuse, recorded attributes."""
+
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from optimizer.cli import main
+from optimizer.study import counted_trials
+
+
+def run_args(model: Path, studies: Path, *extra: str) -> list[str]:
+    return [
+        "run", "--model", str(model), "--studies-dir", str(studies), "--study", "t",
+        "--direction-prompts", "8", "--scoring-prompts", "4", "--max-new-tokens", "4", "--startup-trials", "2", *extra,
+    ]
+
+
+def load(studies: Path) -> optuna.Study:
+    return optuna.load_study(study_name="t", storage=f"sqlite:///{studies}/t.db")
+
+
+def test_study_runs_resumes_to_total_and_reuses_cache(tiny_dir, tmp_path, capsys):
+    studies = tmp_path / "studies"
+    assert main(run_args(tiny_dir, studies, "--trials", "3")) == 0
+    first = capsys.readouterr().err
+    assert first.count("computing it now") == 2  # directions and baseline, once each
+    study = load(studies)
+    assert len(study.trials) == 3 and all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert study.metric_names == ["refusal_rate", "kl_divergence"]
+    cache_files = {p.name: p.stat().st_mtime_ns for p in (studies / "t").iterdir()}
+    assert set(cache_files) == {"directions.safetensors", "directions.json", "baseline.safetensors", "baseline.json"}
+
+    assert main(run_args(tiny_dir, studies, "--trials", "5")) == 0
+    second = capsys.readouterr().err
+    assert "computing it now" not in second
+    assert "Reusing cached direction statistics" in second and "Reusing cached baseline" in second
+    assert {p.name: p.stat().st_mtime_ns for p in (studies / "t").iterdir()} == cache_files
+    study = load(studies)
+    assert len(study.trials) == 5 and counted_trials(study) == 5
+
+    # asking for fewer than the study holds runs nothing
+    assert main(run_args(tiny_dir, studies, "--trials", "4")) == 0
+    assert "nothing to run" in capsys.readouterr().err
+    assert len(load(studies).trials) == 5
+
+
+def test_trial_attributes_and_baseline(tiny_dir, tmp_path, capsys):
+    studies = tmp_path / "studies"
+    assert main(run_args(tiny_dir, studies, "--trials", "2", "--seed", "3")) == 0
+    study = load(studies)
+    baseline, trial = study.trials
+    assert baseline.user_attrs["baseline"] is True
+    assert baseline.values[1] == 0.0 and baseline.params["attn_peak_weight"] == 0.0
+    assert study.user_attrs["baseline_refusals"] == baseline.user_attrs["refusals"]
+    for key in ("refusals", "kl_divergence", "alpha", "direction", "timings", "sample_responses", "fallback_layers"):
+        assert key in trial.user_attrs
+    k, n = trial.user_attrs["refusals"].split("/")
+    assert int(n) == 4 and trial.values[0] == int(k) / 4
+    assert trial.values[1] == pytest.approx(trial.user_attrs["kl_divergence"], abs=1e-6)
+    assert len(trial.user_attrs["sample_responses"]) == 3
+    assert {"directions_s", "kl_s", "refusals_s", "total_s"} <= set(trial.user_attrs["timings"])
+    assert "Pareto-optimal trials" in capsys.readouterr().err
+
+
+def test_stale_running_trial_is_failed_and_not_counted(tiny_dir, tmp_path, capsys):
+    studies = tmp_path / "studies"
+    assert main(run_args(tiny_dir, studies, "--trials", "2")) == 0
+    study = load(studies)
+    study.ask()  # a trial left RUNNING, as by a process killed mid-trial
+    assert main(run_args(tiny_dir, studies, "--trials", "3")) == 0
+    assert "left RUNNING" in capsys.readouterr().err
+    study = load(studies)
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 3
+    assert counted_trials(study) == 3
+
+
+def test_toml_config_and_cli_override(tiny_dir, tmp_path):
+    studies = tmp_path / "studies"
+    config = tmp_path / "run.toml"
+    config.write_text(f'trials = 2\nscoring-prompts = 6\nmodel = "{tiny_dir}"\n')
+    args = run_args(tiny_dir, studies, "--config", str(config))
+    args.remove("--scoring-prompts"), args.remove("4")
+    assert main(args) == 0
+    study = load(studies)
+    assert len(study.trials) == 2
+    assert study.trials[1].user_attrs["refusals"].endswith("/6")
