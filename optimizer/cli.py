@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from rich.console import Console
 
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # set_metric_names and TPE's `group` are stable in practice; their notices only add noise
+    warnings.filterwarnings("ignore", message=".*experimental.*")
     console = Console(stderr=True)
     try:
         if args.command == "run":

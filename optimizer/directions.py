@@ -11,6 +11,11 @@ S(alpha) = Q (K_b - alpha K_g) Q^T with K_b = R_b R_b^T / n_b and K_g = R_g R_g^
 m x m matrices (m <= n_b + n_g). Since Q has orthonormal columns, the eigenpairs of S(alpha)
 with non-zero eigenvalue are exactly (lambda, Q v) for the eigenpairs (lambda, v) of the small
 matrix: any alpha then costs one m x m eigh instead of a d x d one.
+
+Trials need only the top eigenvector, so `directions` gets it by Lanczos iteration on the small
+matrix (started from r's coordinates in Q, which the answer is usually close to), with full
+reorthogonalisation, and checks every layer's result by its residual; a layer that has not
+converged to within RESIDUAL_TOLERANCE of its spectral gap gets the full m x m eigh instead.
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ import torch
 METHODS = ("contrastive", "mean_diff")
 # an eigenvalue counts as positive above this fraction of the harmful second moment's trace
 RELATIVE_EIGEN_TOLERANCE = 1e-5
+# sin(angle to the true eigenvector) <= residual / gap; 1e-3 keeps |cos| >= 0.999999
+RESIDUAL_TOLERANCE = 1e-3
+LANCZOS_MAX_STEPS = 64
+LANCZOS_CHECK_EVERY = 8
 
 
 @dataclass
@@ -33,6 +42,7 @@ class ContrastiveStats:
     basis: torch.Tensor  # (L, d, m): Q
     gram_harmful: torch.Tensor  # (L, m, m): K_b
     gram_harmless: torch.Tensor  # (L, m, m): K_g
+    mean_diff_coords: torch.Tensor  # (L, m): Q^T r, the Lanczos start
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -53,7 +63,7 @@ class ContrastiveStats:
 
 
 def layer_stats(harmful: torch.Tensor, harmless: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Statistics of one layer from (n_b, d) and (n_g, d) residuals: mu_g, r, Q, K_b, K_g."""
+    """Statistics of one layer from (n_b, d) and (n_g, d) residuals: mu_g, r, Q, K_b, K_g, Q^T r."""
     harmful, harmless = harmful.float(), harmless.float()
     mu_g = harmless.mean(dim=0)
     r = harmful.mean(dim=0) - mu_g
@@ -61,7 +71,7 @@ def layer_stats(harmful: torch.Tensor, harmless: torch.Tensor) -> tuple[torch.Te
     stacked_t = torch.cat([harmful - mu_g, harmless - mu_g]).T  # (d, n_b + n_g)
     q, rr = torch.linalg.qr(stacked_t, mode="reduced")
     r_b, r_g = rr[:, :n_b], rr[:, n_b:]
-    return mu_g, r, q, r_b @ r_b.T / n_b, r_g @ r_g.T / n_g
+    return mu_g, r, q, r_b @ r_b.T / n_b, r_g @ r_g.T / n_g, r_b.mean(dim=1)  # r = Q R_b 1 / n_b
 
 
 def compute_stats(harmful: torch.Tensor, harmless: torch.Tensor) -> ContrastiveStats:
@@ -84,6 +94,64 @@ def contrastive_eigen(
     return values, lifted * sign.unsqueeze(1)
 
 
+def _lanczos_top(matrices: torch.Tensor, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top eigenpair of each symmetric matrix (L, m, m) by batched Lanczos with full
+    reorthogonalisation; returns values (L,), unit vectors (L, m) and a converged mask (L,)."""
+    n_layers, m, _ = matrices.shape
+    max_steps = min(LANCZOS_MAX_STEPS, m)
+    basis = matrices.new_zeros(n_layers, max_steps, m)
+    diag = matrices.new_zeros(n_layers, max_steps)
+    off = matrices.new_zeros(n_layers, max_steps)
+    scale = matrices.abs().amax(dim=(1, 2)).clamp_min(torch.finfo(matrices.dtype).tiny)
+    v = torch.nn.functional.normalize(start, dim=-1)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    for step in range(max_steps):
+        basis[:, step] = v
+        w = torch.bmm(matrices, v.unsqueeze(-1)).squeeze(-1)
+        diag[:, step] = (w * v).sum(-1)
+        done = basis[:, : step + 1]
+        for _ in range(2):  # twice is enough to keep float32 Lanczos vectors orthonormal
+            w = w - torch.einsum("ljm,lj->lm", done, torch.einsum("ljm,lm->lj", done, w))
+        beta = w.norm(dim=-1)
+        # an invariant subspace was found: continue from a fresh direction, uncoupled (beta = 0)
+        exhausted = beta <= 1e-6 * scale
+        if exhausted.any():
+            fresh = torch.randn(n_layers, m, generator=generator).to(w)
+            fresh = fresh - torch.einsum("ljm,lj->lm", done, torch.einsum("ljm,lm->lj", done, fresh))
+            w = torch.where(exhausted.unsqueeze(-1), fresh, w)
+            beta = torch.where(exhausted, torch.zeros_like(beta), beta)
+        off[:, step] = beta
+        v = torch.nn.functional.normalize(w, dim=-1)
+        steps = step + 1
+        if steps % LANCZOS_CHECK_EVERY and steps != max_steps:
+            continue
+        tridiagonal = torch.diag_embed(diag[:, :steps]) + torch.diag_embed(off[:, : steps - 1], 1) + torch.diag_embed(off[:, : steps - 1], -1)
+        ritz_values, ritz_vectors = torch.linalg.eigh(tridiagonal)
+        values = ritz_values[:, -1]
+        vectors = torch.nn.functional.normalize(torch.einsum("ljm,lj->lm", basis[:, :steps], ritz_vectors[:, :, -1]), dim=-1)
+        residual = (torch.bmm(matrices, vectors.unsqueeze(-1)).squeeze(-1) - values.unsqueeze(-1) * vectors).norm(dim=-1)
+        gap = (values - ritz_values[:, -2]) if steps > 1 else scale
+        converged = residual <= RESIDUAL_TOLERANCE * gap
+        if converged.all():
+            break
+    return values, vectors, converged
+
+
+def top_direction(stats: ContrastiveStats, alpha: float, layers: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top eigenvalue (L',) and unit eigenvector (L', d) of S(alpha), oriented along r; the same
+    pair as `contrastive_eigen(..., k=1)`, but by Lanczos with an exact fallback per layer."""
+    index = slice(None) if layers is None else torch.as_tensor(layers, device=stats.basis.device)
+    small = stats.gram_harmful[index] - alpha * stats.gram_harmless[index]
+    values, vectors, converged = _lanczos_top(small, stats.mean_diff_coords[index])
+    if not converged.all():
+        exact_values, exact_vectors = torch.linalg.eigh(small[~converged])
+        values[~converged], vectors[~converged] = exact_values[:, -1], exact_vectors[:, :, -1]
+    lifted = torch.bmm(stats.basis[index], vectors.unsqueeze(-1)).squeeze(-1)
+    sign = torch.sign((lifted * stats.mean_diff[index]).sum(-1))
+    sign[sign == 0] = 1
+    return values, lifted * sign.unsqueeze(-1)
+
+
 def directions(
     stats: ContrastiveStats, method: str, alpha: float, layers: list[int] | None = None
 ) -> tuple[torch.Tensor, list[int]]:
@@ -98,9 +166,9 @@ def directions(
     mean_diff = torch.nn.functional.normalize(stats.mean_diff[index], dim=-1)
     if method == "mean_diff":
         return mean_diff, []
-    values, vectors = contrastive_eigen(stats, alpha, 1, layers)
+    values, vectors = top_direction(stats, alpha, layers)
     scale = stats.gram_harmful[index].diagonal(dim1=-2, dim2=-1).sum(-1)  # trace >= top eigenvalue
-    fallback = values[:, 0] <= RELATIVE_EIGEN_TOLERANCE * scale
-    chosen = torch.where(fallback.unsqueeze(-1), mean_diff, vectors[..., 0])
+    fallback = values <= RELATIVE_EIGEN_TOLERANCE * scale
+    chosen = torch.where(fallback.unsqueeze(-1), mean_diff, vectors)
     layer_ids = list(range(stats.n_layers)) if layers is None else list(layers)
     return chosen, [layer_ids[i] for i in fallback.nonzero().flatten().tolist()]

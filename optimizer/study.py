@@ -221,6 +221,13 @@ class StopAtBudget:
             raise UserError(f"{self.failures_in_a_row} trials failed in a row (last: trial {trial.number}); see the log above for the error")
 
 
+def trial_line(trial: FrozenTrial, done: int, total: int) -> str:
+    if trial.state != TrialState.COMPLETE:
+        return f"[{done}/{total}] trial {trial.number} {trial.state.name.lower()}"
+    seconds = trial.user_attrs.get("timings", {}).get("total_s", 0.0)
+    return f"[{done}/{total}] trial {trial.number}: refusals {refusals_text(trial)}, KL {trial.values[1]:.4f}, {seconds:.1f} s"
+
+
 def best_tradeoff(study: optuna.Study) -> FrozenTrial | None:
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values[1] <= PROGRESS_KL_LIMIT]
     return min(done, key=lambda t: (t.values[0], t.values[1]), default=None)
@@ -274,6 +281,8 @@ def run_study(settings: Settings, console: Console) -> optuna.Study:
                 best = best_tradeoff(study)
                 if best is not None:
                     progress.update(task, description=f"Trials (best: {refusals_text(best)} refusals, KL {best.values[1]:.3f}, #{best.number})")
+                if not console.is_terminal:  # a log file gets no live bar: one line per trial instead
+                    console.print(trial_line(trial, counted_trials(study), settings.trials))
 
             study.optimize(objective, n_trials=remaining, callbacks=[StopAtBudget(settings.trials), show], catch=(Exception,))
     console.print(pareto_table(study))

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from optimizer.directions import compute_stats, contrastive_eigen, directions
+from optimizer import directions as directions_module
+from optimizer.directions import compute_stats, contrastive_eigen, directions, top_direction
 
 
 def synthetic(layers: int, n_b: int, n_g: int, d: int, seed: int = 0):
@@ -37,6 +38,10 @@ def test_low_rank_matches_full_eigh(shape, alpha):
         # oriented along the mean difference
         r = harmful[layer].mean(0) - harmless[layer].mean(0)
         assert float(vectors[layer, :, 0] @ r) > 0
+    # the trial path (Lanczos, exact fallback) gives the same top pair, with the same orientation
+    top_values, top_vectors = top_direction(stats, alpha)
+    torch.testing.assert_close(top_values, values[:, 0], rtol=1e-4, atol=1e-4)
+    assert ((top_vectors * vectors[..., 0]).sum(-1) >= 0.9999).all()
 
 
 def test_no_positive_eigenvalue_falls_back_to_mean_difference():
@@ -69,3 +74,20 @@ def test_mean_diff_method_and_layer_subset():
     everything, _ = directions(stats, "contrastive", 1.0)
     torch.testing.assert_close(subset[0], everything[2])
     assert torch.allclose(everything.norm(dim=-1), torch.ones(4))
+
+
+@pytest.mark.parametrize("max_steps", [2, 64])
+def test_lanczos_falls_back_to_exact_eigh_when_not_converged(monkeypatch, max_steps):
+    # a nearly flat spectrum: two Lanczos steps cannot resolve the top eigenvector
+    g = torch.Generator().manual_seed(3)
+    harmful, harmless = torch.randn(2, 60, 200, generator=g), torch.randn(2, 60, 200, generator=g)
+    stats = compute_stats(harmful, harmless)
+    monkeypatch.setattr(directions_module, "LANCZOS_MAX_STEPS", max_steps)
+    monkeypatch.setattr(directions_module, "LANCZOS_CHECK_EVERY", 1)
+    small = stats.gram_harmful - 0.7 * stats.gram_harmless
+    _, _, converged = directions_module._lanczos_top(small, stats.mean_diff_coords)
+    assert converged.all() == (max_steps == 64)
+    values, vectors = top_direction(stats, 0.7)
+    ref_values, ref_vectors = contrastive_eigen(stats, 0.7)
+    torch.testing.assert_close(values, ref_values[:, 0], rtol=1e-4, atol=1e-4)
+    assert ((vectors * ref_vectors[..., 0]).sum(-1) >= 0.9999).all()
