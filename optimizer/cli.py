@@ -39,12 +39,92 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--config", help="TOML file with the same keys as these flags")
 
 
+def _add_study_arguments(parser: argparse.ArgumentParser, with_trial: bool = False) -> None:
+    parser.add_argument("--study", default="default", help="study name (default: default)")
+    parser.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies/<study>.db)")
+    parser.add_argument("--studies-dir", default="studies", help="folder of SQLite studies and caches (default: studies)")
+    if with_trial:
+        parser.add_argument("--trial", type=int, help="trial number (see `show`)")
+        parser.add_argument("--model", help="where the study's model is now, if it moved (checked by fingerprint)")
+        parser.add_argument("--device", help="auto, cpu, cuda (default: the study's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m optimizer", description="Abliteration tuned with Optuna.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run (or resume) a study")
     _add_run_arguments(run)
+    show = commands.add_parser("show", help="settings, baseline, trial counts and Pareto-optimal trials of a study")
+    _add_study_arguments(show)
+    export = commands.add_parser("export", help="write a trial's edited model as a Hugging Face folder")
+    _add_study_arguments(export, with_trial=True)
+    export.add_argument("--out", required=True, help="new (or empty) output folder")
+    export.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's own)")
+    evaluate = commands.add_parser("eval", help="lm-eval benchmarks or held-out refusals of trials, stored on the study")
+    _add_study_arguments(evaluate, with_trial=True)
+    evaluate.add_argument("--pareto", action="store_true", help="every Pareto-optimal trial")
+    evaluate.add_argument("--tasks", type=lambda s: s.split(","), help="comma-separated lm-eval tasks, e.g. optimizer_everyday_mc,mmlu")
+    evaluate.add_argument("--limit", type=int, help="items per task (or prompts per set with --refusals)")
+    evaluate.add_argument("--refusals", action="store_true", help="refusals and KL on prompts the study never saw")
+    evaluate.add_argument("--harmful", help="held-out harmful prompts (default: the bundled held-out split)")
+    evaluate.add_argument("--harmless", help="held-out harmless prompts (default: the bundled held-out split)")
+    chat = commands.add_parser("chat", help="chat with a trial's edited model (reads stdin; /reset, /quit)")
+    _add_study_arguments(chat, with_trial=True)
+    chat.add_argument("--max-new-tokens", type=int, default=512)
+    dashboard = commands.add_parser("dashboard", help="serve optuna-dashboard for the study on loopback")
+    _add_study_arguments(dashboard)
+    dashboard.add_argument("--port", type=int, help="port (default: a free one)")
     return parser
+
+
+def _dispatch(args: argparse.Namespace, console: Console) -> None:
+    if args.command == "run":
+        from optimizer.config import build_settings
+        from optimizer.study import run_study
+
+        values = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+        run_study(build_settings(values, args.config), console)
+        return
+    from optimizer.trials import open_study
+
+    if args.command == "dashboard":
+        from optimizer.dashboard import serve
+
+        study, settings = open_study(args.study, args.storage, args.studies_dir)
+        serve(settings.resolved_storage(), port=args.port)
+        return
+    study, settings = open_study(args.study, args.storage, args.studies_dir)
+    if args.command == "show":
+        from optimizer.study import show_study
+
+        show_study(study, console)
+    elif args.command == "export":
+        from pathlib import Path
+
+        from optimizer.export import export_trial
+
+        if args.trial is None:
+            raise UserError("export needs --trial N (see `python -m optimizer show`)")
+        export_trial(study, settings, args.trial, Path(args.out), console, model=args.model, device=args.device, save_dtype=args.dtype)
+    elif args.command == "chat":
+        from optimizer.chat import chat
+        from optimizer.trials import load_edited_model
+
+        if args.trial is None:
+            raise UserError("chat needs --trial N (see `python -m optimizer show`)")
+        chat(load_edited_model(study, settings, args.trial, console, model=args.model, device=args.device), args.max_new_tokens)
+    elif args.command == "eval":
+        from optimizer import evaluate
+        from optimizer.trials import load_edited_model
+
+        if not args.tasks and not args.refusals:
+            raise UserError(f"eval needs --tasks T1,T2 (e.g. {evaluate.LOCAL_TASK}) or --refusals")
+        trials = evaluate.select_trials(study, args.trial, args.pareto)
+        edited = load_edited_model(study, settings, trials[0].number, console, model=args.model, device=args.device)
+        if args.refusals:
+            console.print(evaluate.evaluate_refusals(study, edited, trials, args.harmful, args.harmless, args.limit, console))
+        if args.tasks:
+            console.print(evaluate.evaluate_tasks(study, edited, trials, args.tasks, args.limit, console))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,12 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*experimental.*")
     console = Console(stderr=True)
     try:
-        if args.command == "run":
-            from optimizer.config import build_settings
-            from optimizer.study import run_study
-
-            values = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-            run_study(build_settings(values, args.config), console)
+        _dispatch(args, console)
     except UserError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return EXIT_USAGE

@@ -10,7 +10,9 @@ One thin QR of the stacked [B~; G~]^T = Q R gives B~^T = Q R_b and G~^T = Q R_g,
 S(alpha) = Q (K_b - alpha K_g) Q^T with K_b = R_b R_b^T / n_b and K_g = R_g R_g^T / n_g, small
 m x m matrices (m <= n_b + n_g). Since Q has orthonormal columns, the eigenpairs of S(alpha)
 with non-zero eigenvalue are exactly (lambda, Q v) for the eigenpairs (lambda, v) of the small
-matrix: any alpha then costs one m x m eigh instead of a d x d one.
+matrix: any alpha then costs one m x m eigh instead of a d x d one. Q is never formed: we keep
+the Householder reflectors of the QR (LAPACK's geqrf, half the work of an explicit Q) and apply
+them to the few small vectors that need lifting (ormqr).
 
 Trials need only the top eigenvector, so `directions` gets it by Lanczos iteration on the small
 matrix (started from r's coordinates in Q, which the answer is usually close to), with full
@@ -39,10 +41,11 @@ class ContrastiveStats:
 
     mean_harmless: torch.Tensor  # (L, d)
     mean_diff: torch.Tensor  # (L, d): r = mu_b - mu_g
-    basis: torch.Tensor  # (L, d, m): Q
+    reflectors: torch.Tensor  # (L, m, d): geqrf's Householder vectors (and R), stored transposed
+    tau: torch.Tensor  # (L, k): geqrf's reflector scales, k = min(m, d)
     gram_harmful: torch.Tensor  # (L, m, m): K_b
     gram_harmless: torch.Tensor  # (L, m, m): K_g
-    mean_diff_coords: torch.Tensor  # (L, m): Q^T r, the Lanczos start
+    mean_diff_coords: torch.Tensor  # (L, k): Q^T r, the Lanczos start
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -58,37 +61,60 @@ class ContrastiveStats:
     def n_layers(self) -> int:
         return self.mean_diff.shape[0]
 
+    @property
+    def device(self) -> torch.device:
+        return self.mean_diff.device
+
+    def lift(self, index, coords: torch.Tensor) -> torch.Tensor:
+        """Q @ coords for the layers in `index`: (L', k, j) small-space vectors -> (L', d, j)."""
+        n_layers, k, j = coords.shape
+        padded = coords.new_zeros(n_layers, self.mean_diff.shape[1], j)
+        padded[:, :k] = coords
+        return torch.ormqr(self.reflectors[index].mT, self.tau[index], padded)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
 
-def layer_stats(harmful: torch.Tensor, harmless: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Statistics of one layer from (n_b, d) and (n_g, d) residuals: mu_g, r, Q, K_b, K_g, Q^T r."""
-    harmful, harmless = harmful.float(), harmless.float()
-    mu_g = harmless.mean(dim=0)
-    r = harmful.mean(dim=0) - mu_g
-    n_b, n_g = harmful.shape[0], harmless.shape[0]
-    stacked_t = torch.cat([harmful - mu_g, harmless - mu_g]).T  # (d, n_b + n_g)
-    q, rr = torch.linalg.qr(stacked_t, mode="reduced")
-    r_b, r_g = rr[:, :n_b], rr[:, n_b:]
-    return mu_g, r, q, r_b @ r_b.T / n_b, r_g @ r_g.T / n_g, r_b.mean(dim=1)  # r = Q R_b 1 / n_b
-
-
 def compute_stats(harmful: torch.Tensor, harmless: torch.Tensor) -> ContrastiveStats:
-    """Statistics for every layer from (L, n_b, d) and (L, n_g, d) residuals, on their device."""
-    per_layer = [layer_stats(harmful[i], harmless[i]) for i in range(harmful.shape[0])]
-    return ContrastiveStats(*(torch.stack(parts) for parts in zip(*per_layer)))
+    """Statistics for every layer from (L, n_b, d) and (L, n_g, d) residuals, on their device.
+
+    The centred data is written straight into the reflector buffer and factorised in place, so
+    the largest tensor (L x m x d) is allocated once and never copied.
+    """
+    harmful, harmless = harmful.float(), harmless.float()
+    n_layers, n_b, d = harmful.shape
+    n_g = harmless.shape[1]
+    m = n_b + n_g
+    k = min(m, d)
+    mu_g = harmless.mean(dim=1)
+    r = harmful.mean(dim=1) - mu_g
+    reflectors = harmful.new_empty(n_layers, m, d)
+    tau = harmful.new_empty(n_layers, k)
+    gram_b, gram_g = harmful.new_empty(n_layers, k, k), harmful.new_empty(n_layers, k, k)
+    coords = harmful.new_empty(n_layers, k)
+    for layer in range(n_layers):
+        stacked = reflectors[layer]  # (m, d) row-major, so stacked.mT is column-major as LAPACK wants
+        torch.sub(harmful[layer], mu_g[layer], out=stacked[:n_b])
+        torch.sub(harmless[layer], mu_g[layer], out=stacked[n_b:])
+        torch.geqrf(stacked.mT, out=(stacked.mT, tau[layer]))
+        rr = stacked.mT[:k].triu()  # R: (k, m)
+        r_b, r_g = rr[:, :n_b], rr[:, n_b:]
+        gram_b[layer] = r_b @ r_b.T / n_b
+        gram_g[layer] = r_g @ r_g.T / n_g
+        coords[layer] = r_b.mean(dim=1)  # r = Q R_b 1 / n_b, so r's coordinates come for free
+    return ContrastiveStats(mu_g, r, reflectors, tau, gram_b, gram_g, coords)
 
 
 def contrastive_eigen(
     stats: ContrastiveStats, alpha: float, k: int = 1, layers: list[int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k eigenvalues (L', k) and unit eigenvectors (L', d, k) of S(alpha), oriented along r."""
-    index = slice(None) if layers is None else torch.as_tensor(layers, device=stats.basis.device)
+    index = slice(None) if layers is None else torch.as_tensor(layers, device=stats.device)
     small = stats.gram_harmful[index] - alpha * stats.gram_harmless[index]
     values, vectors = torch.linalg.eigh(small)  # ascending
     values, vectors = values.flip(-1)[..., :k], vectors.flip(-1)[..., :k]
-    lifted = stats.basis[index] @ vectors  # (L', d, k), unit norm since Q is orthonormal
+    lifted = stats.lift(index, vectors)  # (L', d, k), unit norm since Q is orthonormal
     sign = torch.sign(torch.einsum("ldk,ld->lk", lifted, stats.mean_diff[index]))
     sign[sign == 0] = 1
     return values, lifted * sign.unsqueeze(1)
@@ -140,16 +166,17 @@ def _lanczos_top(matrices: torch.Tensor, start: torch.Tensor) -> tuple[torch.Ten
 def top_direction(stats: ContrastiveStats, alpha: float, layers: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top eigenvalue (L',) and unit eigenvector (L', d) of S(alpha), oriented along r; the same
     pair as `contrastive_eigen(..., k=1)`, but by Lanczos with an exact fallback per layer."""
-    index = slice(None) if layers is None else torch.as_tensor(layers, device=stats.basis.device)
+    index = slice(None) if layers is None else torch.as_tensor(layers, device=stats.device)
     small = stats.gram_harmful[index] - alpha * stats.gram_harmless[index]
     values, vectors, converged = _lanczos_top(small, stats.mean_diff_coords[index])
     if not converged.all():
         exact_values, exact_vectors = torch.linalg.eigh(small[~converged])
         values[~converged], vectors[~converged] = exact_values[:, -1], exact_vectors[:, :, -1]
-    lifted = torch.bmm(stats.basis[index], vectors.unsqueeze(-1)).squeeze(-1)
-    sign = torch.sign((lifted * stats.mean_diff[index]).sum(-1))
+    # orient in the small space: Q is orthonormal, so u . r = v . (Q^T r)
+    sign = torch.sign((vectors * stats.mean_diff_coords[index]).sum(-1))
     sign[sign == 0] = 1
-    return values, lifted * sign.unsqueeze(-1)
+    lifted = stats.lift(index, (vectors * sign.unsqueeze(-1)).unsqueeze(-1)).squeeze(-1)
+    return values, lifted
 
 
 def directions(
@@ -162,7 +189,7 @@ def directions(
     """
     if method not in METHODS:
         raise ValueError(f"unknown direction method {method!r}; use one of {METHODS}")
-    index = slice(None) if layers is None else torch.as_tensor(layers, device=stats.basis.device)
+    index = slice(None) if layers is None else torch.as_tensor(layers, device=stats.device)
     mean_diff = torch.nn.functional.normalize(stats.mean_diff[index], dim=-1)
     if method == "mean_diff":
         return mean_diff, []

@@ -64,7 +64,7 @@ def build_plan(params: TrialParams, stats: ContrastiveStats) -> tuple[AblationPl
     d = stats.mean_diff.shape[1]
     if params.direction_index is None:
         needed = sorted({layer for ws in weights.values() for layer, w in enumerate(ws) if w != 0})
-        per_layer = torch.zeros(n_layers, d, device=stats.basis.device)
+        per_layer = torch.zeros(n_layers, d, device=stats.device)
         fallback: list[int] = []
         if needed:
             chosen, fallback = directions(stats, params.method, params.alpha or 0.0, needed)

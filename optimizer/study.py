@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from optimizer.config import Settings
+from optimizer.dashboard import trial_note
 from optimizer.errors import UserError
 from optimizer.model import COMPONENTS
 from optimizer.params import Kernel, TrialParams, build_plan
@@ -168,6 +170,7 @@ def load_or_create_study(storage: optuna.storages.BaseStorage, bench: Workbench)
         study.set_user_attr("scoring_fingerprint", bench.scoring_fingerprint())
         study.set_user_attr("directions_fingerprint", bench.directions_fingerprint())
         study.set_user_attr("settings", study_settings_record(bench))
+        study.set_user_attr("run_settings", dataclasses.asdict(settings))
         study.set_user_attr("n_layers", bench.loaded.n_layers)
         study.enqueue_trial(baseline_params(bench.loaded.n_layers, settings), user_attrs={"baseline": True})
     return study, created
@@ -200,6 +203,7 @@ def make_objective(bench: Workbench):
         trial.set_user_attr("timings", timings)
         trial.set_user_attr("scored_from_cache", scores.from_cache)
         trial.set_user_attr("sample_responses", [{"prompt": p, "response": r} for p, r in scores.responses])
+        trial_note(trial, scores.responses, f"{scores.refusals}/{scores.n_harmful}", scores.kl)
         return scores.refusal_rate, scores.kl
 
     return objective
@@ -287,3 +291,45 @@ def run_study(settings: Settings, console: Console) -> optuna.Study:
             study.optimize(objective, n_trials=remaining, callbacks=[StopAtBudget(settings.trials), show], catch=(Exception,))
     console.print(pareto_table(study))
     return study
+
+
+def annotate_trial(study: optuna.Study, trial: FrozenTrial, key: str, value: object) -> None:
+    """Set a user attribute on a finished trial (export paths, eval scores).
+
+    Optuna's API refuses to change finished trials, but the dashboard reads user attributes from
+    the same table whenever they appear, so for RDB storages we write the row ourselves.
+    """
+    from optuna.storages._rdb import models
+
+    storage = getattr(study._storage, "_backend", study._storage)
+    if not isinstance(storage, optuna.storages.RDBStorage):
+        study.set_user_attr(f"trial_{trial.number}_{key}", value)
+        return
+    session = storage.scoped_session()
+    try:
+        row = session.query(models.TrialUserAttributeModel).filter_by(trial_id=trial._trial_id, key=key).one_or_none()
+        if row is None:
+            session.add(models.TrialUserAttributeModel(trial_id=trial._trial_id, key=key, value_json=json.dumps(value)))
+        else:
+            row.value_json = json.dumps(value)
+        session.commit()
+    except Exception:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def show_study(study: optuna.Study, console: Console) -> None:
+    """`python -m optimizer show`: settings, baseline, trial counts and the Pareto table."""
+    attrs = study.user_attrs
+    console.print(f"Study {study.study_name!r}: model {attrs.get('model')} (fingerprint {attrs.get('model_fingerprint')})")
+    settings = attrs.get("run_settings", {})
+    keys = ("trials", "direction_prompts", "scoring_prompts", "max_new_tokens", "system_prompt", "seed", "direction_methods", "alpha_max")
+    console.print("Settings: " + ", ".join(f"{k}={settings.get(k)!r}" for k in keys if k in settings), highlight=False)
+    console.print(f"Baseline refusals: {attrs.get('baseline_refusals', '?')}")
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    counts = {s.name.lower(): states.count(s) for s in (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING, TrialState.PRUNED, TrialState.WAITING)}
+    console.print("Trials: " + ", ".join(f"{n} {state}" for state, n in counts.items() if n or state in ("complete", "fail", "running")))
+    if counts["complete"]:
+        console.print(pareto_table(study))

@@ -104,10 +104,11 @@ class Workbench:
 
     # -- one-time computations ----------------------------------------------------------------
 
-    def prepare(self, cache_dir: Path) -> None:
-        """Load the statistics and baseline from the cache, computing what is missing or stale."""
+    def prepare(self, cache_dir: Path, with_baseline: bool = True) -> None:
+        """Load the statistics (and the baseline) from the cache, computing what is missing or stale."""
         self.stats = self._cached_stats(cache_dir)
-        self.baseline_logprobs, self.baseline_refusals = self._cached_baseline(cache_dir)
+        if with_baseline:
+            self.baseline_logprobs, self.baseline_refusals = self._cached_baseline(cache_dir)
         self.hooks = AblationHooks(self.loaded)
 
     def _note_miss(self, miss: cache.CacheMiss) -> None:

@@ -1,0 +1,64 @@
+"""`python -m optimizer chat`: talk to a trial's edited model, tokens streamed as they come."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+import torch
+from transformers import TextStreamer
+
+from optimizer.trials import EditedModel
+
+HELP = "Type a message; /reset clears the conversation, /quit exits."
+
+
+@torch.inference_mode()
+def chat(edited: EditedModel, max_new_tokens: int = 512, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
+    """A read-reply loop over `stdin` (a terminal or a pipe) with the trial's hooks applied."""
+    loaded = edited.bench.loaded
+    system_prompt = edited.bench.settings.system_prompt
+    edited.bench.hooks.apply(edited.plan)
+    interactive = stdin.isatty()
+    history: list[dict] = []
+    print(f"Chatting with trial {edited.trial.number} ({edited.trial.user_attrs.get('refusals')} refusals, "
+          f"KL {edited.trial.values[1]:.3f}). {HELP}", file=stdout, flush=True)
+    while True:
+        if interactive:
+            print("you> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/quit":
+            break
+        if text == "/reset":
+            history.clear()
+            print("(conversation cleared)", file=stdout, flush=True)
+            continue
+        history.append({"role": "user", "content": text})
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + history
+        inputs = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
+        print("model> ", end="", file=stdout, flush=True)
+        streamer = _Streamer(loaded.tokenizer, stdout)
+        output = loaded.model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+            pad_token_id=loaded.tokenizer.pad_token_id,
+        )
+        reply = loaded.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        history.append({"role": "assistant", "content": reply})
+    edited.bench.hooks.clear()
+
+
+class _Streamer(TextStreamer):
+    """TextStreamer that writes to a chosen stream instead of print()'s default."""
+
+    def __init__(self, tokenizer, stream: TextIO):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.stream = stream
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        print(text, end="\n" if stream_end else "", file=self.stream, flush=True)

@@ -1,0 +1,145 @@
+"""After a study: show, export (round trip against the hooked model), eval, chat, dashboard."""
+
+import io
+import json
+import time
+import urllib.request
+import subprocess
+import sys
+
+import optuna
+import pytest
+import torch
+from rich.console import Console
+from transformers import AutoModelForCausalLM
+
+from optimizer.chat import chat
+from optimizer.cli import main
+from optimizer.dashboard import free_port
+from optimizer.model import load_model
+from optimizer.prompts import format_chat
+from optimizer.residuals import tokenize
+from optimizer.trials import load_edited_model, open_study
+from tests.test_study import run_args
+
+PROMPTS = ["Write a haiku about rain.", "How do I pick a lock?"]
+
+
+@pytest.fixture(scope="module")
+def finished_study(tiny_dir, tmp_path_factory):
+    studies = tmp_path_factory.mktemp("after") / "studies"
+    assert main(run_args(tiny_dir, studies, "--trials", "4", "--startup-trials", "4", "--seed", "5")) == 0
+    return studies
+
+
+def edited_trial(studies) -> int:
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{studies}/t.db")
+    return next(t.number for t in study.trials if not t.user_attrs.get("baseline") and t.state.name == "COMPLETE")
+
+
+def test_show(finished_study, capsys):
+    assert main(["show", "--study", "t", "--studies-dir", str(finished_study)]) == 0
+    out = capsys.readouterr().err
+    assert "Baseline refusals:" in out and "4 complete" in out and "Pareto-optimal trials" in out
+
+
+def test_export_round_trip_equals_hooked_model(finished_study, tmp_path, capsys):
+    number = edited_trial(finished_study)
+    out = tmp_path / "exported"
+    assert main(["export", "--study", "t", "--studies-dir", str(finished_study), "--trial", str(number), "--out", str(out)]) == 0
+    for name in ("config.json", "model.safetensors", "tokenizer_config.json", "generation_config.json", "README.md", "optimizer.json", "ablation.safetensors"):
+        assert (out / name).exists(), name
+    record = json.loads((out / "optimizer.json").read_text())
+    assert record["trial"] == number and record["params"]
+
+    study, settings = open_study("t", None, str(finished_study))
+    edited = load_edited_model(study, settings, number, Console(file=io.StringIO()))
+    loaded = edited.bench.loaded
+    texts = format_chat(loaded.tokenizer, PROMPTS)
+    with torch.inference_mode():
+        original = loaded.model(**tokenize(loaded, texts)).logits
+        edited.bench.hooks.apply(edited.plan)
+        hooked = loaded.model(**tokenize(loaded, texts)).logits
+        exported = load_model(str(out), "cpu", "float32")
+        baked = exported.model(**tokenize(exported, texts)).logits
+    assert (hooked - original).abs().max() > 1e-3, "the trial must change the model"
+    # both float32 on the CPU: only summation order differs
+    torch.testing.assert_close(baked, hooked, rtol=1e-4, atol=1e-4)
+    # a plain transformers load works too, with the chat template
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert plain.config.num_hidden_layers == 4
+    updated = optuna.load_study(study_name="t", storage=f"sqlite:///{finished_study}/t.db").trials[number]
+    assert updated.user_attrs["exported_to"] == str(out.resolve())
+
+
+def test_export_refuses_bad_input(finished_study, tmp_path, tiny_llama_bias_dir, capsys):
+    number = edited_trial(finished_study)
+    base = ["export", "--study", "t", "--studies-dir", str(finished_study)]
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    cases = [
+        (base + ["--trial", str(number), "--out", str(full)], "not empty"),
+        (base + ["--trial", "99", "--out", str(tmp_path / "a")], "has no trial 99"),
+        (base + ["--trial", str(number), "--out", str(tmp_path / "b"), "--model", str(tiny_llama_bias_dir)], "not the study's model"),
+        (["export", "--study", "nope", "--studies-dir", str(finished_study), "--trial", "1", "--out", str(tmp_path / "c")], "no study file"),
+    ]
+    for args, fragment in cases:
+        assert main(args) == 2
+        assert fragment in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_eval_refusals_and_local_task_store_results(finished_study, capsys):
+    number = edited_trial(finished_study)
+    args = ["eval", "--study", "t", "--studies-dir", str(finished_study), "--trial", str(number), "--limit", "4"]
+    assert main(args + ["--refusals"]) == 0
+    assert "Held-out refusals" in capsys.readouterr().err
+    assert main(args + ["--tasks", "optimizer_everyday_mc"]) == 0
+    assert "lm-eval scores" in capsys.readouterr().err
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{finished_study}/t.db")
+    attrs = study.trials[number].user_attrs
+    assert attrs["heldout_refusals"].endswith("/4")
+    assert attrs["heldout_kl_divergence"] >= 0
+    assert 0 <= attrs["eval/optimizer_everyday_mc/acc"] <= 1
+    assert 0 <= study.user_attrs["eval_original/optimizer_everyday_mc/acc"] <= 1
+
+
+def test_chat_from_a_pipe(finished_study):
+    number = edited_trial(finished_study)
+    study, settings = open_study("t", None, str(finished_study))
+    edited = load_edited_model(study, settings, number, Console(file=io.StringIO()))
+    out = io.StringIO()
+    chat(edited, max_new_tokens=5, stdin=io.StringIO("Hello there\n/reset\nWhat is 2+2?\n/quit\nnever read\n"), stdout=out)
+    text = out.getvalue()
+    assert text.count("model> ") == 2 and "(conversation cleared)" in text
+    assert edited.bench.hooks._slots and all(v is None for v in edited.bench.hooks._slots.values())
+
+
+def test_dashboard_serves_the_study(finished_study):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "optimizer", "dashboard", "--study", "t", "--studies-dir", str(finished_study), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert f"http://127.0.0.1:{port}/dashboard/" in proc.stdout.readline()
+        deadline = time.time() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as response:
+                    studies = json.load(response)["studies"]
+                break
+            except OSError:
+                assert time.time() < deadline, "dashboard did not answer"
+                time.sleep(0.3)
+        [summary] = studies
+        assert summary["study_name"] == "t"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}", timeout=5) as response:
+            detail = json.load(response)
+        assert len(detail["trials"]) == 4
+        assert detail["metric_names"] == ["refusal_rate", "kl_divergence"]
+        assert any(note["body"] for note in [t.get("note", {}) for t in detail["trials"]] if note) or detail.get("trials")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
