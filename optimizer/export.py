@@ -76,7 +76,7 @@ def export_trial(
         loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         save_file(
-            {f"{c}.directions": edited.plan.directions[c].contiguous().cpu().float() for c in COMPONENTS},
+            {f"{c}.directions": edited.plan.directions[c].detach().cpu().float().clone() for c in COMPONENTS},
             str(tmp / "ablation.safetensors"),
         )
         record = {

@@ -128,7 +128,7 @@ def test_dashboard_serves_the_study(finished_study):
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as response:
-                    studies = json.load(response)["studies"]
+                    studies = json.load(response)["study_summaries"]
                 break
             except OSError:
                 assert time.time() < deadline, "dashboard did not answer"
@@ -138,8 +138,9 @@ def test_dashboard_serves_the_study(finished_study):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}", timeout=5) as response:
             detail = json.load(response)
         assert len(detail["trials"]) == 4
-        assert detail["metric_names"] == ["refusal_rate", "kl_divergence"]
-        assert any(note["body"] for note in [t.get("note", {}) for t in detail["trials"]] if note) or detail.get("trials")
+        assert detail["objective_names"] == ["refusal_rate", "kl_divergence"]
+        edited = [t for t in detail["trials"] if t["number"] == edited_trial(finished_study)][0]
+        assert "Refusals" in edited["note"]["body"] and "sample_responses" in {a["key"] for a in edited["user_attrs"]}
     finally:
         proc.terminate()
         proc.wait(timeout=10)
