@@ -21,6 +21,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--study", help="study name (default: default)")
     add("--storage", help="Optuna storage URL (default: sqlite:///studies/<study>.db)")
     add("--studies-dir", help="folder for SQLite studies and caches (default: studies)")
+    add("--cache-dir", help="folder of the study's one-time computations (default: studies/<study>); share it between workers")
     add("--trials", type=int, help="finished trials the study should hold in total (default: 200)")
     add("--startup-trials", type=int, help="random trials before TPE takes over (default: 40)")
     add("--harmful", help="harmful prompts: .txt/.jsonl/.csv file or dataset:NAME[:SPLIT[:COLUMN]] (default: bundled)")
@@ -36,6 +37,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int, help="sampler seed (default: 0)")
     add("--alpha-max", type=float, help="upper end of the contrastive strength alpha (default: 4.0)")
     add("--direction-methods", type=lambda s: s.split(","), help="comma-separated: contrastive,mean_diff (default: both)")
+    add("--heartbeat-interval", type=int, help="seconds between worker heartbeats on server storages (default: 30)")
+    add("--heartbeat-grace", type=int, help="seconds without heartbeat before a RUNNING trial is failed and retried (default: 120)")
     add("--config", help="TOML file with the same keys as these flags")
 
 

@@ -62,6 +62,9 @@ class Settings:
     study: str = "default"
     storage: str | None = None  # default sqlite:///studies/<study>.db
     studies_dir: str = "studies"
+    heartbeat_interval: int = 30  # seconds; server storages only
+    heartbeat_grace: int = 120  # a RUNNING trial without a heartbeat for this long is failed and retried
+    cache_dir: str | None = None  # default studies/<study>; a shared folder lets workers share it
     trials: int = 200
     startup_trials: int = 40
     harmful: str | None = None  # None = bundled set
@@ -82,9 +85,9 @@ class Settings:
     def resolved_storage(self) -> str:
         return self.storage or f"sqlite:///{Path(self.studies_dir) / self.study}.db"
 
-    def study_dir(self) -> Path:
-        """Where this study's cache lives (beside the SQLite file by default)."""
-        return Path(self.studies_dir) / self.study
+    def cache_path(self) -> Path:
+        """Where this study's one-time computations live (beside the SQLite file by default)."""
+        return Path(self.cache_dir) if self.cache_dir else Path(self.studies_dir) / self.study
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -97,6 +100,8 @@ def _check(settings: Settings) -> Settings:
         if getattr(settings, name) <= 0:
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} must be positive, got {getattr(settings, name)}")
+    if settings.heartbeat_interval <= 0 or settings.heartbeat_grace <= settings.heartbeat_interval:
+        raise UserError("--heartbeat-interval must be positive and --heartbeat-grace larger than it")
     if settings.startup_trials < 0 or settings.batch_size < 0:
         raise UserError("--startup-trials and --batch-size must not be negative")
     if settings.alpha_max < 0:

@@ -90,6 +90,8 @@ def load_model(spec: str | None, device: str = "auto", dtype: str = "auto", chat
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs, **model_kwargs)
+    except ValueError as e:  # transformers' word for an architecture or GGUF layout it cannot load
+        raise UserError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}; use a supported architecture or convert it to a HF folder") from None
     except OSError as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = "the hub is offline (HF_HUB_OFFLINE=1): download it first or pass a local folder" if offline else "check the hub id, your network and HF_TOKEN"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from rich.table import Table
 from optimizer.config import Settings
 from optimizer.dashboard import trial_note
 from optimizer.errors import UserError
+from optimizer.locks import file_lock
 from optimizer.model import COMPONENTS
 from optimizer.params import Kernel, TrialParams, build_plan
 from optimizer.workbench import Workbench, progress_bar
@@ -47,12 +50,34 @@ def check_storage_url(url: str) -> None:
             raise UserError(f"the folder {parent} of the SQLite storage does not exist; create it or fix --storage")
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
+def open_storage(url: str, heartbeat_interval: int = 30, heartbeat_grace: int = 120) -> optuna.storages.BaseStorage:
+    """RDB storage; on server databases with heartbeats, so that a killed worker's trial is failed
+    (and retried) by the others instead of staying RUNNING forever."""
     check_storage_url(url)
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-    except Exception as e:  # sqlalchemy raises many types for unreachable servers
-        raise UserError(f"cannot open storage {url}: {str(e).splitlines()[0]}; check the URL and that the server is running") from None
+    kwargs: dict = {"engine_kwargs": {"pool_pre_ping": True}}
+    if url.startswith("sqlite"):
+        kwargs["engine_kwargs"]["connect_args"] = {"timeout": 60}  # wait for a lock instead of failing
+    else:
+        if url.startswith("postgresql"):
+            kwargs["engine_kwargs"]["connect_args"] = {"connect_timeout": 10}
+        kwargs.update(heartbeat_interval=heartbeat_interval, grace_period=heartbeat_grace, heartbeat_stale_trial_callback=retry_interrupted_trial)
+    from sqlalchemy.exc import IntegrityError
+
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except IntegrityError:  # another worker was creating the tables at the same moment
+            time.sleep(1 + attempt)
+        except Exception as e:  # sqlalchemy raises many types for unreachable servers
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot open storage {url}: {first}; check the URL and that the server is running") from None
+    raise UserError(f"cannot open storage {url}: its tables could not be created; try again")
+
+
+def retry_interrupted_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """A trial whose worker died: mark it interrupted (not counted) and run its parameters again."""
+    annotate_trial(study, trial, "interrupted", True)
+    study.enqueue_trial(trial.params, user_attrs={**{k: v for k, v in trial.user_attrs.items() if k == "baseline"}, "retry_of": trial.number})
 
 
 # -- counting ---------------------------------------------------------------------------------
@@ -70,13 +95,13 @@ def counted_trials(study: optuna.Study) -> int:
 
 
 def fail_stale_running_trials(study: optuna.Study, console: Console) -> int:
-    """On SQLite (one local process, no heartbeat) a RUNNING trial at start was left by a dead process."""
+    """On SQLite (one process per study, no heartbeat) a RUNNING trial at start was left by a dead process."""
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in stale:
-        study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        retry_interrupted_trial(study, trial)
     if stale:
-        console.print(f"[yellow]Marked {len(stale)} trial(s) left RUNNING by an earlier process as failed (not counted): {[t.number for t in stale]}[/]")
+        console.print(f"[yellow]Trial(s) {[t.number for t in stale]} were left RUNNING by a process that died: marked failed, not counted, and queued again[/]")
     return len(stale)
 
 
@@ -132,37 +157,71 @@ def study_settings_record(bench: Workbench) -> dict:
     }
 
 
+def check_compatible(attrs: dict, bench: Workbench) -> None:
+    """Refuse to add trials to a study made with another model or other scoring settings."""
+    name = bench.settings.study
+    if attrs.get("model_fingerprint") != bench.model_fingerprint:
+        raise UserError(
+            f"study {name!r} was created with model {attrs.get('model')!r} (fingerprint {attrs.get('model_fingerprint')}), "
+            f"not {bench.loaded.source!r} (fingerprint {bench.model_fingerprint}); use that model or another --study name"
+        )
+    if attrs.get("scoring_fingerprint") != bench.scoring_fingerprint() or attrs.get("directions_fingerprint") != bench.directions_fingerprint():
+        stored = attrs.get("settings", {})
+        current = study_settings_record(bench)
+        differ = sorted(k for k in current if stored.get(k) != current[k]) or ["prompt contents"]
+        raise UserError(
+            f"study {name!r} was created with other settings ({', '.join(differ)} differ), so its trials are not comparable; "
+            "run with the original settings or use another --study name"
+        )
+
+
+STUDY_INIT_WAIT_S = 120
+
+
+def _wait_for_initialisation(storage: optuna.storages.BaseStorage, study_id: int) -> dict:
+    """Another worker created the study a moment ago: wait until it has written the attributes."""
+    deadline = time.monotonic() + STUDY_INIT_WAIT_S
+    while True:
+        attrs = storage.get_study_user_attrs(study_id)
+        if attrs.get("initialised"):
+            return attrs
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"study {storage.get_study_name_from_id(study_id)!r} exists but was never initialised (its creator died early?); "
+                "delete it or use another --study name"
+            )
+        time.sleep(0.5)
+
+
 def load_or_create_study(storage: optuna.storages.BaseStorage, bench: Workbench) -> tuple[optuna.Study, bool]:
-    """The study for these settings; refuses one created by another model or other scoring settings."""
+    """The study for these settings. Creation is atomic (unique study name), so of several workers
+    starting at once exactly one creates the study and enqueues the baseline trial."""
     settings = bench.settings
     name = settings.study
-    existing = [s for s in storage.get_all_studies() if s.study_name == name]
-    if existing:
-        attrs = existing[0].user_attrs
-        if attrs.get("model_fingerprint") != bench.model_fingerprint:
-            raise UserError(
-                f"study {name!r} was created with model {attrs.get('model')!r} (fingerprint {attrs.get('model_fingerprint')}), "
-                f"not {bench.loaded.source!r} (fingerprint {bench.model_fingerprint}); use that model or another --study name"
-            )
-        if attrs.get("scoring_fingerprint") != bench.scoring_fingerprint() or attrs.get("directions_fingerprint") != bench.directions_fingerprint():
-            stored = attrs.get("settings", {})
-            current = study_settings_record(bench)
-            differ = sorted(k for k in current if stored.get(k) != current[k]) or ["prompt contents"]
-            raise UserError(
-                f"study {name!r} was created with other settings ({', '.join(differ)} differ), so its trials are not comparable; "
-                "run with the original settings or use another --study name"
-            )
-    seed = settings.seed
-    if seed is not None and existing:  # a resumed run must not replay the first run's random trials
-        seed += len(storage.get_all_trials(existing[0]._study_id, deepcopy=False))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    existing = name in {s.study_name for s in storage.get_all_studies()}
+    if existing:  # check before writing anything
+        study_id = storage.get_study_id_from_name(name)
+        check_compatible(_wait_for_initialisation(storage, study_id), bench)
+        created = False
+    else:
+        try:
+            study_id = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE] * 2, name)
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:
+            study_id = storage.get_study_id_from_name(name)
+            check_compatible(_wait_for_initialisation(storage, study_id), bench)
+            created = False
+    seed = settings.seed
+    if seed is not None and not created:
+        # a resumed run must not replay earlier random trials, nor two workers sample the same ones
+        seed += len(storage.get_all_trials(study_id, deepcopy=False))
+        if not isinstance(storage, optuna.storages.RDBStorage) or not storage.url.startswith("sqlite"):
+            seed += os.getpid()
     sampler = optuna.samplers.TPESampler(
         multivariate=True, group=True, constant_liar=True, n_startup_trials=settings.startup_trials, seed=seed
     )
-    study = optuna.create_study(
-        storage=storage, study_name=name, sampler=sampler, directions=["minimize", "minimize"], load_if_exists=True,
-    )
-    created = not existing
+    study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     if created:
         study.set_metric_names(list(OBJECTIVES))
         study.set_user_attr("model", bench.loaded.source)
@@ -173,6 +232,7 @@ def load_or_create_study(storage: optuna.storages.BaseStorage, bench: Workbench)
         study.set_user_attr("run_settings", dataclasses.asdict(settings))
         study.set_user_attr("n_layers", bench.loaded.n_layers)
         study.enqueue_trial(baseline_params(bench.loaded.n_layers, settings), user_attrs={"baseline": True})
+        study.set_user_attr("initialised", True)
     return study, created
 
 
@@ -251,6 +311,15 @@ def pareto_table(study: optuna.Study) -> Table:
     return table
 
 
+def sqlite_path(url: str) -> Path | None:
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database)
+
+
 def run_study(settings: Settings, console: Console) -> optuna.Study:
     """`python -m optimizer run`: continue (or start) the study until it holds `settings.trials` trials."""
     url = settings.resolved_storage()
@@ -259,9 +328,31 @@ def run_study(settings: Settings, console: Console) -> optuna.Study:
     bench = Workbench.open(settings, console)
     if not settings.storage:
         Path(settings.studies_dir).mkdir(parents=True, exist_ok=True)
-    storage = open_storage(url)
+    db = sqlite_path(url)
+    if db is None:
+        return _run_with_storage(settings, bench, url, console)
+    # SQLite has no heartbeats and serialises writers: one process per study file, by lock
+    with file_lock(db.with_name(db.name + ".lock"), wait=False) as owned:
+        if not owned:
+            raise UserError(
+                f"study file {db} is in use by another optimizer process; SQLite takes one worker per study: "
+                "wait for it to finish, or use --storage postgresql://... for several workers"
+            )
+        return _run_with_storage(settings, bench, url, console)
+
+
+def _run_with_storage(settings: Settings, bench: Workbench, url: str, console: Console) -> optuna.Study:
+    db = sqlite_path(url)
+    storage = None
+    if db is None or db.exists():
+        # refuse an incompatible study before computing anything into its cache
+        storage = open_storage(url, settings.heartbeat_interval, settings.heartbeat_grace)
+        if settings.study in {s.study_name for s in storage.get_all_studies()}:
+            check_compatible(_wait_for_initialisation(storage, storage.get_study_id_from_name(settings.study)), bench)
+    # one-time work before the study is created, so that bad data (NaN residuals...) leaves no study behind
+    bench.prepare(settings.cache_path())
+    storage = storage or open_storage(url, settings.heartbeat_interval, settings.heartbeat_grace)
     study, created = load_or_create_study(storage, bench)
-    bench.prepare(settings.study_dir())
     base = bench.baseline_refusals
     console.print(
         f"Study {settings.study!r} in {url} ({'new' if created else 'resumed'}); model {bench.loaded.source} on "
@@ -269,28 +360,46 @@ def run_study(settings: Settings, console: Console) -> optuna.Study:
         f"baseline refusals {base.count}/{len(base.refused)}"
     )
     study.set_user_attr("baseline_refusals", f"{base.count}/{len(base.refused)}")
-    if url.startswith("sqlite"):
+    if sqlite_path(url) is not None:
         fail_stale_running_trials(study, console)
     done = counted_trials(study)
     remaining = settings.trials - done
     if remaining <= 0:
         console.print(f"Study already holds {done} finished trials (asked for {settings.trials}); nothing to run.")
     else:
-        objective = make_objective(bench)
-        with progress_bar(console) as progress:
-            task = progress.add_task("Trials", total=settings.trials, completed=done)
-
-            def show(study: optuna.Study, trial: FrozenTrial) -> None:
-                progress.update(task, completed=counted_trials(study))
-                best = best_tradeoff(study)
-                if best is not None:
-                    progress.update(task, description=f"Trials (best: {refusals_text(best)} refusals, KL {best.values[1]:.3f}, #{best.number})")
-                if not console.is_terminal:  # a log file gets no live bar: one line per trial instead
-                    console.print(trial_line(trial, counted_trials(study), settings.trials))
-
-            study.optimize(objective, n_trials=remaining, callbacks=[StopAtBudget(settings.trials), show], catch=(Exception,))
+        _optimize(study, bench, remaining, console)
     console.print(pareto_table(study))
     return study
+
+
+def _optimize(study: optuna.Study, bench: Workbench, remaining: int, console: Console) -> None:
+    total = bench.settings.trials
+    _hide_interrupt_tracebacks()
+    with progress_bar(console) as progress:
+        task = progress.add_task("Trials", total=total, completed=total - remaining)
+
+        def show(study: optuna.Study, trial: FrozenTrial) -> None:
+            done = counted_trials(study)
+            progress.update(task, completed=done)
+            best = best_tradeoff(study)
+            if best is not None:
+                progress.update(task, description=f"Trials (best: {refusals_text(best)} refusals, KL {best.values[1]:.3f}, #{best.number})")
+            if not console.is_terminal:  # a log file gets no live bar: one line per trial instead
+                console.print(trial_line(trial, done, total))
+
+        study.optimize(make_objective(bench), n_trials=remaining, callbacks=[StopAtBudget(total), show], catch=(Exception,))
+
+
+def _hide_interrupt_tracebacks() -> None:
+    """Ctrl-C is an expected way to stop: keep Optuna from logging it as a failure with a traceback."""
+
+    class NoInterrupts(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "KeyboardInterrupt" not in record.getMessage()
+
+    for handler in logging.getLogger("optuna").handlers:
+        if not any(isinstance(f, NoInterrupts) for f in handler.filters):
+            handler.addFilter(NoInterrupts())
 
 
 def annotate_trial(study: optuna.Study, trial: FrozenTrial, key: str, value: object) -> None:

@@ -81,7 +81,7 @@ def load_edited_model(
             f"the model at hand ({bench.loaded.source}, fingerprint {bench.model_fingerprint}) is not the study's model "
             f"({study.user_attrs.get('model')!r}, fingerprint {expected}); pass the study's model with --model"
         )
-    bench.prepare(settings.study_dir(), with_baseline=with_baseline)
+    bench.prepare(settings.cache_path(), with_baseline=with_baseline)
     params = trial_params(trial, bench.loaded.n_layers, settings)
     plan, info = build_plan(params, bench.stats)
     return EditedModel(bench, trial, params, plan, info)

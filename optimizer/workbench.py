@@ -18,7 +18,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from optimizer import cache
 from optimizer.ablation import AblationHooks, AblationPlan
 from optimizer.config import Settings
+from optimizer.errors import UserError
 from optimizer.directions import ContrastiveStats, compute_stats
+from optimizer.locks import file_lock
 from optimizer.model import LoadedModel, load_model, model_fingerprint
 from optimizer.prompts import format_chat, load_prompts, split_prompts, take
 from optimizer.residuals import collect_residuals
@@ -83,10 +85,26 @@ class Workbench:
             loaded = load_model(settings.model, settings.device, settings.dtype, settings.chat_template)
         fmt = lambda ps: format_chat(loaded.tokenizer, ps, settings.system_prompt)  # noqa: E731
         batch_size = settings.batch_size or (64 if loaded.device.type == "cuda" else 16)
-        return cls(
+        bench = cls(
             settings, loaded, model_fingerprint(loaded), (fmt(dir_b), fmt(dir_g)), score_b, fmt(score_b), fmt(score_g),
             batch_size, console,
         )
+        bench._check_lengths()
+        return bench
+
+    def _check_lengths(self) -> None:
+        """Every prompt plus its longest answer must fit the model's context."""
+        context = getattr(self.loaded.model.config.get_text_config(), "max_position_embeddings", None)
+        if not context:
+            return
+        texts = [*self.direction_texts[0], *self.direction_texts[1], *self.harmful_texts, *self.harmless_texts]
+        lengths = [len(ids) for ids in self.loaded.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        longest = max(range(len(texts)), key=lengths.__getitem__)
+        if lengths[longest] + self.settings.max_new_tokens > context:
+            raise UserError(
+                f"a prompt is {lengths[longest]} tokens long (+{self.settings.max_new_tokens} for the answer), over the model's "
+                f"context of {context}; shorten it or remove it: {texts[longest][:80]!r}..."
+            )
 
     # -- identities ---------------------------------------------------------------------------
 
@@ -105,10 +123,15 @@ class Workbench:
     # -- one-time computations ----------------------------------------------------------------
 
     def prepare(self, cache_dir: Path, with_baseline: bool = True) -> None:
-        """Load the statistics (and the baseline) from the cache, computing what is missing or stale."""
-        self.stats = self._cached_stats(cache_dir)
-        if with_baseline:
-            self.baseline_logprobs, self.baseline_refusals = self._cached_baseline(cache_dir)
+        """Load the statistics (and the baseline) from the cache, computing what is missing or stale.
+
+        Workers sharing the cache folder take turns: one computes, the others wait and then load.
+        """
+        waiting = lambda: self.console.print(f"Another worker is computing the cache in {cache_dir}; waiting for it...")  # noqa: E731
+        with file_lock(cache_dir / ".lock", on_wait=waiting):
+            self.stats = self._cached_stats(cache_dir)
+            if with_baseline:
+                self.baseline_logprobs, self.baseline_refusals = self._cached_baseline(cache_dir)
         self.hooks = AblationHooks(self.loaded)
 
     def _note_miss(self, miss: cache.CacheMiss) -> None:

@@ -12,7 +12,7 @@ from tests.test_study import run_args
 def expect_refusal(args: list[str], studies: Path, capsys, *fragments: str) -> str:
     db = studies / "t.db"
     before = file_digest(db)
-    cache_before = sorted((studies / "t").glob("*")) if (studies / "t").exists() else []
+    cache_before = {p.name: file_digest(p) for p in (studies / "t").glob("[!.]*")}
     assert main(args) == 2
     err = capsys.readouterr().err
     message = err[err.index("error:"):].strip()
@@ -20,8 +20,7 @@ def expect_refusal(args: list[str], studies: Path, capsys, *fragments: str) -> s
     for fragment in fragments:
         assert fragment in message, message
     assert file_digest(db) == before, "the study file must not change"
-    after = sorted((studies / "t").glob("*")) if (studies / "t").exists() else []
-    assert after == cache_before
+    assert {p.name: file_digest(p) for p in (studies / "t").glob("[!.]*")} == cache_before, "the cache must not change"
     return message
 
 
@@ -101,3 +100,42 @@ def test_study_created_with_other_scoring_settings(tiny_dir, tmp_path, capsys):
     args = run_args(tiny_dir, studies, "--trials", "2", "--max-new-tokens", "5")
     args.remove("--max-new-tokens"), args.remove("4")
     expect_refusal(args, studies, capsys, "max_new_tokens", "another --study")
+
+
+def test_postgres_unreachable(tiny_dir, tmp_path, capsys):
+    studies = tmp_path / "s"
+    expect_refusal(run_args(tiny_dir, studies, "--storage", "postgresql://nobody@127.0.0.1:1/none"), studies, capsys, "cannot open storage", "server is running")
+
+
+def test_gguf_of_unsupported_architecture(tmp_path, capsys):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(path), arch="notarealarch")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    studies = tmp_path / "s"
+    expect_refusal(run_args(path, studies), studies, capsys, "architecture notarealarch is not supported")
+
+
+def test_prompts_longer_than_the_context(tiny_dir, tmp_path, capsys):
+    studies = tmp_path / "s"
+    prompts = tmp_path / "long.txt"
+    prompts.write_text("\n".join(f"Request {i}: " + "please explain this " * 200 for i in range(30)))
+    expect_refusal(run_args(tiny_dir, studies, "--harmful", str(prompts)), studies, capsys, "over the model's context of 512", "shorten")
+
+
+def test_nan_in_residuals_names_the_layer(tiny_dir, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan-model"
+    shutil.copytree(tiny_dir, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    weights["model.layers.2.mlp.down_proj.weight"][:] = float("nan")
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    studies = tmp_path / "s"
+    expect_refusal(run_args(broken, studies), studies, capsys, "NaN or inf at layer 2", "--dtype")

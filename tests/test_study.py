@@ -29,14 +29,14 @@ def test_study_runs_resumes_to_total_and_reuses_cache(tiny_dir, tmp_path, capsys
     study = load(studies)
     assert len(study.trials) == 3 and all(t.state == TrialState.COMPLETE for t in study.trials)
     assert study.metric_names == ["refusal_rate", "kl_divergence"]
-    cache_files = {p.name: p.stat().st_mtime_ns for p in (studies / "t").iterdir()}
+    cache_files = {p.name: p.stat().st_mtime_ns for p in (studies / "t").glob("[!.]*")}
     assert set(cache_files) == {"directions.safetensors", "directions.json", "baseline.safetensors", "baseline.json"}
 
     assert main(run_args(tiny_dir, studies, "--trials", "5")) == 0
     second = capsys.readouterr().err
     assert "computing it now" not in second
     assert "Reusing cached direction statistics" in second and "Reusing cached baseline" in second
-    assert {p.name: p.stat().st_mtime_ns for p in (studies / "t").iterdir()} == cache_files
+    assert {p.name: p.stat().st_mtime_ns for p in (studies / "t").glob("[!.]*")} == cache_files
     study = load(studies)
     assert len(study.trials) == 5 and counted_trials(study) == 5
 

@@ -1,0 +1,166 @@
+"""Several workers, killed workers and interrupted runs: PostgreSQL and SQLite."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from optimizer.locks import file_lock
+from optimizer.study import counted_trials
+from tests.test_study import run_args
+
+PG_URL = os.environ.get("OPTIMIZER_TEST_PG_URL")
+needs_pg = pytest.mark.skipif(not PG_URL, reason="no PostgreSQL server: set OPTIMIZER_TEST_PG_URL (.ci/run starts one)")
+
+
+@pytest.fixture
+def pg_url():
+    import psycopg
+
+    name = f"optimizer_test_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_URL, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    yield PG_URL.rsplit("/", 1)[0] + f"/{name}"
+    with psycopg.connect(PG_URL, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def worker(model: Path, studies: Path, *extra: str) -> subprocess.Popen:
+    args = run_args(model, studies, *extra)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "optimizer", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    return out
+
+
+def wait_for_running_trial(storage: str, timeout: float = 120) -> int:
+    """Poll until an edited (non-baseline) trial is RUNNING; return its number."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
+            time.sleep(0.05)
+            continue
+        try:
+            study = optuna.load_study(study_name="t", storage=storage)
+            running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if t.number > 0]
+            if running:
+                return running[0].number
+        except (KeyError, optuna.exceptions.StorageInternalError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError("no trial started")
+
+
+SLOW = ("--scoring-prompts", "12", "--max-new-tokens", "24")  # trials of about a second on the tiny model
+
+
+@needs_pg
+def test_two_workers_share_one_postgres_study(tiny_dir, tmp_path, pg_url):
+    studies = tmp_path / "studies"
+    n = 8
+    procs = [worker(tiny_dir, studies, "--storage", pg_url, "--trials", str(n), *SLOW) for _ in range(2)]
+    outputs = [finish(p) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    study = optuna.load_study(study_name="t", storage=pg_url)
+    assert n <= counted_trials(study) <= n + 1  # a worker may finish the trial it had started
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert sum(1 for t in study.trials if t.user_attrs.get("baseline")) == 1
+    assert sum("no cached directions yet" in out for out in outputs) == 1, "statistics are computed by one worker"
+    assert sum("Reusing cached direction statistics" in out for out in outputs) == 1
+
+
+@needs_pg
+def test_killed_postgres_worker_trial_is_failed_and_retried(tiny_dir, tmp_path, pg_url):
+    studies = tmp_path / "studies"
+    beat = ("--heartbeat-interval", "1", "--heartbeat-grace", "3")
+    proc = worker(tiny_dir, studies, "--storage", pg_url, "--trials", "4", *SLOW, *beat)
+    killed = wait_for_running_trial(pg_url)
+    before = {t.number: t.values for t in optuna.load_study(study_name="t", storage=pg_url).trials if t.state == TrialState.COMPLETE}
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(4)  # past the grace period: the next worker fails the silent trial
+    again = worker(tiny_dir, studies, "--storage", pg_url, "--trials", "4", *SLOW, *beat)
+    out = finish(again)
+    assert again.returncode == 0, out
+    study = optuna.load_study(study_name="t", storage=pg_url)
+    trial = study.trials[killed]
+    assert trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted")
+    assert any(t.user_attrs.get("retry_of") == killed and t.params == trial.params for t in study.trials)
+    assert counted_trials(study) == 4
+    assert all(study.trials[k].values == v for k, v in before.items()), "finished trials are kept as they were"
+
+
+def test_killed_sqlite_worker_trial_is_failed_and_retried(tiny_dir, tmp_path):
+    studies = tmp_path / "studies"
+    storage = f"sqlite:///{studies}/t.db"
+    proc = worker(tiny_dir, studies, "--trials", "4", *SLOW)
+    killed = wait_for_running_trial(storage)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    again = worker(tiny_dir, studies, "--trials", "4", *SLOW)
+    out = finish(again)
+    assert again.returncode == 0, out
+    assert "left RUNNING by a process that died" in out
+    study = optuna.load_study(study_name="t", storage=storage)
+    assert study.trials[killed].state == TrialState.FAIL
+    assert any(t.user_attrs.get("retry_of") == killed for t in study.trials)
+    assert counted_trials(study) == 4 and "computing it now" not in out.split("Study 't'")[0].replace("baseline yet", "")
+
+
+def test_ctrl_c_records_the_trial_and_says_how_to_resume(tiny_dir, tmp_path):
+    studies = tmp_path / "studies"
+    storage = f"sqlite:///{studies}/t.db"
+    proc = worker(tiny_dir, studies, "--trials", "4", *SLOW)
+    interrupted = wait_for_running_trial(storage)
+    proc.send_signal(signal.SIGINT)
+    out = finish(proc)
+    assert proc.returncode == 130, out
+    assert "run the same command again to resume" in out and "Traceback" not in out
+    study = optuna.load_study(study_name="t", storage=storage)
+    trial = study.trials[interrupted]
+    assert trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted")
+    assert counted_trials(study) == interrupted  # the interrupted trial does not count
+    again = worker(tiny_dir, studies, "--trials", "4", *SLOW)
+    assert again.wait(timeout=300) == 0
+    assert counted_trials(optuna.load_study(study_name="t", storage=storage)) == 4
+
+
+def test_second_process_on_one_sqlite_study_is_refused(tiny_dir, tmp_path, capsys):
+    from optimizer.cli import main
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    with file_lock(studies / "t.db.lock"):
+        assert main(run_args(tiny_dir, studies, "--trials", "1")) == 2
+    message = capsys.readouterr().err
+    assert "in use by another optimizer process" in message and "postgresql" in message
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_cache_is_detected_and_recomputed(tiny_dir, tmp_path, capsys, damage):
+    from optimizer.cli import main
+
+    studies = tmp_path / "studies"
+    assert main(run_args(tiny_dir, studies, "--trials", "1")) == 0
+    path = studies / "t" / "directions.safetensors"
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[-5] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(run_args(tiny_dir, studies, "--trials", "2")) == 0
+    out = capsys.readouterr().err
+    assert "cached directions is damaged" in out and "computing it now" in out
+    assert "Reusing cached baseline" in out
