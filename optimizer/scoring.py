@@ -10,17 +10,68 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from optimizer.model import LoadedModel
-from optimizer.residuals import batches, tokenize
+
+
+def split_shared_prefix(loaded: LoadedModel, texts: list[str]) -> tuple[list[int], list[list[int]]]:
+    """Token ids of the prefix every text shares (system prompt and template, typically more than
+    half of a chat prompt) and each text's remaining ids (at least one token each)."""
+    ids = loaded.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    shortest = min(len(i) for i in ids)
+    length = 0
+    while length < shortest - 1 and all(i[length] == ids[0][length] for i in ids):
+        length += 1
+    return ids[0][:length], [i[length:] for i in ids]
+
+
+def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on (B, hidden) states, with the final soft-capping some families (Gemma 2) apply."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def prefill(loaded: LoadedModel, prefix: list[int], suffixes: list[list[int]]):
+    """Forward the shared prefix once, then the batch's suffixes on top of its cache.
+
+    Rows are laid out as [prefix][padding][suffix] so that every row's last position is its
+    next-token position; the mask hides the padding and positions continue after the prefix.
+    The decoder runs without its LM head, which is applied to the last position only (as one
+    matrix product: a sliced 3-D input would take a much slower batched path on CPUs).
+    Returns the last position's logits (B, vocab), the cache and the attention mask.
+    """
+    model, device = loaded.model, loaded.device
+    decoder = model.get_decoder()
+    keyword = _cache_keyword(decoder)
+    rows, width = len(suffixes), max(len(s) for s in suffixes)
+    pad = loaded.tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in suffixes], device=device)
+    suffix_mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=device)
+    cache = DynamicCache(config=model.config)
+    if prefix:
+        decoder(input_ids=torch.tensor([prefix], device=device), use_cache=True, **{keyword: cache})
+        cache.batch_repeat_interleave(rows)
+    mask = torch.cat([suffix_mask.new_ones(rows, len(prefix)), suffix_mask], dim=1)
+    positions = len(prefix) + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{keyword: cache}).last_hidden_state
+    return output_logits(model, hidden[:, -1, :].contiguous()), cache, mask
+
+
+def by_length(suffixes: list[list[int]], batch_size: int) -> tuple[list[list[list[int]]], list[int]]:
+    """Batches of similar lengths (less padding) and the order that restores the input's."""
+    order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
+    chunks = [[suffixes[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)]
+    restore = sorted(range(len(order)), key=order.__getitem__)
+    return chunks, restore
 
 
 @torch.inference_mode()
 def first_token_logprobs(loaded: LoadedModel, texts: list[str], batch_size: int) -> torch.Tensor:
-    """Log-probabilities (n, vocab) of the first answer token; only the last position is computed."""
-    parts = []
-    for chunk in batches(texts, batch_size):
-        logits = loaded.model(**tokenize(loaded, chunk), logits_to_keep=1, use_cache=False).logits
-        parts.append(logits[:, -1, :].float().log_softmax(dim=-1))
-    return torch.cat(parts)
+    """Log-probabilities (n, vocab) of the first answer token; only the last position is computed,
+    and the prompts' shared prefix once per batch."""
+    prefix, suffixes = split_shared_prefix(loaded, texts)
+    chunks, restore = by_length(suffixes, batch_size)
+    logprobs = torch.cat([prefill(loaded, prefix, chunk)[0].float().log_softmax(dim=-1) for chunk in chunks])
+    return logprobs[restore]
 
 
 def kl_divergence(baseline_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
@@ -74,22 +125,18 @@ def generate_and_classify(
     tokenizer, model = loaded.tokenizer, loaded.model
     markers = [normalise(m) for m in markers]
     eos_ids = set(_eos_ids(loaded))
-    cache_keyword = _cache_keyword(model)
+    decoder = model.get_decoder()
+    cache_keyword = _cache_keyword(decoder)
     responses: list[str] = []
     total_tokens = 0
-    for chunk in batches(texts, batch_size):
-        encoded = tokenize(loaded, chunk)
-        mask = encoded["attention_mask"]
-        cache = DynamicCache(config=model.config)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(
-            input_ids=encoded["input_ids"], attention_mask=mask, position_ids=positions,
-            use_cache=True, logits_to_keep=1, **{cache_keyword: cache},
-        ).logits
+    prefix, suffixes = split_shared_prefix(loaded, texts)
+    chunks, restore = by_length(suffixes, batch_size)
+    for chunk in chunks:
+        logits, cache, mask = prefill(loaded, prefix, chunk)
         tokens: list[list[int]] = [[] for _ in chunk]
         active = list(range(len(chunk)))  # rows of `chunk` still in the batch, in batch order
         for step in range(max_new_tokens):
-            next_ids = logits[:, -1, :].argmax(dim=-1)
+            next_ids = logits.argmax(dim=-1)
             keep = []
             for row, token in zip(active, next_ids.tolist()):
                 if token in eos_ids:
@@ -107,11 +154,13 @@ def generate_and_classify(
                 mask, next_ids = mask[index], next_ids[index]
             active = keep
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-            logits = model(
+            hidden = decoder(
                 input_ids=next_ids.unsqueeze(-1), attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
                 use_cache=True, **{cache_keyword: cache},
-            ).logits
+            ).last_hidden_state
+            logits = output_logits(model, hidden[:, -1, :])
         responses.extend(tokenizer.decode(t, skip_special_tokens=True) for t in tokens)
+    responses = [responses[i] for i in restore]
     return RefusalResult([is_refusal(r, markers) for r in responses], responses, total_tokens)
 
 
@@ -125,6 +174,6 @@ def _eos_ids(loaded: LoadedModel) -> list[int]:
     return [i for i in ids if i is not None]
 
 
-def _cache_keyword(model) -> str:
+def _cache_keyword(module) -> str:
     """transformers renamed `past_key_values` to `cache` in 5.24; accept both."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from optimizer import cache
 from optimizer.ablation import AblationHooks, AblationPlan
+from optimizer.batching import best_batch_size, measure_batch_sizes
 from optimizer.config import Settings
 from optimizer.errors import UserError
 from optimizer.directions import ContrastiveStats, compute_stats
@@ -130,6 +131,8 @@ class Workbench:
         waiting = lambda: self.console.print(f"Another worker is computing the cache in {cache_dir}; waiting for it...")  # noqa: E731
         with file_lock(cache_dir / ".lock", on_wait=waiting):
             self.stats = self._cached_stats(cache_dir)
+            if not self.settings.batch_size:
+                self.batch_size = self._cached_batch_size(cache_dir)
             if with_baseline:
                 self.baseline_logprobs, self.baseline_refusals = self._cached_baseline(cache_dir)
         self.hooks = AblationHooks(self.loaded)
@@ -157,6 +160,22 @@ class Workbench:
         self.console.print(f"Contrastive-PCA statistics for {stats.n_layers} layers in {time.perf_counter() - start:.2f} s ({stats.nbytes() / 2**20:.1f} MiB)")
         cache.save_entry(cache_dir, "directions", fp, stats.tensors(), {})
         return stats
+
+    def _cached_batch_size(self, cache_dir: Path) -> int:
+        """The fastest batch size for this model, device and prompts, measured once per study."""
+        fp = self._numeric_fingerprint(self.scoring_fingerprint())
+        try:
+            _, values = cache.load_entry(cache_dir, "batch_size", fp)
+            return int(values["batch_size"])
+        except (cache.CacheMiss, KeyError, ValueError, TypeError):
+            pass
+        with self.console.status("Measuring the fastest batch size..."):
+            timings = measure_batch_sizes(self.loaded, self.harmful_texts)
+        best = best_batch_size(timings)
+        table = ", ".join(f"{size}: {1000 * t:.0f} ms" for size, t in timings.items())
+        self.console.print(f"Batch size {best} (time per prompt by batch size: {table})")
+        cache.save_entry(cache_dir, "batch_size", fp, {}, {"batch_size": best, "seconds_per_prompt": timings})
+        return best
 
     def _cached_baseline(self, cache_dir: Path) -> tuple[torch.Tensor, RefusalResult]:
         fp = self._numeric_fingerprint(self.scoring_fingerprint())

@@ -30,12 +30,14 @@ def test_study_runs_resumes_to_total_and_reuses_cache(tiny_dir, tmp_path, capsys
     assert len(study.trials) == 3 and all(t.state == TrialState.COMPLETE for t in study.trials)
     assert study.metric_names == ["refusal_rate", "kl_divergence"]
     cache_files = {p.name: p.stat().st_mtime_ns for p in (studies / "t").glob("[!.]*")}
-    assert set(cache_files) == {"directions.safetensors", "directions.json", "baseline.safetensors", "baseline.json"}
+    assert set(cache_files) == {f"{entry}.{ext}" for entry in ("directions", "baseline", "batch_size") for ext in ("safetensors", "json")}
+    assert "Batch size 8 (time per prompt by batch size: 8:" in first  # measured once: 4 prompts allow only 8
 
     assert main(run_args(tiny_dir, studies, "--trials", "5")) == 0
     second = capsys.readouterr().err
     assert "computing it now" not in second
     assert "Reusing cached direction statistics" in second and "Reusing cached baseline" in second
+    assert "Batch size" not in second
     assert {p.name: p.stat().st_mtime_ns for p in (studies / "t").glob("[!.]*")} == cache_files
     study = load(studies)
     assert len(study.trials) == 5 and counted_trials(study) == 5
