@@ -54,5 +54,5 @@ def collect_residuals(
     bad = (~torch.isfinite(residuals)).flatten(1).any(dim=1)
     if bad.any():
         layer = int(bad.nonzero()[0])
-        raise UserError(f"residuals contain NaN or inf at layer {layer}; load the model in another dtype (--dtype float32)")
+        raise UserError(f"residuals contain NaN or inf at layer {layer}: the checkpoint or {str(loaded.dtype).removeprefix('torch.')} overflows there; try --dtype float32, or check the model file")
     return residuals
