@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # set_metric_names and TPE's `group` are stable in practice; their notices only add noise
     warnings.filterwarnings("ignore", message=".*experimental.*")
-    console = Console(stderr=True)
+    # a log file gets a wide console, so that tables are not folded into 80 columns
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
     try:
         _dispatch(args, console)
     except UserError as e:

@@ -301,13 +301,17 @@ def pareto_table(study: optuna.Study) -> Table:
     table = Table(title=f"Pareto-optimal trials of study {study.study_name!r}")
     for column in ("trial", "refusals", "KL divergence", "direction", "attn kernel", "mlp kernel"):
         table.add_column(column)
+    table.caption = "kernel: peak weight @ peak layer, weight ratio at the edge, falloff in layers"
     for t in sorted(study.best_trials, key=lambda t: (t.values[0], t.values[1])):
+        if t.user_attrs.get("baseline"):
+            table.add_row(f"{t.number} (baseline)", refusals_text(t), f"{t.values[1]:.4f}", "none (unedited)", "-", "-")
+            continue
         kernels = [
-            f"w={t.params[f'{c}_peak_weight']:.2f} @{t.params[f'{c}_peak_layer']:.1f} min={t.params[f'{c}_min_ratio']:.2f} fall={t.params[f'{c}_falloff']:.1f}"
+            f"{t.params[f'{c}_peak_weight']:.2f} @{t.params[f'{c}_peak_layer']:.1f}, "
+            f"{t.params[f'{c}_min_ratio']:.2f}, {t.params[f'{c}_falloff']:.1f}"
             for c in COMPONENTS
         ]
-        label = f"{t.number} (baseline)" if t.user_attrs.get("baseline") else str(t.number)
-        table.add_row(label, refusals_text(t), f"{t.values[1]:.4f}", str(t.user_attrs.get("direction", "")), *kernels)
+        table.add_row(str(t.number), refusals_text(t), f"{t.values[1]:.4f}", str(t.user_attrs.get("direction", "")), *kernels)
     return table
 
 
