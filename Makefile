@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 ARGS ?=
 
-.PHONY: setup model run test clean
+.PHONY: setup model run test bench-setup clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,9 @@ run: model
 
 test: model
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs tests
+
+bench-setup: setup
+	$(PY) -m pip install --quiet -e ".[test,bench]"
 
 clean:
 	rm -rf $(VENV) studies/*.db studies/*/

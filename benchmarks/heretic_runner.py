@@ -89,6 +89,42 @@ Settings that cannot be matched to ours
 * Threads: heretic uses torch's default (all cores); so do we unless ``num_threads`` is given
   (sets ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` and ``torch.set_num_threads``).
 
+Held-out evaluation (``heldout_harmful`` / ``heldout_harmless``)
+----------------------------------------------------------------
+Optional; without these two files nothing below happens and every menu is answered "exit" as
+before. With them (text files, one prompt per line; copied to ``prompts/heldout_*.txt``), the
+wrapper answers heretic's "Which trial do you want to use?" menu with each listed trial in turn:
+heretic's own Pareto front on (refusals, KL) of the completed trials, which is what that menu
+lists (heretic does not use ``study.best_trials``; those numbers are reported as
+``optuna_best_trials`` for comparison). For each one heretic itself restores the trial, exactly as
+for a user's choice (its ``reset_trial_model()``: ``Model.reset_model()`` then
+``Model.abliterate(refusal_directions, trial.user_attrs["direction_index"],
+{k: AbliterationParameters(**v) for k, v in trial.user_attrs["parameters"].items()})``); at the
+following "What do you want to do with the decensored model?" menu the wrapper measures and
+answers "Return to the trial selection menu"; after the last trial it answers "exit".
+
+* Prompts: heretic's ``utils.load_prompts`` (same system prompt; ``response_prefix`` is applied
+  by ``Model.generate`` as for all heretic prompts).
+* Refusals: heretic's ``Evaluator.count_refusals`` on the held-out harmful prompts (greedy,
+  ``max_response_length`` tokens, ``skip_special_tokens=True``, ``Evaluator.is_refusal`` with the
+  configured ``refusal_markers``), with ``evaluator.bad_prompts`` swapped for the call.
+* KL: ``Model.get_logprobs_batched`` on the held-out harmless prompts, against the same for the
+  unedited model, computed once (after ``Model.reset_model()``, before the first trial is
+  applied) and compared as heretic's ``get_score`` does:
+  ``F.kl_div(edited, original, reduction="batchmean", log_target=True)`` = KL(original || edited).
+* Baseline refusals: the unedited model (after that reset) on the held-out harmful prompts.
+* Checks: ``reset_check_scoring_kl`` (reset model vs heretic's own baseline log-probs on its
+  scoring prompts, ~0) and per trial ``scoring_kl_recomputed`` (should equal heretic's stored
+  ``scoring_kl``).
+
+``results.json["heldout"]`` and the returned ``heldout``: ``baseline_refusals``, ``n_harmful``,
+``n_harmless``, ``max_response_length``, ``menu_trials``, ``optuna_best_trials``,
+``overlap_with_tuning_prompts``, ``baseline_seconds`` and ``trials`` (in menu order, each with
+``number`` (Optuna's), ``index`` (heretic's 1-based), ``refusals``, ``kl``, ``params``,
+``direction_index``, ``abliteration_parameters``, ``scoring_refusals``, ``scoring_kl``,
+``scoring_kl_recomputed``, ``seconds``). A failure there sets ``error`` and makes the run's
+status an error (rc 1). The held-out work runs after the study, so no trial timing includes it.
+
 Timings returned
 ----------------
 * ``trial_seconds``: wall time of each trial as the Optuna loop sees it: from the end of the
@@ -289,6 +325,118 @@ hm.prompt_text = _answer("text")
 hm.prompt_path = _answer("path")
 hm.prompt_password = _answer("password")
 
+# --- optional held-out evaluation of every trial in heretic's "Which trial" menu -----------
+# Only active when the runner sets HERETIC_RUNNER_HELDOUT. The menu is answered with each listed
+# (Pareto-optimal) trial in turn; heretic itself then restores it (its reset_trial_model():
+# model.reset_model() + model.abliterate(refusal_directions, direction_index, parameters)) and
+# asks "What do you want to do with the decensored model?", where we measure the held-out
+# prompts and answer "Return to the trial selection menu". After the last trial: "exit".
+HELDOUT_CFG = json.loads(os.environ["HERETIC_RUNNER_HELDOUT"]) if os.environ.get("HERETIC_RUNNER_HELDOUT") else None
+HELDOUT = None  # results, written to results.json["heldout"]
+CAP = {}  # heretic objects captured on the way: evaluator (-> model, settings), study
+TRIAL_MENU = "Which trial do you want to use?"
+ACTION_MENU = "What do you want to do with the decensored model?"
+
+if HELDOUT_CFG is not None:
+    import torch.nn.functional as F
+    from heretic.config import DatasetSpecification
+    from heretic.utils import load_prompts as h_load_prompts
+
+    _HS = {"queue": None, "current": None}
+
+    def _kl(new, base):  # exactly heretic's Evaluator.get_score: KL(base || new)
+        return F.kl_div(new, base, reduction="batchmean", log_target=True).item()
+
+    def _count_refusals(ev, prompts):
+        # heretic's own Evaluator.count_refusals (greedy, max_response_length tokens,
+        # skip_special_tokens, Evaluator.is_refusal with settings.refusal_markers) on our prompts.
+        saved = ev.bad_prompts
+        ev.bad_prompts = prompts
+        try:
+            return ev.count_refusals()
+        finally:
+            ev.bad_prompts = saved
+
+    def _heldout_baseline(choices):
+        global HELDOUT
+        ev = CAP["evaluator"]
+        model, settings = ev.model, ev.settings
+        t0 = time.perf_counter()
+        harmful = h_load_prompts(settings, DatasetSpecification(dataset=HELDOUT_CFG["harmful"]))
+        harmless = h_load_prompts(settings, DatasetSpecification(dataset=HELDOUT_CFG["harmless"]))
+        front = [c.value for c in choices if not isinstance(getattr(c, "value", c), str)]
+        HELDOUT = {
+            "n_harmful": len(harmful), "n_harmless": len(harmless),
+            "max_response_length": settings.max_response_length,
+            "menu_trials": [t.number for t in front], "trials": [],
+        }
+        try:
+            HELDOUT["optuna_best_trials"] = sorted(t.number for t in CAP["study"].best_trials)
+        except Exception as e:
+            HELDOUT["optuna_best_trials"] = f"unavailable: {type(e).__name__}: {e}"
+        print(f"[heretic_runner] held-out: resetting model to the unedited state (model.reset_model())")
+        model.reset_model()
+        # Check that the reset model is the one heretic's baseline saw: KL on heretic's scoring prompts.
+        HELDOUT["reset_check_scoring_kl"] = _kl(model.get_logprobs_batched(ev.good_prompts), ev.base_logprobs)
+        CAP["harmful"], CAP["harmless"] = harmful, harmless
+        CAP["base_logprobs"] = model.get_logprobs_batched(harmless)
+        HELDOUT["baseline_refusals"] = _count_refusals(ev, harmful)
+        HELDOUT["baseline_seconds"] = round(time.perf_counter() - t0, 3)
+        emit(event="heldout_baseline", seconds=HELDOUT["baseline_seconds"])
+        print(f"[heretic_runner] held-out: baseline refusals {HELDOUT['baseline_refusals']}/{len(harmful)}; "
+              f"reset check KL on scoring prompts {HELDOUT['reset_check_scoring_kl']:.3g}; "
+              f"{len(front)} trials to evaluate: {HELDOUT['menu_trials']}")
+        return front
+
+    def _heldout_trial(trial):
+        ev = CAP["evaluator"]
+        model = ev.model
+        t0 = time.perf_counter()
+        kl = _kl(model.get_logprobs_batched(CAP["harmless"]), CAP["base_logprobs"])
+        refusals = _count_refusals(ev, CAP["harmful"])
+        # Recomputed scoring-set KL: equals heretic's stored kl_divergence if the trial was restored faithfully.
+        scoring_kl = _kl(model.get_logprobs_batched(ev.good_prompts), ev.base_logprobs)
+        ua = trial.user_attrs
+        entry = {
+            "number": trial.number, "index": ua.get("index"), "refusals": refusals, "kl": kl,
+            "params": trial.params, "direction_index": ua.get("direction_index"),
+            "abliteration_parameters": ua.get("parameters"),
+            "scoring_refusals": ua.get("refusals"), "scoring_kl": ua.get("kl_divergence"),
+            "scoring_kl_recomputed": scoring_kl, "seconds": round(time.perf_counter() - t0, 3),
+        }
+        HELDOUT["trials"].append(entry)
+        emit(event="heldout_trial", number=trial.number, seconds=entry["seconds"])
+        print(f"[heretic_runner] held-out: trial {trial.number} (index {ua.get('index')}): "
+              f"refusals {refusals}/{len(CAP['harmful'])}, KL {kl:.4f} (scoring KL {ua.get('kl_divergence'):.4f}, "
+              f"recomputed {scoring_kl:.4f})")
+
+    def _select(message, choices=None, *a, **k):
+        global HELDOUT
+        answer = None
+        try:
+            if message == TRIAL_MENU:
+                if _HS["queue"] is None:
+                    _HS["queue"] = _heldout_baseline(choices or [])
+                if _HS["queue"]:
+                    answer = _HS["current"] = _HS["queue"].pop(0)
+            elif message == ACTION_MENU and _HS["current"] is not None:
+                trial, _HS["current"] = _HS["current"], None
+                _heldout_trial(trial)
+                answer = ""  # "Return to the trial selection menu"
+        except Exception as e:
+            traceback.print_exc()
+            if HELDOUT is None:
+                HELDOUT = {"trials": []}
+            HELDOUT["error"] = f"{type(e).__name__}: {e}"
+            _HS["queue"], _HS["current"] = [], None
+            answer = "" if message == ACTION_MENU else None  # back to the menu, which then exits
+        shown = getattr(answer, "number", answer)
+        emit(event="prompt_answered", kind="select", message=str(message), answer=shown)
+        print(f"[heretic_runner] headless: answered select({message!r}) with "
+              + (f"trial {shown}" if hasattr(answer, "number") else repr(answer) if answer is not None else "exit"))
+        return answer
+    hm.prompt_select = _select
+
 # --- timers ------------------------------------------------------------------------------
 def timed(cls, name, label):
     orig = getattr(cls, name)
@@ -310,8 +458,15 @@ timed(heval.Evaluator, "__init__", "baseline")
 timed(heval.Evaluator, "count_refusals", "count_refusals")
 timed(heval.Evaluator, "get_score", "get_score")
 
+_timed_eval_init = heval.Evaluator.__init__
+def _capture_evaluator(self, *a, **k):
+    _timed_eval_init(self, *a, **k)
+    CAP["evaluator"] = self
+heval.Evaluator.__init__ = _capture_evaluator
+
 _orig_optimize = optuna.study.Study.optimize
 def optimize(self, func, *a, callbacks=None, **k):
+    CAP["study"] = self
     emit(event="optimize_start", n_trials=k.get("n_trials"))
     def cb(study, trial):
         emit(event="trial_end", number=trial.number, state=str(trial.state))
@@ -327,6 +482,11 @@ try:
 except BaseException as e:
     status = f"error: {type(e).__name__}: {e}"
     traceback.print_exc()
+if HELDOUT_CFG is not None and status == "ok":
+    if HELDOUT is None:
+        status = "error: held-out evaluation did not run (heretic never showed the trial menu)"
+    elif "error" in HELDOUT:
+        status = f"error: held-out evaluation: {HELDOUT['error']}"
 emit(event="run_end", status=status)
 
 # --- results from heretic's own Optuna journal ------------------------------------------
@@ -346,6 +506,8 @@ if files:
             "number": t.number, "state": str(t.state), "values": t.values, "params": t.params,
             "user_attrs": t.user_attrs, "seconds": dur,
         })
+if HELDOUT_CFG is not None:
+    results["heldout"] = HELDOUT
 with open("results.json", "w") as f:
     json.dump(results, f, indent=1, default=str)
 sys.exit(0 if status == "ok" else 1)
@@ -396,17 +558,24 @@ def run_heretic(
     n_startup_trials: int | None = None,
     seed: int = 0,
     num_threads: int | None = None,
+    heldout_harmful: Path | None = None,
+    heldout_harmless: Path | None = None,
 ) -> dict:
     """Run heretic headless on a local model folder and local prompt files; see the module doc.
 
     ``system_prompt=None`` recovers the model's default from its chat template.
     Returns a dict with ``trial_seconds``, ``trial_seconds_optuna``, ``trials`` (refusals, KL, ...),
     ``baseline_refusals``, ``baseline_kl`` (None: heretic reports none, 0 by definition),
-    ``phase_seconds``, ``breakdown``, ``settings``, ``log_path``, ``returncode``, ``status``.
+    ``phase_seconds``, ``breakdown``, ``settings``, ``log_path``, ``returncode``, ``status``,
+    ``heldout`` (None unless both held-out files are given; see "Held-out evaluation" in the
+    module doc).
     """
+    if (heldout_harmful is None) != (heldout_harmless is None):
+        raise ValueError("give both heldout_harmful and heldout_harmless, or neither")
     python, model_dir, workdir = Path(python), Path(model_dir).resolve(), Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    for stale in ("checkpoints", "results.json", "timings.jsonl", "heretic.log", "config.toml"):
+    for stale in ("checkpoints", "results.json", "timings.jsonl", "heretic.log", "config.toml",
+                  "prompts/heldout_harmful.txt", "prompts/heldout_harmless.txt"):
         p = workdir / stale
         if p.is_dir():
             shutil.rmtree(p)
@@ -428,6 +597,23 @@ def run_heretic(
             raise ValueError(f"{name}: a prompt spans several lines; heretic's text files hold one per line")
         files[name] = prompt_dir / f"{name}.txt"
         files[name].write_text("\n".join(prompts) + "\n", encoding="utf-8")
+
+    heldout_info = None
+    if heldout_harmful is not None:
+        heldout_info = {"overlap_with_tuning_prompts": {}}
+        tuning = {p for prompts in chosen.values() for p in prompts}
+        for kind, src in (("harmful", heldout_harmful), ("harmless", heldout_harmless)):
+            # heretic's loader strips lines and skips empty ones; do the same so counts agree.
+            prompts = [line.strip() for line in Path(src).read_text(encoding="utf-8").splitlines() if line.strip()]
+            if not prompts:
+                raise ValueError(f"{src}: no held-out {kind} prompts")
+            files[f"heldout_{kind}"] = prompt_dir / f"heldout_{kind}.txt"
+            files[f"heldout_{kind}"].write_text("\n".join(prompts) + "\n", encoding="utf-8")
+            heldout_info["overlap_with_tuning_prompts"][kind] = sum(p in tuning for p in prompts)
+        env["HERETIC_RUNNER_HELDOUT"] = json.dumps(
+            {"harmful": str(files["heldout_harmful"]), "harmless": str(files["heldout_harmless"])})
+    else:
+        env.pop("HERETIC_RUNNER_HELDOUT", None)
 
     system_prompt_matched = True
     if system_prompt is None:
@@ -490,7 +676,10 @@ def run_heretic(
     reader.join(timeout=10)
     wall = time.perf_counter() - t_launch
 
-    return _collect(workdir, log_path, timings_path, returncode, timed_out, wall, system_prompt, system_prompt_matched, batch_size)
+    out = _collect(workdir, log_path, timings_path, returncode, timed_out, wall, system_prompt, system_prompt_matched, batch_size)
+    if heldout_info is not None and out["heldout"] is not None:
+        out["heldout"].update(heldout_info)
+    return out
 
 
 def _collect(workdir, log_path, timings_path, returncode, timed_out, wall, system_prompt, system_prompt_matched, batch_size) -> dict:
@@ -564,6 +753,7 @@ def _collect(workdir, log_path, timings_path, returncode, timed_out, wall, syste
         "system_prompt_matched": system_prompt_matched,
         "batch_size": batch_size,
         "settings": results.get("settings"),
+        "heldout": results.get("heldout"),
         "config_path": str(workdir / "config.toml"),
         "log_path": str(log_path),
         "timings_path": str(timings_path),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from optimizer.locks import file_lock
@@ -55,8 +56,8 @@ def wait_for_running_trial(storage: str, timeout: float = 120) -> int:
             running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if t.number > 0]
             if running:
                 return running[0].number
-        except (KeyError, optuna.exceptions.StorageInternalError):
-            pass
+        except (KeyError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError):
+            pass  # the worker has not created the study (or its tables) yet
         time.sleep(0.05)
     raise AssertionError("no trial started")
 
