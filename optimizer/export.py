@@ -67,8 +67,7 @@ def export_trial(
     loaded = edited.bench.loaded
     edited.bench.hooks.remove()
     bake_into_weights(loaded, edited.plan)
-    original = getattr(loaded.model.config, "dtype", None)
-    target = SAVE_DTYPES.get(save_dtype or "", original if isinstance(original, torch.dtype) else torch.float32)
+    target = SAVE_DTYPES[save_dtype] if save_dtype else loaded.checkpoint_dtype or torch.float32
     loaded.model.to(target)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -31,6 +31,7 @@ class LoadedModel:
     dtype: torch.dtype
     layers: list[nn.Module]
     components: dict[str, list[nn.Module]]  # component -> one output module per layer
+    checkpoint_dtype: torch.dtype | None = None  # what the weights are stored in (export keeps it)
 
     @property
     def n_layers(self) -> int:
@@ -62,7 +63,7 @@ def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
 
 def load_model(spec: str | None, device: str = "auto", dtype: str = "auto", chat_template: str | None = None) -> LoadedModel:
     """Load the model and tokenizer; None loads the bundled default model (fetched on first use)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if spec is None:
         from optimizer.fetch import ensure_model_folder
@@ -89,6 +90,7 @@ def load_model(spec: str | None, device: str = "auto", dtype: str = "auto", chat
         location, model_kwargs = spec, {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        stored_dtype = getattr(AutoConfig.from_pretrained(location, **kwargs), "dtype", None)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs, **model_kwargs)
     except ValueError as e:  # transformers' word for an architecture or GGUF layout it cannot load
         raise UserError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}; use a supported architecture or convert it to a HF folder") from None
@@ -110,7 +112,8 @@ def load_model(spec: str | None, device: str = "auto", dtype: str = "auto", chat
     tokenizer.padding_side = "left"  # so the last position of every row is the next-token position
     layers = find_layers(model)
     components = {c: [find_component(layer, c, i) for i, layer in enumerate(layers)] for c in COMPONENTS}
-    return LoadedModel(model, tokenizer, spec, torch_device, torch_dtype, layers, components)
+    checkpoint_dtype = stored_dtype if isinstance(stored_dtype, torch.dtype) else None
+    return LoadedModel(model, tokenizer, spec, torch_device, torch_dtype, layers, components, checkpoint_dtype)
 
 
 def find_layers(model: nn.Module) -> list[nn.Module]:

@@ -144,3 +144,19 @@ def test_dashboard_serves_the_study(finished_study):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_export_keeps_the_checkpoint_dtype(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM as Auto
+
+    bf16 = tmp_path / "bf16-model"
+    Auto.from_pretrained(tiny_dir, dtype=torch.bfloat16).save_pretrained(bf16)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (bf16 / name).write_bytes((tiny_dir / name).read_bytes())
+    studies = tmp_path / "studies"
+    assert main(run_args(bf16, studies, "--trials", "3", "--startup-trials", "3")) == 0
+    number = edited_trial(studies)
+    out = tmp_path / "out"
+    assert main(["export", "--study", "t", "--studies-dir", str(studies), "--trial", str(number), "--out", str(out)]) == 0
+    exported = Auto.from_pretrained(out)
+    assert exported.dtype == torch.bfloat16 and json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
