@@ -147,7 +147,6 @@ def main() -> None:
     hooks.clear()
     baked_kl_s, _ = timed(lambda: first_token_logprobs(baked, harmless, bs))
     rows.append(("KL pass with hooks active", hooked_kl_s, f"{hooked_kl_s / baked_kl_s:.3f}x of baked weights ({baked_kl_s:.2f} s)"))
-    del baked
 
     batch = measure_batch_sizes(loaded, harmful)
     for size, t in batch.items():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,7 +161,3 @@ def model_fingerprint(loaded: LoadedModel) -> str:
         digest.update(name.encode())
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr)
