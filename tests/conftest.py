@@ -24,7 +24,10 @@ def qwen_dir() -> Path:
 
 def build_tiny_model(folder: Path, tokenizer_dir: Path, arch: str = "qwen2", **overrides) -> Path:
     """A random model with a few small layers and the real tokenizer, saved as a HF folder."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+        Qwen2Config, Qwen2ForCausalLM,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     common = dict(
@@ -33,7 +36,10 @@ def build_tiny_model(folder: Path, tokenizer_dir: Path, arch: str = "qwen2", **o
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
     )
     common.update(overrides)
-    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
+    config_cls, model_cls = {
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM), "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+    }[arch]
     torch.manual_seed(0)
     model = model_cls(config_cls(**common))
     # random biases are zero-initialised; make them non-zero so that bias edits are exercised
@@ -54,6 +60,19 @@ def tiny_dir(tmp_path_factory, qwen_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_bias_dir(tmp_path_factory, qwen_dir) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama") / "model", qwen_dir, "llama", attention_bias=True, mlp_bias=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_dir(tmp_path_factory, qwen_dir) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-mistral") / "model", qwen_dir, "mistral")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2_dir(tmp_path_factory, qwen_dir) -> Path:
+    # soft-capped final logits (and attention): the manual LM head path must apply the cap too
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tiny-gemma2") / "model", qwen_dir, "gemma2", head_dim=16, final_logit_softcapping=3.0,
+    )
 
 
 @pytest.fixture

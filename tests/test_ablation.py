@@ -26,7 +26,7 @@ def logits_of(loaded) -> torch.Tensor:
         return loaded.model(**tokenize(loaded, format_chat(loaded.tokenizer, PROMPTS))).logits.float()
 
 
-@pytest.fixture(params=["tiny_dir", "tiny_llama_bias_dir"])
+@pytest.fixture(params=["tiny_dir", "tiny_llama_bias_dir", "tiny_mistral_dir", "tiny_gemma2_dir"])
 def loaded(request):
     return load_model(str(request.getfixturevalue(request.param)), "cpu", "float32")
 

@@ -1,5 +1,6 @@
 """KL divergence and refusal detection by early-stopping greedy generation."""
 
+import pytest
 import torch
 
 from optimizer.config import DEFAULT_REFUSAL_MARKERS
@@ -56,3 +57,17 @@ def test_kl_of_unedited_model_is_zero_and_positive_otherwise(tiny_dir):
     expected = (base.exp() * (base - shifted)).sum(-1).mean()
     assert abs(kl_divergence(base, shifted) - float(expected)) < 1e-4
     assert kl_divergence(base, shifted) > 0
+
+
+@pytest.mark.parametrize("fixture", ["tiny_dir", "tiny_mistral_dir", "tiny_gemma2_dir"])
+def test_fast_paths_equal_the_plain_model_across_families(request, fixture):
+    """Shared-prefix prefill + manual LM head (with Gemma 2's soft cap) against the model's own forward/generate."""
+    loaded = load_model(str(request.getfixturevalue(fixture)), "cpu", "float32")
+    texts = format_chat(loaded.tokenizer, PROMPTS)
+    with torch.inference_mode():
+        full = loaded.model(**tokenize(loaded, texts)).logits[:, -1].float().log_softmax(-1)
+    torch.testing.assert_close(first_token_logprobs(loaded, texts, batch_size=3), full, rtol=1e-4, atol=1e-4)
+    result = generate_and_classify(loaded, texts, 5, [], batch_size=4, stop_early=False)
+    encoded = tokenize(loaded, texts)
+    out = loaded.model.generate(**encoded, max_new_tokens=5, do_sample=False, pad_token_id=loaded.tokenizer.pad_token_id)
+    assert result.responses == [loaded.tokenizer.decode(o[encoded["input_ids"].shape[1]:], skip_special_tokens=True) for o in out]
