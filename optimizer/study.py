@@ -364,7 +364,7 @@ def _run_with_storage(settings: Settings, bench: Workbench, url: str, console: C
         f"baseline refusals {base.count}/{len(base.refused)}"
     )
     study.set_user_attr("baseline_refusals", f"{base.count}/{len(base.refused)}")
-    if sqlite_path(url) is not None:
+    if db is not None:
         fail_stale_running_trials(study, console)
     done = counted_trials(study)
     remaining = settings.trials - done

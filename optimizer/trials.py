@@ -13,7 +13,7 @@ from optimizer.ablation import AblationPlan
 from optimizer.config import Settings
 from optimizer.errors import UserError
 from optimizer.params import PlanInfo, TrialParams, build_plan
-from optimizer.study import open_storage, suggest_params
+from optimizer.study import check_storage_url, open_storage, sqlite_path, suggest_params
 from optimizer.workbench import Workbench
 
 
@@ -21,11 +21,10 @@ def open_study(name: str, storage_url: str | None, studies_dir: str = "studies")
     """The stored study and the settings it was run with."""
     settings = Settings(study=name, storage=storage_url, studies_dir=studies_dir)
     url = settings.resolved_storage()
-    if url.startswith("sqlite:///") and not url.endswith(":memory:"):
-        from pathlib import Path
-
-        if not Path(url.removeprefix("sqlite:///")).exists():
-            raise UserError(f"no study file {url.removeprefix('sqlite:///')}; check --study and --storage (or run the study first)")
+    check_storage_url(url)
+    db = sqlite_path(url)
+    if db is not None and not db.exists():  # opening it would create an empty study file
+        raise UserError(f"no study file {db}; check --study and --storage (or run the study first)")
     storage = open_storage(url)
     names = [s.study_name for s in storage.get_all_studies()]
     if name not in names:
