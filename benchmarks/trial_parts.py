@@ -19,15 +19,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from optimizer.ablation import AblationHooks, bake_into_weights  # noqa: E402
-from optimizer.batching import measure_batch_sizes  # noqa: E402
-from optimizer.config import DEFAULT_REFUSAL_MARKERS  # noqa: E402
-from optimizer.directions import compute_stats  # noqa: E402
-from optimizer.model import COMPONENTS, load_model  # noqa: E402
-from optimizer.params import Kernel, TrialParams, build_plan  # noqa: E402
-from optimizer.prompts import format_chat, load_prompts, split_prompts  # noqa: E402
-from optimizer.residuals import collect_residuals, tokenize  # noqa: E402
-from optimizer.scoring import first_token_logprobs, generate_and_classify, normalise  # noqa: E402
+from optimizer.ablation import AblationHooks, bake_into_weights
+from optimizer.batching import measure_batch_sizes
+from optimizer.components import COMPONENTS
+from optimizer.config import DEFAULT_REFUSAL_MARKERS
+from optimizer.directions import compute_stats
+from optimizer.model import load_model
+from optimizer.params import Kernel, TrialParams, build_plan
+from optimizer.prompts import format_chat, load_prompts, split_prompts
+from optimizer.residuals import collect_residuals, tokenize
+from optimizer.scoring import first_token_logprobs, generate_and_classify, normalise
 
 
 def timed(fn, repeats: int = 2) -> tuple[float, object]:
@@ -127,7 +128,7 @@ def main() -> None:
         rows.append((f"refusals ({label}): drop decided sequences", stop_s, f"{no_stop_s / stop_s:.2f}x, {stop.tokens_generated} tokens"))
     hooks.clear()
 
-    targets = [m for layer in loaded.components.values() for m in layer]
+    targets = [site.module for site in loaded.discovery.present()]
 
     def copy_edit_restore():
         saved = [m.weight.detach().clone() for m in targets]

@@ -1,9 +1,14 @@
 """Directional ablation: per-trial forward hooks during the study, and the same edit baked into weights.
 
-Editing a module's weight as W <- (I - w r r^T) W (and its bias b <- (I - w r r^T) b) equals
-editing its output as y <- y - w r (r^T y). Trials use the second form: one hook per module,
-registered once, whose direction and weight are swapped per trial. No weight is copied and
-nothing needs restoring.
+Editing a tensor whose rows x live in the residual stream as x <- x - w r (r . x) (weights and
+biases alike) equals editing the module's output as y <- y - w r (r . y). Trials use the second
+form: one hook per site (see components.py), registered once, whose direction and weight are
+swapped per trial. No weight is copied and nothing needs restoring.
+
+Norm-preserving ablation rescales every edited row back to its original norm. For a dense
+projection y = W x, row j of W^T (what input feature j writes) becomes s_j (I - w r r^T) W[:, j],
+so y' = (I - w r r^T) W (s * x): a pre-hook scales the input by s, the hook projects the output,
+which is exact. s needs only c = W^T r per trial: |(I - w r r^T) v|^2 = |v|^2 - (2w - w^2)(r . v)^2.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from optimizer.components import Site, WeightEdit
+from optimizer.errors import UserError
 from optimizer.model import LoadedModel
 
 
@@ -26,37 +33,83 @@ class AblationPlan:
     def is_identity(self) -> bool:
         return all(w == 0 for ws in self.weights.values() for w in ws)
 
+    def at(self, site: Site) -> tuple[torch.Tensor, float]:
+        return self.directions[site.component][site.layer], float(self.weights[site.component][site.layer])
+
+
+def check_norm_preserving(loaded: LoadedModel) -> None:
+    """Norm preservation is exact only where the hooked module is the edited projection itself."""
+    for site in loaded.discovery.present():
+        if not site.is_single_projection:
+            raise UserError(
+                f"--norm-preserving needs dense output projections, but block {site.layer}'s {site.component} is "
+                f"{type(site.module).__name__} ({site.how}); run without --norm-preserving for this model"
+            )
+
+
+def _project(y: torch.Tensor, scaled: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    return y - (y @ direction).unsqueeze(-1) * scaled
+
+
+def _row_scale(rows: torch.Tensor, r: torch.Tensor, w: float, norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row: |row| / |row - w r (r . row)|, the factor that restores each edited row's norm."""
+    norms = rows.norm(dim=-1) if norms is None else norms
+    c = rows @ r
+    edited = (norms.square() - (2 * w - w * w) * c.square()).clamp(min=0).sqrt()
+    return norms / edited.clamp(min=1e-12)
+
 
 class AblationHooks:
-    """One forward hook per output module; `apply` sets the tensors for a trial, `clear` disables them."""
+    """One forward hook per site; `apply` sets the tensors for a trial, `clear` disables them."""
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, norm_preserving: bool = False):
         self._loaded = loaded
-        # slot per module: (w * r, r) in the module's dtype, or None when the module is untouched
-        self._slots: dict[nn.Module, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self._norm_preserving = norm_preserving
+        if norm_preserving:
+            check_norm_preserving(loaded)
+        self._sites = list(loaded.discovery.present())
+        # slot per hooked module: (w * r, r, input scale or None) in the module's dtype; None = untouched
+        self._slots: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None] = {}
+        self._row_norms: dict[nn.Module, torch.Tensor] = {}
         self._handles = []
-        for modules in loaded.components.values():
-            for module in modules:
-                self._slots[module] = None
-                self._handles.append(module.register_forward_hook(self._hook))
+        for site in self._sites:
+            self._slots[site.module] = None
+            self._handles.append(site.module.register_forward_hook(self._hook))
+            if norm_preserving:
+                self._handles.append(site.module.register_forward_pre_hook(self._pre_hook))
 
-    def _hook(self, module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor | None:
+    def _pre_hook(self, module: nn.Module, args):
+        slot = self._slots[module]
+        if slot is None or slot[2] is None:
+            return None
+        return (args[0] * slot[2], *args[1:])
+
+    def _hook(self, module: nn.Module, _inputs, output):
         slot = self._slots[module]
         if slot is None:
             return None
-        scaled, direction = slot
-        return output - (output @ direction).unsqueeze(-1) * scaled
+        scaled, direction, _ = slot
+        if isinstance(output, tuple):  # MoE blocks may also return router logits
+            return (_project(output[0], scaled, direction), *output[1:])
+        return _project(output, scaled, direction)
 
     def apply(self, plan: AblationPlan) -> None:
         dtype, device = self._loaded.dtype, self._loaded.device
-        for component, modules in self._loaded.components.items():
-            for layer, module in enumerate(modules):
-                w = float(plan.weights[component][layer])
-                if w == 0:
-                    self._slots[module] = None
-                    continue
-                r = plan.directions[component][layer].to(device, torch.float32)
-                self._slots[module] = ((w * r).to(dtype), r.to(dtype))
+        for site in self._sites:
+            r, w = plan.at(site)
+            if w == 0:
+                self._slots[site.module] = None
+                continue
+            r = r.to(device, torch.float32)
+            scale = self._input_scale(site, r, w).to(dtype) if self._norm_preserving else None
+            self._slots[site.module] = ((w * r).to(dtype), r.to(dtype), scale)
+
+    def _input_scale(self, site: Site, r: torch.Tensor, w: float) -> torch.Tensor:
+        weight = site.edits[0]
+        rows = weight.rows()  # (in, d): what each input feature writes to the residual stream
+        if site.module not in self._row_norms:
+            self._row_norms[site.module] = rows.norm(dim=-1)
+        return _row_scale(rows, r, w, self._row_norms[site.module])
 
     def clear(self) -> None:
         for module in self._slots:
@@ -69,17 +122,23 @@ class AblationHooks:
         self._handles.clear()
 
 
+def bake_edit(edit: WeightEdit, r: torch.Tensor, w: float, norm_preserving: bool = False) -> None:
+    """x <- x - w r (r . x) for every residual-stream row x of the tensor (weights: optionally
+    rescaled to the row's original norm; biases are projected only)."""
+    rows = edit.rows()
+    r = r.to(rows.device, torch.float32)
+    edited = rows - w * (rows @ r).unsqueeze(-1) * r
+    if norm_preserving and edit.name != "bias":
+        edited = edited * _row_scale(rows, r, w).unsqueeze(-1)
+    edit.store(edited)
+
+
 @torch.no_grad()
-def bake_into_weights(loaded: LoadedModel, plan: AblationPlan) -> None:
-    """Apply the plan to the weights in place: W <- (I - w r r^T) W, b <- (I - w r r^T) b."""
-    for component, modules in loaded.components.items():
-        for layer, module in enumerate(modules):
-            w = float(plan.weights[component][layer])
-            if w == 0:
-                continue
-            r = plan.directions[component][layer].to(module.weight.device, torch.float32)
-            weight = module.weight.float()  # (out=d, in)
-            module.weight.copy_(weight - w * torch.outer(r, r @ weight))
-            if getattr(module, "bias", None) is not None:
-                bias = module.bias.float()
-                module.bias.copy_(bias - w * r * (r @ bias))
+def bake_into_weights(loaded: LoadedModel, plan: AblationPlan, norm_preserving: bool = False) -> None:
+    """Apply the plan to every site's tensors in place (every expert of a MoE block included)."""
+    for site in loaded.discovery.present():
+        r, w = plan.at(site)
+        if w == 0:
+            continue
+        for edit in site.edits:
+            bake_edit(edit, r, w, norm_preserving)

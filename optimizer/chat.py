@@ -8,6 +8,8 @@ from typing import TextIO
 import torch
 from transformers import TextStreamer
 
+from optimizer.prompts import render_chat
+from optimizer.response_prefix import answer_part
 from optimizer.trials import EditedModel
 
 HELP = "Type a message; /reset clears the conversation, /quit exits."
@@ -17,7 +19,10 @@ HELP = "Type a message; /reset clears the conversation, /quit exits."
 def chat(edited: EditedModel, max_new_tokens: int = 512, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
     """A read-reply loop over `stdin` (a terminal or a pipe) with the trial's hooks applied."""
     loaded = edited.bench.loaded
-    system_prompt = edited.bench.settings.system_prompt
+    settings = edited.bench.settings
+    # answers start after the study's response prefix (a closed reasoning block, say), as in its trials
+    prefix = settings.response_prefix or ""
+    answer = answer_part(prefix)
     edited.bench.hooks.apply(edited.plan)
     interactive = stdin.isatty()
     history: list[dict] = []
@@ -39,16 +44,17 @@ def chat(edited: EditedModel, max_new_tokens: int = 512, stdin: TextIO = sys.std
             print("(conversation cleared)", file=stdout, flush=True)
             continue
         history.append({"role": "user", "content": text})
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + history
-        inputs = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
-        print("model> ", end="", file=stdout, flush=True)
+        messages = ([{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []) + history
+        rendered = render_chat(loaded.tokenizer, messages, settings.template_kwargs()) + prefix
+        encoded = loaded.tokenizer(rendered, add_special_tokens=False, return_tensors="pt")
+        inputs = {k: encoded[k].to(loaded.device) for k in ("input_ids", "attention_mask")}
+        print("model> " + answer, end="", file=stdout, flush=True)
         streamer = _Streamer(loaded.tokenizer, stdout)
         output = loaded.model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
             pad_token_id=loaded.tokenizer.pad_token_id,
         )
-        reply = loaded.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        reply = answer + loaded.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         history.append({"role": "assistant", "content": reply})
     edited.bench.hooks.clear()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,13 +75,25 @@ class Settings:
     max_new_tokens: int = 16
     system_prompt: str | None = None
     chat_template: str | None = None  # a Jinja file for models without one
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # extra template variables (a JSON object on the CLI)
+    no_thinking: bool = False  # enable_thinking=False for templates that read it
+    response_prefix: str | None = None  # appended to every chat-formatted prompt; None = detect once per study, "" = none
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int = 0  # 0 = choose by measurement
     seed: int | None = 0
     alpha_max: float = 4.0
     direction_methods: list[str] = field(default_factory=lambda: ["contrastive", "mean_diff"])
+    projected_directions: bool = False  # remove each direction's component along the harmless mean
+    norm_preserving: bool = False  # edited weight rows keep their norms
+    winsorize: float = 0.0  # clip residuals per layer at this quantile of |value| (e.g. 0.995); 0 = off
+    allow_missing_components: bool = False  # leave blocks whose attention/MLP output is not found unablated
+    quantization: str | None = None  # "4bit": bitsandbytes NF4 on CUDA
     refusal_markers: list[str] = field(default_factory=lambda: list(DEFAULT_REFUSAL_MARKERS))
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """Extra variables for the chat template: --chat-template-kwargs, and enable_thinking=False for --no-thinking."""
+        return {**self.chat_template_kwargs, **({"enable_thinking": False} if self.no_thinking else {})}
 
     def resolved_storage(self) -> str:
         return self.storage or f"sqlite:///{Path(self.studies_dir) / self.study}.db"
@@ -111,9 +124,28 @@ def _check(settings: Settings) -> Settings:
     unknown = set(settings.direction_methods) - {"contrastive", "mean_diff"}
     if unknown or not settings.direction_methods:
         raise UserError(f"--direction-methods takes contrastive and/or mean_diff, got {settings.direction_methods}")
+    if settings.winsorize and not 0.5 < settings.winsorize < 1:
+        raise UserError(f"--winsorize takes a quantile between 0.5 and 1 (e.g. 0.995), or 0 for off; got {settings.winsorize}")
+    if settings.quantization not in (None, "4bit"):
+        raise UserError(f"--quantization takes 4bit (or nothing), got {settings.quantization!r}")
+    settings.chat_template_kwargs = _json_object(settings.chat_template_kwargs, "--chat-template-kwargs")
+    if settings.response_prefix is not None and not isinstance(settings.response_prefix, str):
+        raise UserError(f"--response-prefix takes a text (\"\" for none), got {settings.response_prefix!r}")
     if not settings.study or "/" in settings.study or settings.study.startswith("."):
         raise UserError(f"--study must be a plain name (letters, digits, - and _), got {settings.study!r}")
     return settings
+
+
+def _json_object(value: object, flag: str) -> dict[str, Any]:
+    """A JSON object given as text (CLI) or already parsed (a TOML table)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{flag} is not valid JSON ({e.msg} at character {e.pos}); give an object such as '{{\"enable_thinking\": false}}'") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{flag} must be a JSON object such as '{{\"enable_thinking\": false}}', got {value!r}")
+    return value
 
 
 def load_toml(path: str) -> dict[str, Any]:

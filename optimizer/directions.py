@@ -199,3 +199,21 @@ def directions(
     chosen = torch.where(fallback.unsqueeze(-1), mean_diff, vectors)
     layer_ids = list(range(stats.n_layers)) if layers is None else list(layers)
     return chosen, [layer_ids[i] for i in fallback.nonzero().flatten().tolist()]
+
+
+def project_out_harmless_mean(stats: ContrastiveStats, vectors: torch.Tensor, layers: list[int]) -> torch.Tensor:
+    """Remove from each layer's direction its component along that layer's harmless mean and
+    renormalise ("projected" abliteration): the edit then leaves the harmless mean untouched."""
+    mean = torch.nn.functional.normalize(stats.mean_harmless[torch.as_tensor(layers, device=stats.device)], dim=-1)
+    projected = vectors - (vectors * mean).sum(-1, keepdim=True) * mean
+    return torch.nn.functional.normalize(projected, dim=-1)
+
+
+def winsorize(harmful: torch.Tensor, harmless: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip both sets' residuals (L, n, d) per layer at the `quantile` of |value| over both sets,
+    so that a few massive activations do not dominate means and second moments."""
+    values = torch.cat([harmful, harmless], dim=1).abs().flatten(1)  # (L, 2n*d)
+    k = max(1, min(values.shape[1], round(quantile * values.shape[1])))
+    limit = values.kthvalue(k, dim=1).values.view(-1, 1, 1)
+    return harmful.clamp(-limit, limit), harmless.clamp(-limit, limit)
+

@@ -14,6 +14,7 @@ from rich.table import Table
 from optimizer.errors import UserError
 from optimizer.params import build_plan
 from optimizer.prompts import format_chat, load_prompts, split_prompts
+from optimizer.response_prefix import answer_part
 from optimizer.scoring import first_token_logprobs, generate_and_classify, kl_divergence
 from optimizer.study import annotate_trial
 from optimizer.trials import EditedModel, finished_trial, trial_params
@@ -51,7 +52,7 @@ def apply_trial(edited: EditedModel, trial: FrozenTrial | None) -> None:
     if trial is None:
         edited.bench.hooks.clear()
         return
-    plan, _ = build_plan(trial_params(trial, edited.bench.loaded.n_layers, edited.bench.settings), edited.bench.stats)
+    plan, _ = build_plan(trial_params(trial, edited.bench.loaded.n_layers, edited.bench.settings), edited.bench.stats, edited.bench.settings.projected_directions)
     edited.bench.hooks.apply(plan)
 
 
@@ -112,17 +113,20 @@ def evaluate_refusals(
 ) -> Table:
     """Refusals k/N and KL on prompts the study never saw (default: the bundled held-out splits)."""
     settings, loaded = edited.bench.settings, edited.bench.loaded
+    prefix = settings.response_prefix or ""
+    markers, answer = settings.refusal_markers, answer_part(prefix)
 
     def prompts(spec: str | None, kind: str) -> list[str]:
         chosen = load_prompts(spec, kind) if spec else split_prompts(load_prompts(None, kind)).heldout
-        return format_chat(loaded.tokenizer, chosen[:limit] if limit else chosen, settings.system_prompt)
+        texts = format_chat(loaded.tokenizer, chosen[:limit] if limit else chosen, settings.system_prompt, settings.template_kwargs())
+        return [t + prefix for t in texts]  # answers start where the study's did
 
     harmful_texts, harmless_texts = prompts(harmful, "harmful"), prompts(harmless, "harmless")
     batch = edited.bench.batch_size
     apply_trial(edited, None)
     with console.status("Held-out prompts: original model..."):
         base_logprobs = first_token_logprobs(loaded, harmless_texts, batch)
-        base = generate_and_classify(loaded, harmful_texts, settings.max_new_tokens, settings.refusal_markers, batch)
+        base = generate_and_classify(loaded, harmful_texts, settings.max_new_tokens, markers, batch, answer_prefix=answer)
     source = f"{harmful or 'bundled held-out'} / {harmless or 'bundled held-out'}"
     study.set_user_attr("heldout_baseline_refusals", f"{base.count}/{len(base.refused)}")
     table = Table(title=f"Held-out refusals and KL ({source})")
@@ -133,7 +137,7 @@ def evaluate_refusals(
         apply_trial(edited, trial)
         with console.status(f"Held-out prompts: trial {trial.number}..."):
             kl = kl_divergence(base_logprobs, first_token_logprobs(loaded, harmless_texts, batch))
-            result = generate_and_classify(loaded, harmful_texts, settings.max_new_tokens, settings.refusal_markers, batch)
+            result = generate_and_classify(loaded, harmful_texts, settings.max_new_tokens, markers, batch, answer_prefix=answer)
         annotate_trial(study, trial, "heldout_refusals", f"{result.count}/{len(result.refused)}")
         annotate_trial(study, trial, "heldout_kl_divergence", round(kl, 6))
         annotate_trial(study, trial, "heldout_prompts", source)

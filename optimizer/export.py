@@ -12,9 +12,9 @@ from rich.console import Console
 from safetensors.torch import save_file
 
 from optimizer.ablation import bake_into_weights
+from optimizer.components import COMPONENTS
 from optimizer.config import Settings
 from optimizer.errors import UserError
-from optimizer.model import COMPONENTS
 from optimizer.study import annotate_trial
 from optimizer.trials import EditedModel, finished_trial, load_edited_model
 
@@ -26,6 +26,93 @@ def _check_target(out: Path) -> None:
         raise UserError(f"{out} exists and is not empty; choose a new --out folder or empty it first")
 
 
+def available_memory_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def parameter_count(source: str | None) -> int | None:
+    """Parameters of the model, counted on the meta device (no weights are read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from optimizer.model import _locate
+
+    if source is None:
+        return None
+    try:
+        location, kwargs, _ = _locate(source)
+        config = AutoConfig.from_pretrained(location, **kwargs)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        return sum(p.numel() for p in model.parameters())
+    except (OSError, ValueError, UserError):
+        return None
+
+
+def announce_memory(settings: Settings, model: str | None, console: Console) -> None:
+    """Say before loading how much RAM the float32 export needs (a 4-bit study's model is dequantised)."""
+    count = parameter_count(model or settings.model or _default_model())
+    if count is None:
+        return
+    need = count * 4
+    have = available_memory_bytes()
+    where = " (the study ran on a 4-bit model: export loads the full checkpoint)" if settings.quantization else ""
+    line = f"Export loads {count / 1e9:.2f}B parameters in float32 on the CPU{where}: about {need / 2**30:.1f} GiB of RAM"
+    if have is not None:
+        line += f", {have / 2**30:.1f} GiB available"
+    console.print(f"[yellow]{line}; it may fail or swap[/]" if have is not None and have < need else line)
+
+
+def _default_model() -> str | None:
+    from optimizer.fetch import DEFAULT_MODEL, cache_home
+
+    folder = cache_home() / "models" / DEFAULT_MODEL.name
+    return str(folder) if folder.exists() else None
+
+
+@torch.inference_mode()
+def bake_and_verify(edited: EditedModel) -> float:
+    """Bake the plan into the weights, checking on a real prompt that the edited weights give the
+    hooked model's logits; stops before anything is written if they do not."""
+    bench, loaded = edited.bench, edited.bench.loaded
+    probe = loaded.tokenizer(bench.harmful_texts[:1], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    bench.hooks.apply(edited.plan)
+    hooked = loaded.model(input_ids=probe).logits.float()
+    bench.hooks.remove()
+    bake_into_weights(loaded, edited.plan, bench.settings.norm_preserving)
+    baked = loaded.model(input_ids=probe).logits.float()
+    difference = float((hooked - baked).abs().max())
+    if not difference <= 1e-3 * max(1.0, float(hooked.abs().max())):
+        raise UserError(
+            f"the baked weights do not reproduce the hooked model (max logit difference {difference:.3g}); this model's "
+            "structure is not handled correctly — please report it with the discovery table printed above"
+        )
+    return difference
+
+
+def save_processor(source: str, folder: Path) -> None:
+    """Multimodal checkpoints: the processor (image preprocessing + tokenizer) goes alongside."""
+    from transformers import AutoProcessor
+
+    from optimizer.model import _locate
+
+    location, kwargs, _ = _locate(source)
+    local = Path(location)
+    if local.is_dir() and not any((local / f).exists() for f in ("preprocessor_config.json", "processor_config.json")):
+        return
+    try:
+        processor = AutoProcessor.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, TypeError):
+        return
+    if hasattr(processor, "image_processor") or hasattr(processor, "feature_extractor"):
+        processor.save_pretrained(folder)
+
+
 def model_card(edited: EditedModel, study_name: str) -> str:
     trial, params = edited.trial, edited.params
     lines = [
@@ -35,8 +122,9 @@ def model_card(edited: EditedModel, study_name: str) -> str:
         f"# {Path(edited.bench.loaded.source).name} (abliterated, trial {trial.number})",
         "",
         f"Made with `optimizer` from study `{study_name}`, trial {trial.number}: the refusal direction was",
-        "projected out of every block's attention output projection and MLP down projection,",
-        "W <- (I - w r r^T) W, with the per-layer weights below.",
+        "projected out of every tensor each block writes to the residual stream with (attention output",
+        "projection, MLP down projection, every expert's down projection): W <- (I - w r r^T) W, with the",
+        "per-layer weights below.",
         "",
         "| score | value |",
         "|---|---|",
@@ -62,11 +150,15 @@ def export_trial(
     finished_trial(study, number)  # refuse before loading anything
     if save_dtype is not None and save_dtype not in SAVE_DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype!r}")
-    # bake in float32 for precision, then save in the requested (or the checkpoint's) dtype
-    edited = load_edited_model(study, settings, number, console, model=model, device=device or "cpu", dtype="float32")
+    announce_memory(settings, model, console)
+    # bake in float32 for precision (a 4-bit study's model is loaded in full: the edit goes into
+    # the original weights), then save in the requested (or the checkpoint's) dtype
+    edited = load_edited_model(
+        study, settings, number, console, model=model, device=device or "cpu", dtype="float32", full_precision=True,
+    )
     loaded = edited.bench.loaded
-    edited.bench.hooks.remove()
-    bake_into_weights(loaded, edited.plan)
+    difference = bake_and_verify(edited)
+    console.print(f"Baked the edit into the weights; logits of the exported weights vs the hooked model: max |diff| {difference:.2e}")
     target = SAVE_DTYPES[save_dtype] if save_dtype else loaded.checkpoint_dtype or torch.float32
     loaded.model.to(target)
     tmp = out.with_name(out.name + ".partial")
@@ -74,6 +166,7 @@ def export_trial(
     with console.status(f"Writing {out} ({str(target).removeprefix('torch.')})..."):
         loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
+        save_processor(loaded.source, tmp)
         save_file(
             {f"{c}.directions": edited.plan.directions[c].detach().cpu().float().clone() for c in COMPONENTS},
             str(tmp / "ablation.safetensors"),
@@ -88,8 +181,11 @@ def export_trial(
             "weights": {c: edited.plan.weights[c] for c in COMPONENTS},
             "fallback_layers": edited.info.fallback_layers,
             "scores": {"refusals": edited.trial.user_attrs.get("refusals"), "kl_divergence": edited.trial.values[1]},
-            "edit": "W <- (I - w r r^T) W and b <- (I - w r r^T) b on each block's attention output and MLP down projection; "
-            "directions per layer in ablation.safetensors",
+            "edit": "W <- (I - w r r^T) W and b <- (I - w r r^T) b on every tensor each block writes to the residual stream "
+            "with (attention output, MLP down projection, every expert's down projection); directions per layer in ablation.safetensors",
+            "norm_preserving": settings.norm_preserving,
+            "projected_directions": settings.projected_directions,
+            "sites": [list(row) for row in loaded.discovery.table_rows()],
         }
         (tmp / "optimizer.json").write_text(json.dumps(record, indent=2))
         (tmp / "README.md").write_text(model_card(edited, study.study_name))

@@ -11,12 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from optimizer.components import Discovery, discover
 from optimizer.errors import UserError
-
-# Per decoder block, the modules whose outputs are added to the residual stream.
-ATTENTION_OUTPUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo")
-MLP_OUTPUT_NAMES = ("down_proj", "c_proj", "w2", "fc2", "dense_4h_to_h")
-COMPONENTS = ("attn", "mlp")
 
 
 @dataclass
@@ -29,8 +25,9 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     layers: list[nn.Module]
-    components: dict[str, list[nn.Module]]  # component -> one output module per layer
+    discovery: Discovery  # per component and layer: where the block writes to the residual stream
     checkpoint_dtype: torch.dtype | None = None  # what the weights are stored in (export keeps it)
+    quantization: str | None = None
 
     @property
     def n_layers(self) -> int:
@@ -60,9 +57,79 @@ def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
     return getattr(torch, requested)
 
 
-def load_model(spec: str | None, device: str = "auto", dtype: str = "auto", chat_template: str | None = None) -> LoadedModel:
-    """Load the model and tokenizer; None loads the bundled default model (fetched on first use)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+# When a dtype gives NaN/inf logits on a test prompt, try these next (float32 always works).
+DTYPE_FALLBACKS = {torch.float16: [torch.bfloat16, torch.float32], torch.bfloat16: [torch.float32], torch.float32: []}
+
+
+def _locate(spec: str) -> tuple[str, dict, dict]:
+    """Where transformers should load from: (location, tokenizer/config kwargs, model kwargs)."""
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"model file {spec} does not exist; check the --model path")
+        from transformers import GgufConfig
+
+        return str(path.parent), {"gguf_file": path.name}, {"quantization_config": GgufConfig(dequantize=True)}
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise UserError(f"{spec} is not a Hugging Face model folder (no config.json); pass a model folder, a .gguf file or a hub id")
+        return str(path), {}, {}
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UserError(f"model path {spec} does not exist; check the --model path")
+    return spec, {}, {}
+
+
+def four_bit_config(device: torch.device, compute_dtype: torch.dtype):
+    """bitsandbytes NF4 settings; bitsandbytes needs a CUDA device."""
+    if device.type != "cuda":
+        raise UserError(f"--quantization 4bit needs a CUDA GPU (bitsandbytes), but the device is {device}; drop --quantization to load the full model")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("--quantization 4bit needs bitsandbytes; install it with `pip install bitsandbytes`") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def _from_pretrained(location: str, dtype: torch.dtype, device: torch.device, kwargs: dict, model_kwargs: dict) -> nn.Module:
+    """The model with its LM head; checkpoints with a vision tower load through the image-text class,
+    whose text decoder is what we ablate."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if "quantization_config" in model_kwargs and not isinstance(model_kwargs["quantization_config"], dict) and device.type == "cuda":
+        model_kwargs = {**model_kwargs, "device_map": {"": device}}  # quantized weights are placed while loading
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs, **model_kwargs)
+    except ValueError as e:
+        if "Unrecognized configuration class" not in str(e):
+            raise
+        model = AutoModelForImageTextToText.from_pretrained(location, dtype=dtype, **kwargs, **model_kwargs)
+    if "device_map" not in model_kwargs:
+        model.to(device)
+    return model.eval().requires_grad_(False)
+
+
+@torch.inference_mode()
+def logits_are_finite(model: nn.Module, tokenizer) -> bool:
+    """One forward pass of a short chat prompt: the cheapest test that a dtype does not overflow."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hello! How are you?"}], add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
+    return bool(torch.isfinite(model(input_ids=ids, logits_to_keep=1).logits).all())
+
+
+def load_model(
+    spec: str | None, device: str = "auto", dtype: str = "auto", chat_template: str | None = None,
+    allow_missing_components: bool = False, quantization: str | None = None, console=None,
+) -> LoadedModel:
+    """Load the model and tokenizer; None loads the bundled default model (fetched on first use).
+
+    If the dtype yields NaN/inf logits on a test prompt, the model is loaded again in the next
+    wider dtype (float16 -> bfloat16 -> float32), and `console` is told.
+    """
+    from transformers import AutoConfig, AutoTokenizer
 
     if spec is None:
         from optimizer.fetch import ensure_model_folder
@@ -70,35 +137,19 @@ def load_model(spec: str | None, device: str = "auto", dtype: str = "auto", chat
         spec = str(ensure_model_folder())
     torch_device = choose_device(device)
     torch_dtype = choose_dtype(dtype, torch_device)
-    kwargs: dict = {}
-    path = Path(spec).expanduser()
-    if spec.endswith(".gguf"):
-        if not path.is_file():
-            raise UserError(f"model file {spec} does not exist; check the --model path")
-        from transformers import GgufConfig
-
-        location, kwargs = str(path.parent), {"gguf_file": path.name}
-        model_kwargs = {"quantization_config": GgufConfig(dequantize=True)}
-    elif path.exists():
-        if not (path / "config.json").exists():
-            raise UserError(f"{spec} is not a Hugging Face model folder (no config.json); pass a model folder, a .gguf file or a hub id")
-        location, model_kwargs = str(path), {}
-    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise UserError(f"model path {spec} does not exist; check the --model path")
-    else:
-        location, model_kwargs = spec, {}
+    location, kwargs, model_kwargs = _locate(spec)
+    if quantization == "4bit":
+        model_kwargs["quantization_config"] = four_bit_config(torch_device, torch_dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         stored_dtype = getattr(AutoConfig.from_pretrained(location, **kwargs), "dtype", None)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs, **model_kwargs)
+        model = _from_pretrained(location, torch_dtype, torch_device, kwargs, model_kwargs)
     except ValueError as e:  # transformers' word for an architecture or GGUF layout it cannot load
         raise UserError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}; use a supported architecture or convert it to a HF folder") from None
     except OSError as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = "the hub is offline (HF_HUB_OFFLINE=1): download it first or pass a local folder" if offline else "check the hub id, your network and HF_TOKEN"
         raise UserError(f"could not load model {spec!r}: {str(e).splitlines()[0]}; {hint}") from None
-    model.to(torch_device).eval()
-    model.requires_grad_(False)
     if chat_template:
         try:
             tokenizer.chat_template = Path(chat_template).read_text()
@@ -109,46 +160,48 @@ def load_model(spec: str | None, device: str = "auto", dtype: str = "auto", chat
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # so the last position of every row is the next-token position
+    fallbacks = list(DTYPE_FALLBACKS.get(torch_dtype, []))
+    while not logits_are_finite(model, tokenizer):
+        if not fallbacks:
+            raise UserError(f"model {spec} gives NaN/inf logits on a test prompt in {_name(torch_dtype)}; the checkpoint looks damaged")
+        previous, torch_dtype = torch_dtype, fallbacks.pop(0)
+        if console is not None:
+            console.print(f"[yellow]{_name(previous)} gives NaN/inf logits on a test prompt; loading the model again in {_name(torch_dtype)}[/]")
+        del model
+        model = _from_pretrained(location, torch_dtype, torch_device, kwargs, model_kwargs)
     layers = find_layers(model)
-    components = {c: [find_component(layer, c, i) for i, layer in enumerate(layers)] for c in COMPONENTS}
+    hidden = int(model.config.get_text_config().hidden_size)
+    discovery = discover(model, layers, hidden, allow_missing_components)
     checkpoint_dtype = stored_dtype if isinstance(stored_dtype, torch.dtype) else None
-    return LoadedModel(model, tokenizer, spec, torch_device, torch_dtype, layers, components, checkpoint_dtype)
+    return LoadedModel(model, tokenizer, spec, torch_device, torch_dtype, layers, discovery, checkpoint_dtype, quantization)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def find_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder blocks: the longest ModuleList in the model."""
-    best: nn.ModuleList | None = None
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and (best is None or len(module) > len(best)):
-            best = module
-    if best is None or len(best) == 0:
+    """The decoder blocks: the text decoder's `layers` (or `h`, `blocks`), else the longest
+    ModuleList that is not nested in another one (expert lists of MoE blocks are)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    for name in ("layers", "h", "blocks"):
+        blocks = getattr(decoder, name, None)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            return list(blocks)
+    nested = {id(inner) for outer in model.modules() if isinstance(outer, nn.ModuleList) for inner in outer.modules() if inner is not outer}
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and id(m) not in nested and len(m) > 0]
+    if not lists:
         raise UserError(f"could not find decoder blocks in {type(model).__name__}; this architecture is not supported")
-    return list(best)
+    return list(max(lists, key=len))
 
 
-def find_component(layer: nn.Module, component: str, index: int) -> nn.Module:
-    """The module whose output is the block's attention (or MLP) contribution to the residual."""
-    parent_names = ("self_attn", "attn", "attention") if component == "attn" else ("mlp", "feed_forward", "ffn")
-    leaf_names = ATTENTION_OUTPUT_NAMES if component == "attn" else MLP_OUTPUT_NAMES
-    for parent_name in parent_names:
-        parent = getattr(layer, parent_name, None)
-        if parent is None:
-            continue
-        for leaf in leaf_names:
-            module = getattr(parent, leaf, None)
-            if isinstance(module, nn.Module):
-                return module
-    raise UserError(
-        f"could not find the {component} output projection in block {index} ({type(layer).__name__}); "
-        "this architecture is not supported yet"
-    )
-
-
-def model_fingerprint(loaded: LoadedModel) -> str:
+def model_fingerprint(loaded: LoadedModel, portable: bool = False) -> str:
     """A hash of what makes the model this model: config, chat template and a sample of every weight.
 
     Weight samples are rounded to bfloat16 so that the same checkpoint loaded in float32 on a CPU
-    and in bfloat16 on a GPU has the same identity.
+    and in bfloat16 on a GPU has the same identity. `portable` (studies run on a 4-bit model)
+    samples only what quantization leaves alone (embeddings and 1-D tensors), so that the full
+    checkpoint loaded for export has the same identity.
     """
     digest = hashlib.sha256()
     config = loaded.model.config.to_dict()
@@ -157,6 +210,9 @@ def model_fingerprint(loaded: LoadedModel) -> str:
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     digest.update(str(loaded.tokenizer.chat_template).encode())
     for name, param in loaded.model.state_dict().items():
+        # (bitsandbytes adds float quantization-state entries such as `q_proj.weight.absmax`)
+        if portable and not (name.endswith((".weight", ".bias")) and param.is_floating_point() and (param.dim() <= 1 or "embed" in name)):
+            continue
         sample = param.detach().flatten()[:16].to("cpu", torch.bfloat16).view(torch.int16)
         digest.update(name.encode())
         digest.update(sample.numpy().tobytes())

@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from optimizer.ablation import AblationPlan
-from optimizer.directions import ContrastiveStats, directions
-from optimizer.model import COMPONENTS
+from optimizer.components import COMPONENTS
+from optimizer.directions import ContrastiveStats, directions, project_out_harmless_mean
 
 
 @dataclass(frozen=True)
@@ -57,13 +57,16 @@ class PlanInfo:
     fallback_layers: list[int]
 
 
-def build_plan(params: TrialParams, stats: ContrastiveStats) -> tuple[AblationPlan, PlanInfo]:
-    """Turn parameters into per-layer directions and weights, computing only the directions needed."""
+def build_plan(params: TrialParams, stats: ContrastiveStats, projected: bool = False) -> tuple[AblationPlan, PlanInfo]:
+    """Turn parameters into per-layer directions and weights, computing only the directions needed.
+
+    `projected` removes from the direction used at each layer its component along that layer's
+    harmless mean (for a global direction too: each layer gets its own projection)."""
     n_layers = stats.n_layers
     weights = {c: params.kernels[c].weights(n_layers) for c in COMPONENTS}
     d = stats.mean_diff.shape[1]
+    needed = sorted({layer for ws in weights.values() for layer, w in enumerate(ws) if w != 0})
     if params.direction_index is None:
-        needed = sorted({layer for ws in weights.values() for layer, w in enumerate(ws) if w != 0})
         per_layer = torch.zeros(n_layers, d, device=stats.device)
         fallback: list[int] = []
         if needed:
@@ -75,5 +78,7 @@ def build_plan(params: TrialParams, stats: ContrastiveStats) -> tuple[AblationPl
         pair, fallback = directions(stats, params.method, params.alpha or 0.0, sorted({low, high}))
         frac = params.direction_index - low
         mixed = torch.lerp(pair[0], pair[-1], frac)
-        per_layer = torch.nn.functional.normalize(mixed, dim=0).expand(n_layers, d)
+        per_layer = torch.nn.functional.normalize(mixed, dim=0).expand(n_layers, d).clone()
+    if projected and needed:
+        per_layer[needed] = project_out_harmless_mean(stats, per_layer[needed], needed)
     return AblationPlan({c: per_layer for c in COMPONENTS}, weights), PlanInfo(fallback)

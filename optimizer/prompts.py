@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from optimizer.errors import UserError
 
@@ -134,11 +135,19 @@ def take(prompts: list[str], n: int, what: str, flag: str) -> list[str]:
     return prompts[:n]
 
 
-def format_chat(tokenizer, prompts: list[str], system_prompt: str | None = None) -> list[str]:
+def render_chat(tokenizer, messages: list[dict], template_kwargs: dict[str, Any] | None = None) -> str:
+    """The chat template applied to `messages`, ending with the generation prompt. `template_kwargs`
+    are extra template variables (e.g. enable_thinking=False); templates ignore ones they do not read."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **(template_kwargs or {}))
+
+
+def format_chat(
+    tokenizer, prompts: list[str], system_prompt: str | None = None, template_kwargs: dict[str, Any] | None = None,
+) -> list[str]:
     """Apply the chat template, ending where the assistant's answer starts."""
     texts = []
     for prompt in prompts:
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages.append({"role": "user", "content": prompt})
-        texts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        texts.append(render_chat(tokenizer, messages, template_kwargs))
     return texts

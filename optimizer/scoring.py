@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -108,26 +109,21 @@ def _decided(text: str, markers: list[str]) -> bool:
 
 
 @torch.inference_mode()
-def generate_and_classify(
-    loaded: LoadedModel,
-    texts: list[str],
-    max_new_tokens: int,
-    markers: list[str],
-    batch_size: int,
-    stop_early: bool = True,
-) -> RefusalResult:
-    """Greedy generation that drops a sequence from the batch as soon as it is decided.
+def greedy_generate(
+    loaded: LoadedModel, texts: list[str], max_new_tokens: int, batch_size: int,
+    stop: Callable[[list[int]], bool] | None = None,
+) -> tuple[list[list[int]], int]:
+    """Greedy continuations of `texts` as token ids (end tokens left out), in the input's order, and
+    the number of tokens generated.
 
-    A sequence is decided when its text so far contains a refusal marker, when it emits an end
-    token, or at `max_new_tokens`. The outcome equals generating every sequence to the cap and
-    then looking for markers, because a marker found in a prefix is also in the full text.
+    A sequence leaves the batch when it emits an end token, at `max_new_tokens`, or as soon as
+    `stop(its ids so far)` is true, so that finished rows cost nothing in later steps.
     """
-    tokenizer, model = loaded.tokenizer, loaded.model
-    markers = [normalise(m) for m in markers]
+    model = loaded.model
     eos_ids = set(_eos_ids(loaded))
     decoder = model.get_decoder()
     cache_keyword = _cache_keyword(decoder)
-    responses: list[str] = []
+    outputs: list[list[int]] = []
     total_tokens = 0
     prefix, suffixes = split_shared_prefix(loaded, texts)
     chunks, restore = by_length(suffixes, batch_size)
@@ -143,7 +139,7 @@ def generate_and_classify(
                     continue
                 tokens[row].append(token)
                 total_tokens += 1
-                if stop_early and _decided(tokenizer.decode(tokens[row], skip_special_tokens=True), markers):
+                if stop is not None and stop(tokens[row]):
                     continue
                 keep.append(row)
             if not keep or step == max_new_tokens - 1:
@@ -159,8 +155,32 @@ def generate_and_classify(
                 use_cache=True, **{cache_keyword: cache},
             ).last_hidden_state
             logits = output_logits(model, hidden[:, -1, :])
-        responses.extend(tokenizer.decode(t, skip_special_tokens=True) for t in tokens)
-    responses = [responses[i] for i in restore]
+        outputs.extend(tokens)
+    return [outputs[i] for i in restore], total_tokens
+
+
+def generate_and_classify(
+    loaded: LoadedModel,
+    texts: list[str],
+    max_new_tokens: int,
+    markers: list[str],
+    batch_size: int,
+    stop_early: bool = True,
+    answer_prefix: str = "",
+) -> RefusalResult:
+    """Greedy generation that drops a sequence from the batch as soon as it is decided.
+
+    A sequence is decided when its text so far contains a refusal marker, when it emits an end
+    token, or at `max_new_tokens`. The outcome equals generating every sequence to the cap and
+    then looking for markers, because a marker found in a prefix is also in the full text.
+    `answer_prefix` is the start of the answer that the texts already end with (a shared opening
+    such as "I"): it is part of every response, so markers such as "i can't" are found across it.
+    """
+    markers = [normalise(m) for m in markers]
+    decode = lambda ids: answer_prefix + loaded.tokenizer.decode(ids, skip_special_tokens=True)
+    stop = (lambda ids: _decided(decode(ids), markers)) if stop_early else None
+    tokens, total_tokens = greedy_generate(loaded, texts, max_new_tokens, batch_size, stop)
+    responses = [decode(t) for t in tokens]
     return RefusalResult([is_refusal(r, markers) for r in responses], responses, total_tokens)
 
 

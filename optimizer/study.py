@@ -14,11 +14,11 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.table import Table
 
+from optimizer.components import COMPONENTS
 from optimizer.config import Settings
 from optimizer.dashboard import trial_note
 from optimizer.errors import UserError
 from optimizer.locks import file_lock
-from optimizer.model import COMPONENTS
 from optimizer.params import Kernel, TrialParams, build_plan
 from optimizer.workbench import Workbench, progress_bar
 
@@ -154,7 +154,15 @@ def study_settings_record(bench: Workbench) -> dict:
         "harmful": s.harmful or "bundled",
         "harmless": s.harmless or "bundled",
         "refusal_markers": sorted(s.refusal_markers),
+        "template_kwargs": s.template_kwargs(),
+        "response_prefix": s.response_prefix,
+        "winsorize": s.winsorize,
+        **{k: getattr(s, k) for k in EDIT_VARIANTS},
     }
+
+
+# Settings that change what a trial's parameters do to the model (not what is cached).
+EDIT_VARIANTS = ("projected_directions", "norm_preserving")
 
 
 def check_compatible(attrs: dict, bench: Workbench) -> None:
@@ -172,6 +180,13 @@ def check_compatible(attrs: dict, bench: Workbench) -> None:
         raise UserError(
             f"study {name!r} was created with other settings ({', '.join(differ)} differ), so its trials are not comparable; "
             "run with the original settings or use another --study name"
+        )
+    stored = attrs.get("settings", {})
+    changed = [k for k in EDIT_VARIANTS if stored.get(k, False) != getattr(bench.settings, k)]
+    if changed:
+        raise UserError(
+            f"study {name!r} was run with {', '.join(f'{k}={stored.get(k, False)}' for k in changed)}; the same parameters "
+            "would edit the model differently now: run with the original settings or use another --study name"
         )
 
 
@@ -247,7 +262,7 @@ def make_objective(bench: Workbench):
         try:
             start = time.perf_counter()
             params = suggest_params(trial, bench.loaded.n_layers, settings)
-            plan, info = build_plan(params, bench.stats)
+            plan, info = build_plan(params, bench.stats, bench.settings.projected_directions)
             directions_s = time.perf_counter() - start
             scores = bench.score(plan)
         except KeyboardInterrupt:
@@ -324,11 +339,26 @@ def sqlite_path(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+def with_stored_response_prefix(settings: Settings, url: str) -> Settings:
+    """The settings with the response prefix the study recorded, unless one is given: detecting it
+    again could give another answer on another device or dtype, and every process must format the
+    prompts alike. A study recorded before prefixes were detected appended none."""
+    db = sqlite_path(url)
+    if settings.response_prefix is not None or (db is not None and not db.exists()):
+        return settings
+    storage = open_storage(url, settings.heartbeat_interval, settings.heartbeat_grace)
+    if settings.study not in {s.study_name for s in storage.get_all_studies()}:
+        return settings
+    attrs = _wait_for_initialisation(storage, storage.get_study_id_from_name(settings.study))
+    return dataclasses.replace(settings, response_prefix=attrs.get("run_settings", {}).get("response_prefix", ""))
+
+
 def run_study(settings: Settings, console: Console) -> optuna.Study:
     """`python -m optimizer run`: continue (or start) the study until it holds `settings.trials` trials."""
     url = settings.resolved_storage()
     if settings.storage:  # the default one is ours to create
         check_storage_url(url)
+    settings = with_stored_response_prefix(settings, url)
     bench = Workbench.open(settings, console)
     if not settings.storage:
         Path(settings.studies_dir).mkdir(parents=True, exist_ok=True)
@@ -438,7 +468,10 @@ def show_study(study: optuna.Study, console: Console) -> None:
     attrs = study.user_attrs
     console.print(f"Study {study.study_name!r}: model {attrs.get('model')} (fingerprint {attrs.get('model_fingerprint')})")
     settings = attrs.get("run_settings", {})
-    keys = ("trials", "direction_prompts", "scoring_prompts", "max_new_tokens", "system_prompt", "seed", "direction_methods", "alpha_max")
+    keys = (
+        "trials", "direction_prompts", "scoring_prompts", "max_new_tokens", "system_prompt", "response_prefix", "seed",
+        "direction_methods", "alpha_max",
+    )
     console.print("Settings: " + ", ".join(f"{k}={settings.get(k)!r}" for k in keys if k in settings), highlight=False)
     console.print(f"Baseline refusals: {attrs.get('baseline_refusals', '?')}")
     states = [t.state for t in study.get_trials(deepcopy=False)]

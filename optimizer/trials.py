@@ -33,6 +33,7 @@ def open_study(name: str, storage_url: str | None, studies_dir: str = "studies")
     stored = study.user_attrs.get("run_settings", {})
     known = {f.name for f in dataclasses.fields(Settings)}
     values = {k: v for k, v in stored.items() if k in known}
+    values.setdefault("response_prefix", "")  # studies from before prefixes were detected appended none
     values.update(study=name, storage=storage_url, studies_dir=studies_dir)
     return study, Settings(**values)
 
@@ -63,17 +64,21 @@ class EditedModel:
 
 def load_edited_model(
     study: optuna.Study, settings: Settings, number: int, console: Console, with_baseline: bool = False,
-    model: str | None = None, device: str | None = None, dtype: str | None = None,
+    model: str | None = None, device: str | None = None, dtype: str | None = None, full_precision: bool = False,
 ) -> EditedModel:
     """Load the study's model, check it is the same model, and build trial `number`'s ablation plan.
 
     The plan's directions come from the study's cached statistics (recomputed if the cache was
-    made on another device or dtype). Hooks are registered but not applied.
+    made on another device or dtype). Hooks are registered but not applied. `full_precision`
+    loads a 4-bit study's model unquantised (for export).
     """
     trial = finished_trial(study, number)
     overrides = {k: v for k, v in {"model": model, "device": device, "dtype": dtype}.items() if v is not None}
+    if full_precision:
+        overrides["quantization"] = None  # the fingerprint stays the portable one the study recorded
+    portable = settings.quantization is not None
     settings = dataclasses.replace(settings, **overrides)
-    bench = Workbench.open(settings, console)
+    bench = Workbench.open(settings, console, portable=portable)
     expected = study.user_attrs.get("model_fingerprint")
     if expected != bench.model_fingerprint:
         raise UserError(
@@ -82,5 +87,5 @@ def load_edited_model(
         )
     bench.prepare(settings.cache_path(), with_baseline=with_baseline)
     params = trial_params(trial, bench.loaded.n_layers, settings)
-    plan, info = build_plan(params, bench.stats)
+    plan, info = build_plan(params, bench.stats, settings.projected_directions)
     return EditedModel(bench, trial, params, plan, info)

@@ -5,6 +5,7 @@ Nothing here knows about Optuna: `study.py` drives a Workbench through `score`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -14,17 +15,19 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 from optimizer import cache
 from optimizer.ablation import AblationHooks, AblationPlan
 from optimizer.batching import best_batch_size, measure_batch_sizes
 from optimizer.config import Settings
+from optimizer.directions import ContrastiveStats, compute_stats, winsorize
 from optimizer.errors import UserError
-from optimizer.directions import ContrastiveStats, compute_stats
 from optimizer.locks import file_lock
 from optimizer.model import LoadedModel, load_model, model_fingerprint
 from optimizer.prompts import format_chat, load_prompts, split_prompts, take
 from optimizer.residuals import collect_residuals
+from optimizer.response_prefix import DETECTION_PROMPTS, answer_part, detect
 from optimizer.scoring import RefusalResult, first_token_logprobs, generate_and_classify, kl_divergence
 
 SAMPLE_RESPONSES = 3
@@ -39,6 +42,16 @@ def progress_bar(console: Console) -> Progress:
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
     )
+
+
+def print_discovery(loaded: LoadedModel, console: Console) -> None:
+    """Where each block is ablated, found by structure: shown at every start, never silent."""
+    table = Table(title=f"Ablation sites in {type(loaded.model).__name__} ({loaded.n_layers} blocks)", title_justify="left")
+    for column in ("component", "layers", "modules per layer", "how it is ablated"):
+        table.add_column(column, overflow="fold")
+    for row in loaded.discovery.table_rows():
+        table.add_row(*row)
+    console.print(table)
 
 
 @dataclass
@@ -73,8 +86,9 @@ class Workbench:
     cache_computations: int = 0  # how many cache entries this process computed (0 on a full reuse)
 
     @classmethod
-    def open(cls, settings: Settings, console: Console) -> Workbench:
-        """Read prompts and load the model; nothing is written anywhere yet."""
+    def open(cls, settings: Settings, console: Console, portable: bool | None = None) -> Workbench:
+        """Read prompts and load the model; nothing is written anywhere yet. `portable` picks the
+        model fingerprint that a 4-bit and a full load share (default: when loading in 4-bit)."""
         harmful = split_prompts(load_prompts(settings.harmful, "harmful"))
         harmless = split_prompts(load_prompts(settings.harmless, "harmless"))
         n_dir, n_score = settings.direction_prompts, settings.scoring_prompts
@@ -83,15 +97,40 @@ class Workbench:
         score_b = take(harmful.scoring, n_score, "harmful scoring", "--scoring-prompts")
         score_g = take(harmless.scoring, n_score, "harmless scoring", "--scoring-prompts")
         with console.status("Loading model..."):
-            loaded = load_model(settings.model, settings.device, settings.dtype, settings.chat_template)
-        fmt = lambda ps: format_chat(loaded.tokenizer, ps, settings.system_prompt)  # noqa: E731
+            loaded = load_model(
+                settings.model, settings.device, settings.dtype, settings.chat_template,
+                settings.allow_missing_components, settings.quantization, console,
+            )
+        print_discovery(loaded, console)
+        fmt = lambda ps: format_chat(loaded.tokenizer, ps, settings.system_prompt, settings.template_kwargs())
         batch_size = settings.batch_size or (64 if loaded.device.type == "cuda" else 16)
         bench = cls(
-            settings, loaded, model_fingerprint(loaded), (fmt(dir_b), fmt(dir_g)), score_b, fmt(score_b), fmt(score_g),
+            settings, loaded, model_fingerprint(loaded, portable=settings.quantization is not None if portable is None else portable), (fmt(dir_b), fmt(dir_g)), score_b, fmt(score_b), fmt(score_g),
             batch_size, console,
         )
         bench._check_lengths()
+        bench._append_response_prefix(dir_b[:DETECTION_PROMPTS] + dir_g[:DETECTION_PROMPTS])
         return bench
+
+    def _append_response_prefix(self, sample: list[str]) -> None:
+        """Append the response prefix to every prompt text: the study's (or the user's), else the one
+        detected now on `sample` (raw direction prompts), which the settings then carry into the study."""
+        prefix = self.settings.response_prefix
+        if prefix is None:
+            texts = self.direction_texts[0][:DETECTION_PROMPTS] + self.direction_texts[1][:DETECTION_PROMPTS]
+            with self.console.status("Looking for a common start of the responses..."):
+                found = detect(self.loaded, sample, texts, self.settings.refusal_markers, self.batch_size)
+            for line in found.lines:
+                self.console.print(line, markup=False, highlight=False)
+            prefix = found.append
+            self.settings = dataclasses.replace(self.settings, response_prefix=prefix)
+        elif prefix:
+            self.console.print(f"Appending the response prefix {prefix!r} to every prompt", markup=False, highlight=False)
+        if prefix:
+            self.direction_texts = ([t + prefix for t in self.direction_texts[0]], [t + prefix for t in self.direction_texts[1]])
+            self.harmful_texts = [t + prefix for t in self.harmful_texts]
+            self.harmless_texts = [t + prefix for t in self.harmless_texts]
+            self._check_lengths()
 
     def _check_lengths(self) -> None:
         """Every prompt plus its longest answer must fit the model's context."""
@@ -115,7 +154,8 @@ class Workbench:
         return _hash(self.model_fingerprint, self.harmful_texts, self.harmless_texts, s.max_new_tokens, sorted(s.refusal_markers))
 
     def directions_fingerprint(self) -> str:
-        return _hash(self.model_fingerprint, self.direction_texts)
+        winsorize = [self.settings.winsorize] if self.settings.winsorize else []  # absent when off: older studies keep their hash
+        return _hash(self.model_fingerprint, self.direction_texts, *winsorize)
 
     def _numeric_fingerprint(self, base: str) -> str:
         # cached tensors also depend on the dtype and device kind they were computed in
@@ -128,14 +168,14 @@ class Workbench:
 
         Workers sharing the cache folder take turns: one computes, the others wait and then load.
         """
-        waiting = lambda: self.console.print(f"Another worker is computing the cache in {cache_dir}; waiting for it...")  # noqa: E731
+        waiting = lambda: self.console.print(f"Another worker is computing the cache in {cache_dir}; waiting for it...")
         with file_lock(cache_dir / ".lock", on_wait=waiting):
             self.stats = self._cached_stats(cache_dir)
             if not self.settings.batch_size:
                 self.batch_size = self._cached_batch_size(cache_dir)
             if with_baseline:
                 self.baseline_logprobs, self.baseline_refusals = self._cached_baseline(cache_dir)
-        self.hooks = AblationHooks(self.loaded)
+        self.hooks = AblationHooks(self.loaded, self.settings.norm_preserving)
 
     def _note_miss(self, miss: cache.CacheMiss) -> None:
         self.console.print(f"[yellow]{miss}[/]: computing it now")
@@ -152,10 +192,12 @@ class Workbench:
         harmful_texts, harmless_texts = self.direction_texts
         with progress_bar(self.console) as progress:
             task = progress.add_task("Residuals", total=len(harmful_texts) + len(harmless_texts))
-            advance = lambda n: progress.advance(task, n)  # noqa: E731
+            advance = lambda n: progress.advance(task, n)
             harmful = collect_residuals(self.loaded, harmful_texts, self.batch_size, advance)
             harmless = collect_residuals(self.loaded, harmless_texts, self.batch_size, advance)
         start = time.perf_counter()
+        if self.settings.winsorize:
+            harmful, harmless = winsorize(harmful, harmless, self.settings.winsorize)
         stats = compute_stats(harmful, harmless)
         self.console.print(f"Contrastive-PCA statistics for {stats.n_layers} layers in {time.perf_counter() - start:.2f} s ({stats.nbytes() / 2**20:.1f} MiB)")
         cache.save_entry(cache_dir, "directions", fp, stats.tensors(), {})
@@ -194,7 +236,10 @@ class Workbench:
 
     def _refusals(self) -> RefusalResult:
         s = self.settings
-        return generate_and_classify(self.loaded, self.harmful_texts, s.max_new_tokens, s.refusal_markers, self.batch_size)
+        return generate_and_classify(
+            self.loaded, self.harmful_texts, s.max_new_tokens, s.refusal_markers, self.batch_size,
+            answer_prefix=answer_part(s.response_prefix or ""),
+        )
 
     # -- trials -------------------------------------------------------------------------------
 

@@ -22,12 +22,22 @@ def qwen_dir() -> Path:
     return ensure_model_folder(QWEN_CODER_05B)
 
 
+# Tiny versions of the families we support; MoE and hybrid ones built by transformers' Auto classes.
+FAMILY_OVERRIDES = {
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, head_dim=16, layer_types=["sliding_attention", "full_attention"] * 2),
+    "qwen3_next": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, head_dim=16,
+        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+    ),
+    "lfm2": dict(layer_types=["conv", "full_attention", "conv", "full_attention"]),
+}
+
+
 def build_tiny_model(folder: Path, tokenizer_dir: Path, arch: str = "qwen2", **overrides) -> Path:
     """A random model with a few small layers and the real tokenizer, saved as a HF folder."""
-    from transformers import (
-        AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-        Qwen2Config, Qwen2ForCausalLM,
-    )
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     common = dict(
@@ -35,13 +45,10 @@ def build_tiny_model(folder: Path, tokenizer_dir: Path, arch: str = "qwen2", **o
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
     )
+    common.update(FAMILY_OVERRIDES.get(arch, {}))
     common.update(overrides)
-    config_cls, model_cls = {
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
-        "mistral": (MistralConfig, MistralForCausalLM), "gemma2": (Gemma2Config, Gemma2ForCausalLM),
-    }[arch]
     torch.manual_seed(0)
-    model = model_cls(config_cls(**common))
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **common))
     # random biases are zero-initialised; make them non-zero so that bias edits are exercised
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -73,6 +80,23 @@ def tiny_gemma2_dir(tmp_path_factory, qwen_dir) -> Path:
     return build_tiny_model(
         tmp_path_factory.mktemp("tiny-gemma2") / "model", qwen_dir, "gemma2", head_dim=16, final_logit_softcapping=3.0,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_thinking_dir(tmp_path_factory, tiny_dir) -> Path:
+    """The tiny qwen2 model with a DeepSeek-R1/Qwen3-style template: its generation prompt opens a
+    reasoning block ("<think>\\n"), or holds an empty closed one when enable_thinking is false."""
+    folder = tmp_path_factory.mktemp("tiny-thinking") / "model"
+    shutil.copytree(tiny_dir, folder)
+    template = folder / "chat_template.jinja"
+    plain = "{{- '<|im_start|>assistant\\n' }}"
+    assert template.read_text().count(plain) == 1, "the qwen template's generation prompt changed"
+    thinking = plain + (
+        "{%- if enable_thinking is defined and not enable_thinking %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+        "{%- else %}{{- '<think>\\n' }}{%- endif %}"
+    )
+    template.write_text(template.read_text().replace(plain, thinking))
+    return folder
 
 
 @pytest.fixture

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from optimizer.ablation import AblationHooks, AblationPlan, bake_into_weights
-from optimizer.model import COMPONENTS, find_component, find_layers, load_model
+from optimizer.components import COMPONENTS
+from optimizer.model import find_layers, load_model
 from optimizer.prompts import format_chat
 from optimizer.residuals import tokenize
 
@@ -59,18 +60,18 @@ def test_components_found_by_structure(loaded):
     layers = find_layers(loaded.model)
     assert len(layers) == 4
     for i, layer in enumerate(layers):
-        assert find_component(layer, "attn", i) is layer.self_attn.o_proj
-        assert find_component(layer, "mlp", i) is layer.mlp.down_proj
+        assert loaded.discovery.sites["attn"][i].module is layer.self_attn.o_proj
+        assert loaded.discovery.sites["mlp"][i].module is layer.mlp.down_proj
 
 
 def test_bias_is_edited_where_present(tiny_llama_bias_dir):
     loaded = load_model(str(tiny_llama_bias_dir), "cpu", "float32")
     plan = random_plan(loaded, seed=2)
-    originals = {c: copy.deepcopy(loaded.components[c][0]) for c in COMPONENTS}
+    originals = {c: copy.deepcopy(loaded.discovery.sites[c][0].module) for c in COMPONENTS}
     bake_into_weights(loaded, plan)
     x = torch.randn(5, 128)
     for c in COMPONENTS:
-        edited, original = loaded.components[c][0], originals[c]
+        edited, original = loaded.discovery.sites[c][0].module, originals[c]
         assert edited.bias is not None and not torch.equal(edited.bias, original.bias)
         r, w = plan.directions[c][0], plan.weights[c][0]
         y = original(x[:, : original.in_features])

@@ -91,3 +91,42 @@ def test_lanczos_falls_back_to_exact_eigh_when_not_converged(monkeypatch, max_st
     ref_values, ref_vectors = contrastive_eigen(stats, 0.7)
     torch.testing.assert_close(values, ref_values[:, 0], rtol=1e-4, atol=1e-4)
     assert ((vectors * ref_vectors[..., 0]).sum(-1) >= 0.9999).all()
+
+
+def test_winsorize_clips_at_the_quantile_of_both_sets():
+    from optimizer.directions import winsorize
+
+    harmful, harmless = synthetic(2, 30, 20, 16, seed=3)
+    harmful[:, :, 5] += 1000.0  # a massive activation, larger on the harmful side
+    harmless[:, :, 5] += 900.0
+    clipped_b, clipped_g = winsorize(harmful, harmless, 0.95)
+    for layer in range(2):
+        values = torch.cat([harmful[layer], harmless[layer]]).abs().flatten().sort().values
+        limit = values[round(0.95 * len(values)) - 1]
+        torch.testing.assert_close(clipped_b[layer], harmful[layer].clamp(-limit, limit), rtol=0, atol=0)
+        torch.testing.assert_close(clipped_g[layer], harmless[layer].clamp(-limit, limit), rtol=0, atol=0)
+    raw = torch.nn.functional.normalize(compute_stats(harmful, harmless).mean_diff, dim=-1)
+    tamed = torch.nn.functional.normalize(compute_stats(clipped_b, clipped_g).mean_diff, dim=-1)
+    assert (raw[:, 5].abs() > 0.99).all(), "unclipped, the massive dimension is the whole direction"
+    assert (tamed[:, 5].abs() < 0.5).all(), "clipped, the other dimensions count again"
+
+
+@pytest.mark.parametrize("index", [None, 1.4])
+def test_projected_directions_leave_the_harmless_mean_alone(index):
+    from optimizer.params import Kernel, TrialParams, build_plan
+
+    harmful, harmless = synthetic(4, 20, 20, 24, seed=4)
+    harmful = harmful * 1.5  # harmful residuals larger along the mean too, as in real models
+    stats = compute_stats(harmful, harmless)
+    kernel = Kernel(peak_weight=1.0, peak_layer=2.0, min_ratio=0.5, falloff=2.5)
+    params = TrialParams("mean_diff", None, index, {"attn": kernel, "mlp": kernel})
+    plain, _ = build_plan(params, stats)
+    projected, _ = build_plan(params, stats, projected=True)
+    for layer in range(4):
+        mean = torch.nn.functional.normalize(harmless[layer].double().mean(0), dim=0)
+        r = plain.directions["attn"][layer].double()
+        expected = torch.nn.functional.normalize(r - (r @ mean) * mean, dim=0)
+        got = projected.directions["mlp"][layer].double()
+        assert abs(float(r @ mean)) > 0.05, "the plain direction has a component along the harmless mean"
+        assert abs(float(got @ mean)) < 1e-5
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,301 @@
+"""Every family we support, on tiny random models: discovery by structure, hooked trials equal to
+exported weights, MoE experts (fused 3-D tensors, per-expert modules, shared experts), hybrid
+attention, and the loading fallbacks."""
+
+import copy
+
+import pytest
+import torch
+from rich.console import Console
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from optimizer.ablation import AblationHooks, AblationPlan, bake_into_weights
+from optimizer.components import discover
+from optimizer.errors import UserError
+from optimizer.model import load_model
+from tests.conftest import build_tiny_model
+from tests.test_ablation import logits_of, random_plan
+
+SAVED_FAMILIES = ["qwen3_moe", "qwen2_moe", "gpt_oss", "qwen3_next", "lfm2"]
+
+
+@pytest.fixture(scope="module")
+def build_family(tmp_path_factory, qwen_dir):
+    built = {}
+
+    def build(arch: str):
+        if arch not in built:
+            built[arch] = build_tiny_model(tmp_path_factory.mktemp(arch) / "model", qwen_dir, arch)
+        return built[arch]
+
+    return build
+
+
+@pytest.fixture(params=SAVED_FAMILIES)
+def family_dir(request, build_family):
+    return build_family(request.param)
+
+
+DENSE_FIXTURES = ["tiny_dir", "tiny_llama_bias_dir", "tiny_mistral_dir", "tiny_gemma2_dir"]
+
+
+@pytest.fixture(params=DENSE_FIXTURES + SAVED_FAMILIES)
+def any_family_dir(request, build_family):
+    if request.param in DENSE_FIXTURES:
+        return request.getfixturevalue(request.param)
+    return build_family(request.param)
+
+
+def table_text(loaded) -> str:
+    return "\n".join(" | ".join(row) for row in loaded.discovery.table_rows())
+
+
+def test_exported_weights_equal_hooked_trial(any_family_dir, tmp_path):
+    """Bake a random plan, save and reload the folder: the logits equal the hooked model's."""
+    loaded = load_model(str(any_family_dir), "cpu", "float32")
+    plan = random_plan(loaded, seed=3)
+    unedited = logits_of(loaded)
+    hooks = AblationHooks(loaded)
+    hooks.apply(plan)
+    hooked = logits_of(loaded)
+    hooks.remove()
+    assert (hooked - unedited).abs().max() > 1e-3, "the plan must change the logits"
+    bake_into_weights(loaded, plan)
+    loaded.model.save_pretrained(tmp_path / "out")
+    reloaded = copy.copy(loaded)
+    reloaded.model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    torch.testing.assert_close(logits_of(reloaded), hooked, rtol=1e-4, atol=1e-4)
+
+
+def test_discovery_lists_every_expert_and_hybrid_layer(family_dir):
+    loaded = load_model(str(family_dir), "cpu", "float32")
+    text = table_text(loaded)
+    config = loaded.model.config
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    if experts:
+        mlp = list(loaded.discovery.present("mlp"))
+        assert len(mlp) == loaded.n_layers
+        for site in mlp:
+            assert site.module is loaded.layers[site.layer].mlp, "MoE sites hook the whole block's output"
+            fused = [e for e in site.edits if e.tensor.dim() == 3]
+            assert len(fused) == 1 and fused[0].tensor.shape[0] == experts
+        assert f"({experts}, " in text and "fused experts" in text
+        if getattr(config, "shared_expert_intermediate_size", None):
+            assert all(any("shared_expert.down_proj" in e.path for e in s.edits) for s in mlp)
+            assert "shared expert" in text
+    types = getattr(config, "layer_types", None) or []
+    if "linear_attention" in types or "conv" in types:
+        modules = {s.path.split(".")[-2] for s in loaded.discovery.present("attn")}
+        assert len(modules) == 2, f"hybrid layers: both kinds of mixer found, got {modules}"
+    assert len(list(loaded.discovery.present("attn"))) == loaded.n_layers
+
+
+def test_fused_expert_projection_changes_the_mlp_output(tmp_path, qwen_dir):
+    loaded = load_model(str(build_tiny_model(tmp_path / "moe", qwen_dir, "qwen3_moe")), "cpu", "float32")
+    block = loaded.layers[1].mlp
+    x = torch.randn(1, 5, loaded.hidden_size)
+    before = block(x)
+    before = before[0] if isinstance(before, tuple) else before
+    r = torch.nn.functional.normalize(before[0, 0], dim=0)  # the first token's whole output
+    plan = AblationPlan(
+        {c: r.expand(loaded.n_layers, -1) for c in ("attn", "mlp")},
+        {"attn": [0.0] * loaded.n_layers, "mlp": [0.0, 1.0, 0.0, 0.0]},
+    )
+    hooks = AblationHooks(loaded)
+    hooks.apply(plan)
+    after = block(x)
+    after = after[0] if isinstance(after, tuple) else after
+    scale = before.norm()
+    assert (after - before).norm() > 0.1 * scale and (after[0, 0]).norm() < 1e-5 * scale, "the first token's output is removed"
+    assert (after @ r).abs().max() < 1e-5 * scale, "weight 1 removes the direction from every token's block output"
+    hooks.remove()
+    # baking into the fused 3-D expert tensors gives the same block output
+    bake_into_weights(loaded, plan)
+    baked = block(x)
+    torch.testing.assert_close(baked[0] if isinstance(baked, tuple) else baked, after, rtol=1e-5, atol=1e-5)
+
+
+class ExpertMLP(nn.Module):
+    def __init__(self, d: int, inner: int):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(d, inner, bias=False), nn.Linear(d, inner, bias=False), nn.Linear(inner, d)
+
+    def forward(self, x):
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PerExpertMoE(nn.Module):
+    """The layout of remote-code MoE models: a router and a ModuleList of expert MLPs (top-2)."""
+
+    def __init__(self, d: int, inner: int, n: int):
+        super().__init__()
+        self.gate = nn.Linear(d, n, bias=False)
+        self.experts = nn.ModuleList(ExpertMLP(d, inner) for _ in range(n))
+        self.shared_expert = ExpertMLP(d, inner)
+
+    def forward(self, x):
+        weights = self.gate(x).softmax(-1)
+        top = weights.topk(2, dim=-1)
+        chosen = torch.zeros_like(weights).scatter(-1, top.indices, top.values)
+        outputs = torch.stack([e(x) for e in self.experts], dim=-2)
+        return (chosen.unsqueeze(-1) * outputs).sum(-2) + self.shared_expert(x)
+
+
+def test_per_expert_moe(tiny_dir):
+    loaded = load_model(str(tiny_dir), "cpu", "float32")
+    torch.manual_seed(0)
+    for layer in loaded.layers:
+        layer.mlp = PerExpertMoE(loaded.hidden_size, 32, 4)
+    loaded.discovery = discover(loaded.model, loaded.layers, loaded.hidden_size)
+    text = table_text(loaded)
+    assert "experts.N.down_proj.weight (64, 32) x4" in text and "experts.N.down_proj.bias (64,) x4" in text, text
+    assert "4 expert modules and the shared expert" in text
+    plan = random_plan(loaded, seed=4)
+    baked = copy.deepcopy(loaded)
+    bake_into_weights(baked, plan)
+    hooks = AblationHooks(loaded)
+    hooks.apply(plan)
+    hooked = logits_of(loaded)
+    hooks.remove()
+    assert (logits_of(loaded) - hooked).abs().max() > 1e-3
+    torch.testing.assert_close(logits_of(baked), hooked, rtol=1e-4, atol=1e-4)
+
+
+class Opaque(nn.Module):
+    """An MLP whose output projection has an unknown name."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.squeeze = nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.squeeze(x)
+
+
+def test_missing_component_stops_unless_allowed(tiny_dir):
+    loaded = load_model(str(tiny_dir), "cpu", "float32")
+    loaded.layers[2].mlp = Opaque(loaded.hidden_size)
+    with pytest.raises(UserError, match=r"could not find the mlp output in block 2 \(Qwen2DecoderLayer: .*mlp \(Opaque\).*--allow-missing-components"):
+        discover(loaded.model, loaded.layers, loaded.hidden_size)
+    loaded.discovery = discover(loaded.model, loaded.layers, loaded.hidden_size, allow_missing=True)
+    assert loaded.discovery.missing("mlp") == [2] and loaded.discovery.missing("attn") == []
+    assert ("mlp", "2", "not found", "skipped (--allow-missing-components)") in loaded.discovery.table_rows()
+    plan = random_plan(loaded, seed=5)
+    baked = copy.deepcopy(loaded)
+    bake_into_weights(baked, plan)
+    hooks = AblationHooks(loaded)
+    hooks.apply(plan)
+    torch.testing.assert_close(logits_of(baked), logits_of(loaded), rtol=1e-4, atol=1e-4)
+
+
+def test_norm_preserving_hook_is_exact_and_keeps_row_norms(tiny_llama_bias_dir):
+    loaded = load_model(str(tiny_llama_bias_dir), "cpu", "float32")
+    plan = random_plan(loaded, seed=6)
+    baked = copy.deepcopy(loaded)
+    bake_into_weights(baked, plan, norm_preserving=True)
+    for original, edited in zip(loaded.discovery.present(), baked.discovery.present()):
+        if plan.at(original)[1] == 0:
+            continue
+        before, after = original.edits[0].rows(), edited.edits[0].rows()  # (in, d): what each input writes
+        torch.testing.assert_close(after.norm(dim=-1), before.norm(dim=-1), rtol=1e-5, atol=1e-6)
+        r = plan.at(original)[0]
+        assert not torch.allclose(after, before)
+        assert (after @ r).abs().mean() < (before @ r).abs().mean()
+    hooks = AblationHooks(loaded, norm_preserving=True)
+    hooks.apply(plan)
+    hooked = logits_of(loaded)
+    torch.testing.assert_close(logits_of(baked), hooked, rtol=1e-4, atol=1e-4)
+    hooks.remove()
+    plain_baked = copy.deepcopy(loaded)  # the norm-preserving edit differs from the plain one
+    bake_into_weights(plain_baked, plan)
+    assert (logits_of(plain_baked) - hooked).abs().max() > 1e-3
+
+
+def test_norm_preserving_refuses_moe(family_dir):
+    loaded = load_model(str(family_dir), "cpu", "float32")
+    if all(site.is_single_projection for site in loaded.discovery.present()):
+        pytest.skip("dense family")
+    with pytest.raises(UserError, match="--norm-preserving needs dense output projections"):
+        AblationHooks(loaded, norm_preserving=True)
+
+
+def test_dtype_falls_back_when_logits_overflow(tmp_path, tiny_dir):
+    """A checkpoint whose activations overflow float16 is loaded again in a wider dtype."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    with torch.no_grad():
+        # embeddings beyond float16's range (65504); RMSNorm makes them harmless in wider dtypes
+        embeddings = model.get_input_embeddings().weight
+        embeddings.copy_(torch.randn_like(embeddings) * 1e5)
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = nn.Parameter(torch.randn_like(embeddings) * 0.02)
+    folder = tmp_path / "overflow"
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny_dir / name).exists():
+            (folder / name).write_bytes((tiny_dir / name).read_bytes())
+    console = Console(record=True, width=200)
+    loaded = load_model(str(folder), "cpu", "float16", console=console)
+    assert loaded.dtype in (torch.bfloat16, torch.float32)
+    assert "float16 gives NaN/inf logits on a test prompt; loading the model again in" in console.export_text()
+    assert loaded.model.dtype == loaded.dtype
+
+
+def test_four_bit_needs_cuda(tiny_dir):
+    with pytest.raises(UserError, match="--quantization 4bit needs a CUDA GPU"):
+        load_model(str(tiny_dir), "cpu", "float32", quantization="4bit")
+
+
+def test_multimodal_checkpoint_ablates_the_text_decoder(tmp_path, qwen_dir):
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen_dir)
+    config = AutoConfig.for_model(
+        "gemma3",
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4,
+    )
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(tmp_path / "vlm")
+    tokenizer.save_pretrained(tmp_path / "vlm")
+    loaded = load_model(str(tmp_path / "vlm"), "cpu", "float32")
+    assert loaded.n_layers == 3, "the text decoder's blocks, not the (longer) vision tower's"
+    assert all("language_model" in site.path for site in loaded.discovery.present())
+    plan = random_plan(loaded, seed=7)
+    baked = copy.deepcopy(loaded)
+    bake_into_weights(baked, plan)
+    hooks = AblationHooks(loaded)
+    hooks.apply(plan)
+    torch.testing.assert_close(logits_of(baked), logits_of(loaded), rtol=1e-4, atol=1e-4)
+
+
+def test_study_with_variants_records_them_and_exports_exactly(tiny_llama_bias_dir, tmp_path, capsys):
+    import json
+
+    import optuna
+
+    from optimizer.cli import main
+    from tests.test_study import run_args
+
+    studies = tmp_path / "studies"
+    variants = ["--projected-directions", "--norm-preserving", "--winsorize", "0.99"]
+    assert main(run_args(tiny_llama_bias_dir, studies, "--trials", "3", *variants)) == 0
+    out = capsys.readouterr().err
+    assert "Ablation sites in LlamaForCausalLM (4 blocks)" in out and "self_attn.o_proj: weight (64, 64), bias (64,)" in out
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{studies}/t.db")
+    assert {k: study.user_attrs["settings"][k] for k in ("projected_directions", "norm_preserving", "winsorize")} == {
+        "projected_directions": True, "norm_preserving": True, "winsorize": 0.99,
+    }
+    # the same parameters would edit the model differently without the variant: refused
+    assert main(run_args(tiny_llama_bias_dir, studies, "--trials", "4", "--projected-directions", "--winsorize", "0.99")) == 2
+    assert "was run with norm_preserving=True" in capsys.readouterr().err
+    edited = next(t.number for t in study.trials if not t.user_attrs.get("baseline"))
+    target = tmp_path / "exported"
+    assert main(["export", "--study", "t", "--studies-dir", str(studies), "--trial", str(edited), "--out", str(target)]) == 0
+    printed = capsys.readouterr().err
+    assert "logits of the exported weights vs the hooked model: max |diff|" in printed and "GiB of RAM" in printed
+    record = json.loads((target / "optimizer.json").read_text())
+    assert record["norm_preserving"] is True and record["projected_directions"] is True
+    assert any(row[0] == "mlp" and "down_proj" in row[2] for row in record["sites"])
