@@ -184,6 +184,8 @@ def export_trial(
             "edit": "W <- (I - w r r^T) W and b <- (I - w r r^T) b on every tensor each block writes to the residual stream "
             "with (attention output, MLP down projection, every expert's down projection); directions per layer in ablation.safetensors",
             "norm_preserving": settings.norm_preserving,
+            "response_prefix": settings.response_prefix,
+            "chat_template_kwargs": settings.template_kwargs(),
             "projected_directions": settings.projected_directions,
             "sites": [list(row) for row in loaded.discovery.table_rows()],
         }

@@ -112,12 +112,23 @@ def _from_pretrained(location: str, dtype: torch.dtype, device: torch.device, kw
     return model.eval().requires_grad_(False)
 
 
+def _test_prompt(model: nn.Module, tokenizer) -> torch.Tensor:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hello! How are you?"}], add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
+
+
 @torch.inference_mode()
 def logits_are_finite(model: nn.Module, tokenizer) -> bool:
     """One forward pass of a short chat prompt: the cheapest test that a dtype does not overflow."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hello! How are you?"}], add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
-    return bool(torch.isfinite(model(input_ids=ids, logits_to_keep=1).logits).all())
+    return bool(torch.isfinite(model(input_ids=_test_prompt(model, tokenizer), logits_to_keep=1).logits).all())
+
+
+@torch.inference_mode()
+def first_nonfinite_layer(model: nn.Module, tokenizer) -> int | None:
+    """The first decoder block whose output holds NaN/inf on the test prompt (None: the embeddings)."""
+    hidden = model(input_ids=_test_prompt(model, tokenizer), output_hidden_states=True, logits_to_keep=1).hidden_states
+    bad = [i for i, h in enumerate(hidden) if not torch.isfinite(h).all()]
+    return bad[0] - 1 if bad and bad[0] > 0 else None
 
 
 def load_model(
@@ -163,7 +174,9 @@ def load_model(
     fallbacks = list(DTYPE_FALLBACKS.get(torch_dtype, []))
     while not logits_are_finite(model, tokenizer):
         if not fallbacks:
-            raise UserError(f"model {spec} gives NaN/inf logits on a test prompt in {_name(torch_dtype)}; the checkpoint looks damaged")
+            layer = first_nonfinite_layer(model, tokenizer)
+            where = "in the embeddings" if layer is None else f"at layer {layer}"
+            raise UserError(f"model {spec} gives NaN or inf {where} on a test prompt, even in {_name(torch_dtype)}; the checkpoint looks damaged: check the model file")
         previous, torch_dtype = torch_dtype, fallbacks.pop(0)
         if console is not None:
             console.print(f"[yellow]{_name(previous)} gives NaN/inf logits on a test prompt; loading the model again in {_name(torch_dtype)}[/]")

@@ -24,7 +24,7 @@ REASONING_BLOCKS: tuple[tuple[str, str], ...] = (
     ("<think>", "</think>"),  # most thinking models (Qwen3, DeepSeek-R1, ...)
     (GPT_OSS_ANALYSIS, GPT_OSS_FINAL),  # gpt-oss: skip the analysis channel, answer in the final one
     ("<thought>", "</thought>"),
-    ("[THINK]", "[/THINK]"),  # Magistral
+    ("[THINK]", "[/THINK]"),  # Mistral's Magistral
 )
 DETECTION_PROMPTS = 8  # per prompt set (harmful and harmless)
 DETECTION_TOKENS = 16  # a reasoning block opens at the first token; shared opening words are short
@@ -82,10 +82,12 @@ def decide(common: str, diverged: bool = True, markers: Sequence[str] = (), clos
 
     - An opening reasoning tag (after optional whitespace) that the prefix does not close: append
       the empty, closed block (`<think>` -> `<think></think>`), as heretic does.
-    - Otherwise the shared text itself, as the model writes it (token-level, so no half tokens or
-      dangling spaces), but only when the responses went on to differ (`diverged`): identical
-      responses do not show where the answers start, and only when it holds no refusal marker:
-      forcing "I cannot" on every edited model would make refusals impossible to remove.
+    - Otherwise the shared text itself, whitespace included, as the model writes it: `common` is
+      decoded from whole shared tokens, so the space that starts different next words (" Sure",
+      " Certainly") is not taken, which heretic's text-level prefix has to strip. Only when the
+      responses went on to differ (`diverged`): identical responses do not show where answers
+      start. And only when it holds no refusal marker: forcing "I cannot" on every edited model
+      would make refusals impossible to remove.
     """
     stripped = common.lstrip()
     if close_blocks:
@@ -152,7 +154,7 @@ def detect(
         if not choice.closes_block:
             break
     append = "".join(c.append for c in choices)
-    lines = [c.why for c in choices if c.append or len(choices) == 1]
-    if len([c for c in choices if c.append]) > 1:
+    lines = [c.why if i == 0 else f"After it, {c.why[0].lower()}{c.why[1:]}" for i, c in enumerate(choices) if c.append or i == 0]
+    if len(lines) > 1:
         lines.append(f"Response prefix: {append!r}")
     return Detection(append, lines)

@@ -143,6 +143,10 @@ def baseline_params(n_layers: int, settings: Settings) -> dict:
 # -- study ------------------------------------------------------------------------------------
 
 
+# Settings that change what a trial's parameters do to the model (not what is cached).
+EDIT_VARIANTS = ("projected_directions", "norm_preserving")
+
+
 def study_settings_record(bench: Workbench) -> dict:
     """The settings that make trials comparable; stored on the study and checked on resume."""
     s = bench.settings
@@ -159,10 +163,6 @@ def study_settings_record(bench: Workbench) -> dict:
         "winsorize": s.winsorize,
         **{k: getattr(s, k) for k in EDIT_VARIANTS},
     }
-
-
-# Settings that change what a trial's parameters do to the model (not what is cached).
-EDIT_VARIANTS = ("projected_directions", "norm_preserving")
 
 
 def check_compatible(attrs: dict, bench: Workbench) -> None:

@@ -25,6 +25,8 @@ def qwen_dir() -> Path:
 # Tiny versions of the families we support; MoE and hybrid ones built by transformers' Auto classes.
 FAMILY_OVERRIDES = {
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32),
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32),
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48),
     "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, head_dim=16, layer_types=["sliding_attention", "full_attention"] * 2),
     "qwen3_next": dict(

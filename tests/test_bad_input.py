@@ -138,4 +138,4 @@ def test_nan_in_residuals_names_the_layer(tiny_dir, tmp_path, capsys):
     weights["model.layers.2.mlp.down_proj.weight"][:] = float("nan")
     save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
     studies = tmp_path / "s"
-    expect_refusal(run_args(broken, studies), studies, capsys, "NaN or inf at layer 2", "try --dtype float32")
+    expect_refusal(run_args(broken, studies), studies, capsys, "NaN or inf at layer 2", "even in float32", "check the model file")

@@ -17,7 +17,7 @@ from optimizer.model import load_model
 from tests.conftest import build_tiny_model
 from tests.test_ablation import logits_of, random_plan
 
-SAVED_FAMILIES = ["qwen3_moe", "qwen2_moe", "gpt_oss", "qwen3_next", "lfm2"]
+SAVED_FAMILIES = ["qwen3_moe", "mixtral", "granitemoe", "qwen2_moe", "gpt_oss", "qwen3_next", "lfm2"]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,8 @@ def family_dir(request, build_family):
     return build_family(request.param)
 
 
-DENSE_FIXTURES = ["tiny_dir", "tiny_llama_bias_dir", "tiny_mistral_dir", "tiny_gemma2_dir"]
+# tiny_thinking_dir: a chat template whose generation prompt opens a reasoning block
+DENSE_FIXTURES = ["tiny_dir", "tiny_llama_bias_dir", "tiny_mistral_dir", "tiny_gemma2_dir", "tiny_thinking_dir"]
 
 
 @pytest.fixture(params=DENSE_FIXTURES + SAVED_FAMILIES)
@@ -45,6 +46,17 @@ def any_family_dir(request, build_family):
     if request.param in DENSE_FIXTURES:
         return request.getfixturevalue(request.param)
     return build_family(request.param)
+
+
+def hooked_and_baked(loaded, plan, norm_preserving: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the model with the plan's hooks and of a copy with the plan baked into its weights."""
+    baked = copy.deepcopy(loaded)
+    bake_into_weights(baked, plan, norm_preserving)
+    hooks = AblationHooks(loaded, norm_preserving)
+    hooks.apply(plan)
+    hooked = logits_of(loaded)
+    hooks.remove()
+    return hooked, logits_of(baked)
 
 
 def table_text(loaded) -> str:
@@ -77,7 +89,8 @@ def test_discovery_lists_every_expert_and_hybrid_layer(family_dir):
         mlp = list(loaded.discovery.present("mlp"))
         assert len(mlp) == loaded.n_layers
         for site in mlp:
-            assert site.module is loaded.layers[site.layer].mlp, "MoE sites hook the whole block's output"
+            block = getattr(loaded.layers[site.layer], "block_sparse_moe", None) or loaded.layers[site.layer].mlp
+            assert site.module is block, "MoE sites hook the whole block's output"
             fused = [e for e in site.edits if e.tensor.dim() == 3]
             assert len(fused) == 1 and fused[0].tensor.shape[0] == experts
         assert f"({experts}, " in text and "fused experts" in text
@@ -151,15 +164,9 @@ def test_per_expert_moe(tiny_dir):
     text = table_text(loaded)
     assert "experts.N.down_proj.weight (64, 32) x4" in text and "experts.N.down_proj.bias (64,) x4" in text, text
     assert "4 expert modules and the shared expert" in text
-    plan = random_plan(loaded, seed=4)
-    baked = copy.deepcopy(loaded)
-    bake_into_weights(baked, plan)
-    hooks = AblationHooks(loaded)
-    hooks.apply(plan)
-    hooked = logits_of(loaded)
-    hooks.remove()
+    hooked, baked = hooked_and_baked(loaded, random_plan(loaded, seed=4))
     assert (logits_of(loaded) - hooked).abs().max() > 1e-3
-    torch.testing.assert_close(logits_of(baked), hooked, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(baked, hooked, rtol=1e-4, atol=1e-4)
 
 
 class Opaque(nn.Module):
@@ -181,12 +188,8 @@ def test_missing_component_stops_unless_allowed(tiny_dir):
     loaded.discovery = discover(loaded.model, loaded.layers, loaded.hidden_size, allow_missing=True)
     assert loaded.discovery.missing("mlp") == [2] and loaded.discovery.missing("attn") == []
     assert ("mlp", "2", "not found", "skipped (--allow-missing-components)") in loaded.discovery.table_rows()
-    plan = random_plan(loaded, seed=5)
-    baked = copy.deepcopy(loaded)
-    bake_into_weights(baked, plan)
-    hooks = AblationHooks(loaded)
-    hooks.apply(plan)
-    torch.testing.assert_close(logits_of(baked), logits_of(loaded), rtol=1e-4, atol=1e-4)
+    hooked, baked = hooked_and_baked(loaded, random_plan(loaded, seed=5))
+    torch.testing.assert_close(baked, hooked, rtol=1e-4, atol=1e-4)
 
 
 def test_norm_preserving_hook_is_exact_and_keeps_row_norms(tiny_llama_bias_dir):
@@ -202,14 +205,10 @@ def test_norm_preserving_hook_is_exact_and_keeps_row_norms(tiny_llama_bias_dir):
         r = plan.at(original)[0]
         assert not torch.allclose(after, before)
         assert (after @ r).abs().mean() < (before @ r).abs().mean()
-    hooks = AblationHooks(loaded, norm_preserving=True)
-    hooks.apply(plan)
-    hooked = logits_of(loaded)
-    torch.testing.assert_close(logits_of(baked), hooked, rtol=1e-4, atol=1e-4)
-    hooks.remove()
-    plain_baked = copy.deepcopy(loaded)  # the norm-preserving edit differs from the plain one
-    bake_into_weights(plain_baked, plan)
-    assert (logits_of(plain_baked) - hooked).abs().max() > 1e-3
+    hooked, baked_logits = hooked_and_baked(loaded, plan, norm_preserving=True)
+    torch.testing.assert_close(baked_logits, hooked, rtol=1e-4, atol=1e-4)
+    plain_hooked, _ = hooked_and_baked(loaded, plan)  # the norm-preserving edit differs from the plain one
+    assert (plain_hooked - hooked).abs().max() > 1e-3
 
 
 def test_norm_preserving_refuses_moe(family_dir):
@@ -263,12 +262,8 @@ def test_multimodal_checkpoint_ablates_the_text_decoder(tmp_path, qwen_dir):
     loaded = load_model(str(tmp_path / "vlm"), "cpu", "float32")
     assert loaded.n_layers == 3, "the text decoder's blocks, not the (longer) vision tower's"
     assert all("language_model" in site.path for site in loaded.discovery.present())
-    plan = random_plan(loaded, seed=7)
-    baked = copy.deepcopy(loaded)
-    bake_into_weights(baked, plan)
-    hooks = AblationHooks(loaded)
-    hooks.apply(plan)
-    torch.testing.assert_close(logits_of(baked), logits_of(loaded), rtol=1e-4, atol=1e-4)
+    hooked, baked = hooked_and_baked(loaded, random_plan(loaded, seed=7))
+    torch.testing.assert_close(baked, hooked, rtol=1e-4, atol=1e-4)
 
 
 def test_study_with_variants_records_them_and_exports_exactly(tiny_llama_bias_dir, tmp_path, capsys):

@@ -101,9 +101,9 @@ def test_killed_postgres_worker_trial_is_failed_and_retried(tiny_dir, tmp_path, 
     assert all(study.trials[k].values == v for k, v in before.items()), "finished trials are kept as they were"
 
 
-def signal_mid_trial(model: Path, studies: Path, sig: int) -> tuple[subprocess.Popen, int]:
-    """Start a 4-trial SQLite study and send `sig` while an edited trial runs; returns the trial number."""
-    proc = worker(model, studies, "--trials", "4", *SLOW)
+def signal_mid_trial(model: Path, studies: Path, sig: int, trials: int = 4) -> tuple[subprocess.Popen, int]:
+    """Start a SQLite study and send `sig` while an edited trial runs; returns the trial number."""
+    proc = worker(model, studies, "--trials", str(trials), *SLOW)
     number = wait_for_running_trial(f"sqlite:///{studies}/t.db")
     proc.send_signal(sig)
     return proc, number
@@ -127,7 +127,9 @@ def test_killed_sqlite_worker_trial_is_failed_and_retried(tiny_dir, tmp_path):
 def test_ctrl_c_records_the_trial_and_says_how_to_resume(tiny_dir, tmp_path):
     studies = tmp_path / "studies"
     storage = f"sqlite:///{studies}/t.db"
-    proc, interrupted = signal_mid_trial(tiny_dir, studies, signal.SIGINT)
+    # many trials: on a loaded machine the poll may see a trial late, and the signal must not
+    # arrive after the study's last trial
+    proc, interrupted = signal_mid_trial(tiny_dir, studies, signal.SIGINT, trials=30)
     out = finish(proc)
     assert proc.returncode == 130, out
     assert "run the same command again to resume" in out and "Traceback" not in out
@@ -135,9 +137,9 @@ def test_ctrl_c_records_the_trial_and_says_how_to_resume(tiny_dir, tmp_path):
     trial = study.trials[interrupted]
     assert trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted")
     assert counted_trials(study) == interrupted  # the interrupted trial does not count
-    again = worker(tiny_dir, studies, "--trials", "4", *SLOW)
+    again = worker(tiny_dir, studies, "--trials", str(interrupted + 2), *SLOW)
     assert again.wait(timeout=300) == 0
-    assert counted_trials(optuna.load_study(study_name="t", storage=storage)) == 4
+    assert counted_trials(optuna.load_study(study_name="t", storage=storage)) == interrupted + 2
 
 
 def test_second_process_on_one_sqlite_study_is_refused(tiny_dir, tmp_path, capsys):
