@@ -51,10 +51,9 @@ def _project(y: torch.Tensor, scaled: torch.Tensor, direction: torch.Tensor) -> 
     return y - (y @ direction).unsqueeze(-1) * scaled
 
 
-def _row_scale(rows: torch.Tensor, r: torch.Tensor, w: float, norms: torch.Tensor | None = None) -> torch.Tensor:
-    """Per row: |row| / |row - w r (r . row)|, the factor that restores each edited row's norm."""
-    norms = rows.norm(dim=-1) if norms is None else norms
-    c = rows @ r
+def _row_scale(norms: torch.Tensor, c: torch.Tensor, w: float) -> torch.Tensor:
+    """Per row of norm |row| and component c = r . row: |row| / |row - w r c|, the factor that
+    restores each edited row's norm."""
     edited = (norms.square() - (2 * w - w * w) * c.square()).clamp(min=0).sqrt()
     return norms / edited.clamp(min=1e-12)
 
@@ -106,10 +105,12 @@ class AblationHooks:
 
     def _input_scale(self, site: Site, r: torch.Tensor, w: float) -> torch.Tensor:
         weight = site.edits[0]
-        rows = weight.rows()  # (in, d): what each input feature writes to the residual stream
-        if site.module not in self._row_norms:
-            self._row_norms[site.module] = rows.norm(dim=-1)
-        return _row_scale(rows, r, w, self._row_norms[site.module])
+        if site.module not in self._row_norms:  # the norms never change: computed once per module
+            self._row_norms[site.module] = weight.rows().norm(dim=-1)
+        # per trial only c = r . row, read from the weight in its own dtype (no float32 copy)
+        rows = weight.tensor.detach().movedim(weight.residual_axis, -1)  # (in, d): what each input writes
+        c = (rows @ r.to(rows.dtype)).float()
+        return _row_scale(self._row_norms[site.module], c, w)
 
     def clear(self) -> None:
         for module in self._slots:
@@ -129,7 +130,7 @@ def bake_edit(edit: WeightEdit, r: torch.Tensor, w: float, norm_preserving: bool
     r = r.to(rows.device, torch.float32)
     edited = rows - w * (rows @ r).unsqueeze(-1) * r
     if norm_preserving and edit.name != "bias":
-        edited = edited * _row_scale(rows, r, w).unsqueeze(-1)
+        edited = edited * _row_scale(rows.norm(dim=-1), rows @ r, w).unsqueeze(-1)
     edit.store(edited)
 
 

@@ -40,12 +40,12 @@ def parameter_count(source: str | None) -> int | None:
     """Parameters of the model, counted on the meta device (no weights are read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from optimizer.model import _locate
+    from optimizer.model import locate
 
     if source is None:
         return None
     try:
-        location, kwargs, _ = _locate(source)
+        location, kwargs, _ = locate(source)
         config = AutoConfig.from_pretrained(location, **kwargs)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
@@ -99,9 +99,9 @@ def save_processor(source: str, folder: Path) -> None:
     """Multimodal checkpoints: the processor (image preprocessing + tokenizer) goes alongside."""
     from transformers import AutoProcessor
 
-    from optimizer.model import _locate
+    from optimizer.model import locate
 
-    location, kwargs, _ = _locate(source)
+    location, kwargs, _ = locate(source)
     local = Path(location)
     if local.is_dir() and not any((local / f).exists() for f in ("preprocessor_config.json", "processor_config.json")):
         return

@@ -61,7 +61,7 @@ def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
 DTYPE_FALLBACKS = {torch.float16: [torch.bfloat16, torch.float32], torch.bfloat16: [torch.float32], torch.float32: []}
 
 
-def _locate(spec: str) -> tuple[str, dict, dict]:
+def locate(spec: str) -> tuple[str, dict, dict]:
     """Where transformers should load from: (location, tokenizer/config kwargs, model kwargs)."""
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
@@ -99,8 +99,6 @@ def _from_pretrained(location: str, dtype: torch.dtype, device: torch.device, kw
     whose text decoder is what we ablate."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    if "quantization_config" in model_kwargs and not isinstance(model_kwargs["quantization_config"], dict) and device.type == "cuda":
-        model_kwargs = {**model_kwargs, "device_map": {"": device}}  # quantized weights are placed while loading
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs, **model_kwargs)
     except ValueError as e:
@@ -148,9 +146,10 @@ def load_model(
         spec = str(ensure_model_folder())
     torch_device = choose_device(device)
     torch_dtype = choose_dtype(dtype, torch_device)
-    location, kwargs, model_kwargs = _locate(spec)
+    location, kwargs, model_kwargs = locate(spec)
     if quantization == "4bit":
-        model_kwargs["quantization_config"] = four_bit_config(torch_device, torch_dtype)
+        # quantized weights are placed on the device while loading, not moved afterwards
+        model_kwargs.update(quantization_config=four_bit_config(torch_device, torch_dtype), device_map={"": torch_device})
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         stored_dtype = getattr(AutoConfig.from_pretrained(location, **kwargs), "dtype", None)

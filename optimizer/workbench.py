@@ -102,10 +102,12 @@ class Workbench:
                 settings.allow_missing_components, settings.quantization, console,
             )
         print_discovery(loaded, console)
+        if portable is None:
+            portable = settings.quantization is not None
         fmt = lambda ps: format_chat(loaded.tokenizer, ps, settings.system_prompt, settings.template_kwargs())
         batch_size = settings.batch_size or (64 if loaded.device.type == "cuda" else 16)
         bench = cls(
-            settings, loaded, model_fingerprint(loaded, portable=settings.quantization is not None if portable is None else portable), (fmt(dir_b), fmt(dir_g)), score_b, fmt(score_b), fmt(score_g),
+            settings, loaded, model_fingerprint(loaded, portable), (fmt(dir_b), fmt(dir_g)), score_b, fmt(score_b), fmt(score_g),
             batch_size, console,
         )
         bench._check_lengths()
