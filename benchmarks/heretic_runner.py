@@ -42,7 +42,8 @@ Answers to "can heretic run headless?"
 
 heretic settings used (``config.toml``)
 --------------------------------------
-* ``model`` = the local folder; ``dtypes = ["float32"]``; ``device_map = "cpu"``;
+* ``model`` = the local folder; ``dtypes = ["float32"]``; ``device_map = "cpu"`` (on a GPU:
+  ``["bfloat16"]`` and heretic's default ``"auto"``);
   ``quantization = "none"`` (default).
 * ``bad_prompts`` / ``good_prompts`` = the harmful / harmless direction files (``n_direction``
   each); ``bad_evaluation_prompts`` / ``good_evaluation_prompts`` = the harmful / harmless
@@ -560,6 +561,7 @@ def run_heretic(
     num_threads: int | None = None,
     heldout_harmful: Path | None = None,
     heldout_harmless: Path | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Run heretic headless on a local model folder and local prompt files; see the module doc.
 
@@ -568,7 +570,8 @@ def run_heretic(
     ``baseline_refusals``, ``baseline_kl`` (None: heretic reports none, 0 by definition),
     ``phase_seconds``, ``breakdown``, ``settings``, ``log_path``, ``returncode``, ``status``,
     ``heldout`` (None unless both held-out files are given; see "Held-out evaluation" in the
-    module doc).
+    module doc). ``device="cuda"`` loads the model in bfloat16 with heretic's default device map
+    ("auto"), as heretic runs on a GPU by default; "cpu" in float32.
     """
     if (heldout_harmful is None) != (heldout_harmless is None):
         raise ValueError("give both heldout_harmful and heldout_harmless, or neither")
@@ -623,8 +626,8 @@ def run_heretic(
 
     top = {
         "model": str(model_dir),
-        "dtypes": ["float32"],
-        "device_map": "cpu",
+        "dtypes": ["float32"] if device == "cpu" else ["bfloat16"],
+        "device_map": "cpu" if device == "cpu" else "auto",
         "batch_size": int(batch_size),
         "max_response_length": int(max_response_tokens),
         "response_prefix": response_prefix,

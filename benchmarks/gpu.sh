@@ -1,0 +1,48 @@
+#!/bin/bash
+# The GPU rows of benchmarks/RESULTS.md, on a lent GPU machine (no network, 64 MiB of files per call).
+#
+#   bash benchmarks/gpu.sh STEP...      STEP: speed | 32b | pca
+#
+# Expects, beside the repository (git-ignored, carried with the call):
+#   .whl/common, .whl/ours, .whl/heretic  wheels missing on the machine (optuna 5 for us, optuna 4.9 + heretic 1.4 for heretic)
+#   .gpu_assets/qwen2.5-coder-0.5b-instruct  config.json and tokenizer files of the default model (no weights)
+# Logs and summaries go to $OUT (the device tool brings that folder back).
+set -u
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+install() {
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$1" "${@:2}" || exit 1
+}
+[ -d /tmp/site-ours ] || install /tmp/site-ours .whl/common/*.whl .whl/ours/*.whl
+[ -d /tmp/site-heretic ] || install /tmp/site-heretic .whl/common/*.whl .whl/heretic/*.whl
+# heretic's own interpreter: its optuna 4.9, and stand-ins for two imports it does not use here
+cat > /tmp/heretic-python <<EOF
+#!/bin/sh
+PYTHONPATH=/tmp/site-heretic:$PWD/benchmarks/heretic_stubs exec python3 "\$@"
+EOF
+chmod +x /tmp/heretic-python
+export PYTHONPATH=/tmp/site-ours
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/machine.txt"
+python3 -c "import torch, transformers, optuna; print('torch', torch.__version__, 'transformers', transformers.__version__, 'optuna', optuna.__version__)" | tee -a "$OUT/machine.txt"
+/tmp/heretic-python -c "import heretic.main, optuna; print('heretic imports; optuna', optuna.__version__)" | tee -a "$OUT/machine.txt"
+
+ASSETS=.gpu_assets/qwen2.5-coder-0.5b-instruct
+for step in "$@"; do
+    start=$(date +%s)
+    case $step in
+        speed)  # default prompt counts, each tool picks its batch size by measurement
+            timeout ${SPEED_S:-300} python3 benchmarks/trial_speed.py --device cuda --random-weights --model $ASSETS --trials 8 \
+                --prompts 64 --direction-prompts 128 --batch-size 0 --workdir /tmp/speed 2>&1 | tee "$OUT/speed.log"
+            cp /tmp/speed/summary.json "$OUT/speed_summary.json" 2>/dev/null
+            tail -c 200000 /tmp/speed/heretic/heretic.log > "$OUT/speed_heretic.log" 2>/dev/null ;;
+        32b)
+            timeout ${SHAPE_S:-240} python3 benchmarks/trial_32b.py --tokenizer $ASSETS --trials 3 2>&1 | tee "$OUT/32b.log" ;;
+        pca)
+            timeout ${PCA_S:-120} python3 benchmarks/pca.py --device cuda 2>&1 | tee "$OUT/pca.log" ;;
+        *) echo "unknown step $step" ;;
+    esac
+    echo "step $step took $(( $(date +%s) - start )) s" | tee -a "$OUT/machine.txt"
+done

@@ -1,0 +1,112 @@
+"""One study on a 32B-shaped model (Qwen2.5-32B config, random bf16 weights): seconds per trial at the
+default prompt counts, the one-time work, and what 200 trials take on this GPU.
+
+    python benchmarks/trial_32b.py [--config benchmarks/configs/qwen2.5-32b.json] [--tokenizer DIR]
+                                   [--trials 3] [--device cuda] [--dtype auto]
+
+Runs our study engine in-process (`optimizer.study.run_study`, SQLite in a temporary folder), with
+the model built from the config on the device instead of read from a checkpoint (a 65 GB folder
+does not fit these machines' disks). Random weights never stop a generation early, so each trial
+generates the full response length for every harmful prompt: the slowest trial a real model gives.
+The response-prefix detection is skipped (`--response-prefix ''`; random answers share no prefix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.random_model import model_folder, random_weights_in_optimizer  # noqa: E402
+from optimizer.config import Settings  # noqa: E402
+from optimizer.workbench import Workbench  # noqa: E402
+
+
+def timed_methods(record: dict[str, float], names: list[str]) -> None:
+    """Record the seconds each of the Workbench's one-time steps takes (cache misses: all computed)."""
+    for name in names:
+        original = getattr(Workbench, name)
+
+        def wrapper(self, *args, _original=original, _name=name, **kwargs):
+            start = time.perf_counter()
+            result = _original(self, *args, **kwargs)
+            if self.loaded.device.type == "cuda":
+                torch.cuda.synchronize()
+            record[_name.strip("_")] = time.perf_counter() - start
+            if _name == "_cached_batch_size":
+                record["batch_size"] = result
+            return result
+
+        setattr(Workbench, name, wrapper)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "benchmarks" / "configs" / "qwen2.5-32b.json")
+    parser.add_argument("--tokenizer", type=Path, help="folder with the tokenizer files (default: the bundled model's)")
+    parser.add_argument("--trials", type=int, default=3, help="trials after the baseline trial")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--direction-prompts", type=int, default=Settings.direction_prompts)
+    parser.add_argument("--scoring-prompts", type=int, default=Settings.scoring_prompts)
+    parser.add_argument("--max-new-tokens", type=int, default=Settings.max_new_tokens)
+    parser.add_argument("--budget", type=int, default=200, help="trials of the projected study")
+    args = parser.parse_args()
+    if args.tokenizer is None:
+        from optimizer.fetch import ensure_model_folder
+
+        args.tokenizer = ensure_model_folder()
+
+    from rich.console import Console
+
+    from optimizer.study import run_study
+
+    work = Path(tempfile.mkdtemp(prefix="trial-32b-"))
+    folder = model_folder(args.config, args.tokenizer, work / "model")
+    settings = Settings(
+        model=str(folder), study="shape", studies_dir=str(work / "studies"), trials=args.trials + 1, device=args.device,
+        dtype=args.dtype, direction_prompts=args.direction_prompts, scoring_prompts=args.scoring_prompts,
+        max_new_tokens=args.max_new_tokens, response_prefix="",
+    )
+    one_time: dict[str, float] = {}
+    timed_methods(one_time, ["_cached_stats", "_cached_batch_size", "_cached_baseline"])
+    console = Console(stderr=True, width=160)
+    start = time.perf_counter()
+    with random_weights_in_optimizer() as built:
+        study = run_study(settings, console)
+    wall = time.perf_counter() - start
+
+    trials = [t for t in study.trials if not t.user_attrs.get("baseline") and "timings" in t.user_attrs]
+    seconds = [t.user_attrs["timings"]["total_s"] for t in trials]
+    phases = {k: statistics.median(t.user_attrs["timings"].get(k, 0.0) for t in trials) for k in ("directions_s", "apply_s", "kl_s", "refusals_s")}
+    trial_s = statistics.median(seconds)
+    fixed = wall - sum(seconds)  # model build, residuals, statistics, batch size, baseline, study bookkeeping
+    projected = fixed + args.budget * trial_s
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
+    batch = one_time.get("batch_size", settings.batch_size or "-")
+    print(f"# {args.config.name} with random weights on {device}; {args.direction_prompts} direction and {args.scoring_prompts} scoring "
+          f"prompts per set, {args.max_new_tokens} new tokens; peak GPU memory {peak:.1f} GiB; batch size {batch}")
+    print("| step | seconds |")
+    print("|---|---|")
+    print(f"| build the model on the device (random weights) | {built.get('build_s', float('nan')):.1f} |")
+    for name, label in (("cached_stats", "residuals + contrastive-PCA statistics"), ("cached_batch_size", "batch size measurement"),
+                        ("cached_baseline", "baseline (KL reference, refusals)")):
+        print(f"| {label} | {one_time.get(name, float('nan')):.1f} |")
+    print(f"| one-time total (wall minus trials) | {fixed:.1f} |")
+    print(f"| trial (median of {len(seconds)}: {', '.join(f'{s:.2f}' for s in seconds)}) | {trial_s:.2f} |")
+    print(f"|   directions / apply / KL / refusals | {phases['directions_s']:.3f} / {phases['apply_s']:.4f} / {phases['kl_s']:.2f} / {phases['refusals_s']:.2f} |")
+    print(f"| {args.budget} trials, projected from the measured figures | {projected:.0f} ({projected / 3600:.2f} h) |")
+    print(f"trial_s={trial_s:.2f} one_time_s={fixed:.1f} projected_{args.budget}_trials_h={projected / 3600:.2f} device={device.replace(' ', '_')}")
+
+
+if __name__ == "__main__":
+    main()
