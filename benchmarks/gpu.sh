@@ -1,7 +1,7 @@
 #!/bin/bash
 # The GPU rows of benchmarks/RESULTS.md, on a lent GPU machine (no network, 64 MiB of files per call).
 #
-#   bash benchmarks/gpu.sh STEP...      STEP: speed | 32b | pca
+#   bash benchmarks/gpu.sh STEP...      STEP: graph | speed | 32b | pca
 #
 # Expects, beside the repository (git-ignored, carried with the call):
 #   .whl/common, .whl/ours, .whl/heretic  wheels missing on the machine (optuna 5 for us, optuna 4.9 + heretic 1.4 for heretic)
@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OF
 install() {
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$1" "${@:2}" || exit 1
 }
-[ -d /tmp/site-ours ] || install /tmp/site-ours .whl/common/*.whl .whl/ours/*.whl
+install /tmp/site-ours .whl/common/*.whl .whl/ours/*.whl
 [ -d /tmp/site-heretic ] || install /tmp/site-heretic .whl/common/*.whl .whl/heretic/*.whl
 # heretic's own interpreter: its optuna 4.9, and stand-ins for two imports it does not use here
 cat > /tmp/heretic-python <<EOF
@@ -34,10 +34,13 @@ for step in "$@"; do
     start=$(date +%s)
     case $step in
         speed)  # default prompt counts, each tool picks its batch size by measurement
+            rm -rf /tmp/speed
             timeout ${SPEED_S:-300} python3 benchmarks/trial_speed.py --device cuda --random-weights --model $ASSETS --trials 8 \
-                --prompts 64 --direction-prompts 128 --batch-size 0 --workdir /tmp/speed 2>&1 | tee "$OUT/speed.log"
+                --prompts 64 --direction-prompts 128 --batch-size 0 --workdir /tmp/speed --heretic-python /tmp/heretic-python 2>&1 | tee "$OUT/speed.log"
             cp /tmp/speed/summary.json "$OUT/speed_summary.json" 2>/dev/null
             tail -c 200000 /tmp/speed/heretic/heretic.log > "$OUT/speed_heretic.log" 2>/dev/null ;;
+        graph)  # one trial's refusal generation: eager decoding vs the captured decode step
+            timeout ${GRAPH_S:-150} python3 benchmarks/decode_graph.py --random-weights --model $ASSETS 2>&1 | tee "$OUT/graph.log" ;;
         32b)
             timeout ${SHAPE_S:-240} python3 benchmarks/trial_32b.py --tokenizer $ASSETS --trials 3 2>&1 | tee "$OUT/32b.log" ;;
         pca)

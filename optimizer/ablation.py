@@ -61,9 +61,13 @@ def _row_scale(norms: torch.Tensor, c: torch.Tensor, w: float) -> torch.Tensor:
 class AblationHooks:
     """One forward hook per site; `apply` sets the tensors for a trial, `clear` disables them."""
 
-    def __init__(self, loaded: LoadedModel, norm_preserving: bool = False):
+    def __init__(self, loaded: LoadedModel, norm_preserving: bool = False, static: bool = False):
+        """`static`: every hook always projects, reading fixed per-site buffers that `apply` and
+        `clear` overwrite in place (a zero weight leaves the output unchanged), so that a captured
+        CUDA graph that ran through the hooks stays valid from one trial to the next."""
         self._loaded = loaded
         self._norm_preserving = norm_preserving
+        self._static = static
         if norm_preserving:
             check_norm_preserving(loaded)
         self._sites = list(loaded.discovery.present())
@@ -72,10 +76,16 @@ class AblationHooks:
         self._row_norms: dict[nn.Module, torch.Tensor] = {}
         self._handles = []
         for site in self._sites:
-            self._slots[site.module] = None
+            self._slots[site.module] = self._fixed_slot(site) if static else None
             self._handles.append(site.module.register_forward_hook(self._hook))
             if norm_preserving:
                 self._handles.append(site.module.register_forward_pre_hook(self._pre_hook))
+
+    def _fixed_slot(self, site: Site) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        edit = site.edits[0]
+        n_rows, d = edit.tensor.movedim(edit.residual_axis, -1).shape[-2:]  # a view: no copy of the weight
+        zeros = lambda n: torch.zeros(n, dtype=self._loaded.dtype, device=self._loaded.device)
+        return zeros(d), zeros(d), zeros(n_rows).fill_(1) if self._norm_preserving else None
 
     def _pre_hook(self, module: nn.Module, args):
         slot = self._slots[module]
@@ -92,16 +102,33 @@ class AblationHooks:
             return (_project(output[0], scaled, direction), *output[1:])
         return _project(output, scaled, direction)
 
+    @torch.no_grad()
     def apply(self, plan: AblationPlan) -> None:
         dtype, device = self._loaded.dtype, self._loaded.device
         for site in self._sites:
             r, w = plan.at(site)
             if w == 0:
-                self._slots[site.module] = None
+                self._clear_slot(site.module)
                 continue
             r = r.to(device, torch.float32)
             scale = self._input_scale(site, r, w).to(dtype) if self._norm_preserving else None
-            self._slots[site.module] = ((w * r).to(dtype), r.to(dtype), scale)
+            if self._static:
+                scaled, direction, fixed_scale = self._slots[site.module]
+                scaled.copy_(w * r)
+                direction.copy_(r)
+                if fixed_scale is not None:
+                    fixed_scale.copy_(scale)
+            else:
+                self._slots[site.module] = ((w * r).to(dtype), r.to(dtype), scale)
+
+    def _clear_slot(self, module: nn.Module) -> None:
+        if not self._static:
+            self._slots[module] = None
+            return
+        scaled, _, scale = self._slots[module]
+        scaled.zero_()
+        if scale is not None:
+            scale.fill_(1)
 
     def _input_scale(self, site: Site, r: torch.Tensor, w: float) -> torch.Tensor:
         weight = site.edits[0]
@@ -114,7 +141,7 @@ class AblationHooks:
 
     def clear(self) -> None:
         for module in self._slots:
-            self._slots[module] = None
+            self._clear_slot(module)
 
     def remove(self) -> None:
         self.clear()

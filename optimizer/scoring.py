@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from optimizer.graph_decode import GraphDecoder
 from optimizer.model import LoadedModel
 
 
@@ -111,13 +112,15 @@ def _decided(text: str, markers: list[str]) -> bool:
 @torch.inference_mode()
 def greedy_generate(
     loaded: LoadedModel, texts: list[str], max_new_tokens: int, batch_size: int,
-    stop: Callable[[list[int]], bool] | None = None,
+    stop: Callable[[list[int]], bool] | None = None, graph: GraphDecoder | None = None,
 ) -> tuple[list[list[int]], int]:
     """Greedy continuations of `texts` as token ids (end tokens left out), in the input's order, and
     the number of tokens generated.
 
-    A sequence leaves the batch when it emits an end token, at `max_new_tokens`, or as soon as
-    `stop(its ids so far)` is true, so that finished rows cost nothing in later steps.
+    A sequence is finished when it emits an end token, at `max_new_tokens`, or as soon as
+    `stop(its ids so far)` is true. Eager decoding drops finished rows from the batch, so that they
+    cost nothing in later steps; with `graph` (CUDA), every step is one graph replay over fixed rows
+    and decoding ends when all rows are finished.
     """
     model = loaded.model
     eos_ids = set(_eos_ids(loaded))
@@ -126,15 +129,21 @@ def greedy_generate(
     outputs: list[list[int]] = []
     total_tokens = 0
     prefix, suffixes = split_shared_prefix(loaded, texts)
-    chunks, restore = by_length(suffixes, batch_size)
+    chunks, restore = by_length(suffixes, graph.batch if graph is not None else batch_size)
     for chunk in chunks:
         logits, cache, mask = prefill(loaded, prefix, chunk)
+        next_ids = logits.argmax(dim=-1)
+        if graph is not None:
+            graph.load(cache, mask, next_ids, max_new_tokens)
+            del cache
         tokens: list[list[int]] = [[] for _ in chunk]
-        active = list(range(len(chunk)))  # rows of `chunk` still in the batch, in batch order
+        active = list(range(len(chunk)))  # rows of `chunk` still undecided, in batch order
         for step in range(max_new_tokens):
-            next_ids = logits.argmax(dim=-1)
+            values = next_ids.tolist()
+            by_row = values if graph is not None else dict(zip(active, values))
             keep = []
-            for row, token in zip(active, next_ids.tolist()):
+            for row in active:
+                token = by_row[row]
                 if token in eos_ids:
                     continue
                 tokens[row].append(token)
@@ -144,6 +153,9 @@ def greedy_generate(
                 keep.append(row)
             if not keep or step == max_new_tokens - 1:
                 break
+            if graph is not None:
+                active, next_ids = keep, graph.step()
+                continue
             if len(keep) < len(active):
                 index = torch.as_tensor([active.index(row) for row in keep], device=mask.device)
                 cache.batch_select_indices(index)
@@ -154,9 +166,37 @@ def greedy_generate(
                 input_ids=next_ids.unsqueeze(-1), attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
                 use_cache=True, **{cache_keyword: cache},
             ).last_hidden_state
-            logits = output_logits(model, hidden[:, -1, :])
+            next_ids = output_logits(model, hidden[:, -1, :]).argmax(dim=-1)
         outputs.extend(tokens)
     return [outputs[i] for i in restore], total_tokens
+
+
+def graph_length(loaded: LoadedModel, texts: list[str], max_new_tokens: int) -> int:
+    """Positions a GraphDecoder needs for `texts` and their answers: shared prefix, longest rest, answer."""
+    prefix, suffixes = split_shared_prefix(loaded, texts)
+    return len(prefix) + max(len(s) for s in suffixes) + max_new_tokens
+
+
+@torch.inference_mode()
+def graph_error(loaded: LoadedModel, graph: GraphDecoder, texts: list[str]) -> float:
+    """Relative difference between the logits of the graph's first decode step and the eager
+    path's, on the first batch of `texts`: near rounding when the fixed cache, mask and positions
+    reproduce what the model computes eagerly."""
+    prefix, suffixes = split_shared_prefix(loaded, texts)
+    chunk = by_length(suffixes, graph.batch)[0][0]
+    logits, cache, mask = prefill(loaded, prefix, chunk)
+    next_ids = logits.argmax(dim=-1)
+    graph.load(cache, mask, next_ids, 1)
+    graph.step()
+    fast = graph.logits[: len(chunk)].float()
+    mask = torch.cat([mask, mask.new_ones(len(chunk), 1)], dim=1)
+    decoder = loaded.model.get_decoder()
+    hidden = decoder(
+        input_ids=next_ids.unsqueeze(-1), attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+        use_cache=True, **{_cache_keyword(decoder): cache},
+    ).last_hidden_state
+    slow = output_logits(loaded.model, hidden[:, -1, :]).float()
+    return float((fast - slow).norm() / slow.norm())
 
 
 def generate_and_classify(
@@ -167,6 +207,7 @@ def generate_and_classify(
     batch_size: int,
     stop_early: bool = True,
     answer_prefix: str = "",
+    graph: GraphDecoder | None = None,
 ) -> RefusalResult:
     """Greedy generation that drops a sequence from the batch as soon as it is decided.
 
@@ -179,7 +220,7 @@ def generate_and_classify(
     markers = [normalise(m) for m in markers]
     decode = lambda ids: answer_prefix + loaded.tokenizer.decode(ids, skip_special_tokens=True)
     stop = (lambda ids: _decided(decode(ids), markers)) if stop_early else None
-    tokens, total_tokens = greedy_generate(loaded, texts, max_new_tokens, batch_size, stop)
+    tokens, total_tokens = greedy_generate(loaded, texts, max_new_tokens, batch_size, stop, graph)
     responses = [decode(t) for t in tokens]
     return RefusalResult([is_refusal(r, markers) for r in responses], responses, total_tokens)
 

@@ -23,14 +23,18 @@ from optimizer.batching import best_batch_size, measure_batch_sizes
 from optimizer.config import Settings
 from optimizer.directions import ContrastiveStats, compute_stats, winsorize
 from optimizer.errors import UserError
+from optimizer.graph_decode import GraphDecoder, supports_graph_decoding
 from optimizer.locks import file_lock
 from optimizer.model import LoadedModel, load_model, model_fingerprint
 from optimizer.prompts import format_chat, load_prompts, split_prompts, take
 from optimizer.residuals import collect_residuals
 from optimizer.response_prefix import DETECTION_PROMPTS, answer_part, detect
-from optimizer.scoring import RefusalResult, first_token_logprobs, generate_and_classify, kl_divergence
+from optimizer.scoring import RefusalResult, first_token_logprobs, generate_and_classify, graph_error, graph_length, kl_divergence
 
 SAMPLE_RESPONSES = 3
+# largest relative difference of a captured decode step's logits from the eager step's, (16-bit, float32): a
+# position off by one on the default model gives 0.03 in both; rounding alone, far less
+GRAPH_TOLERANCE = (0.02, 1e-3)
 
 
 def _hash(*parts: object) -> str:
@@ -83,6 +87,8 @@ class Workbench:
     baseline_logprobs: torch.Tensor | None = None
     baseline_refusals: RefusalResult | None = None
     hooks: AblationHooks | None = None
+    graph: GraphDecoder | None = None  # CUDA-graph decoding for trials, once built and checked
+    graph_pending: bool = False  # the graph is still to be tried (on the first trial)
     cache_computations: int = 0  # how many cache entries this process computed (0 on a full reuse)
 
     @classmethod
@@ -177,7 +183,9 @@ class Workbench:
                 self.batch_size = self._cached_batch_size(cache_dir)
             if with_baseline:
                 self.baseline_logprobs, self.baseline_refusals = self._cached_baseline(cache_dir)
-        self.hooks = AblationHooks(self.loaded, self.settings.norm_preserving)
+        # hooks a captured decode step can read: fixed buffers, overwritten per trial
+        self.graph_pending = supports_graph_decoding(self.loaded)
+        self.hooks = AblationHooks(self.loaded, self.settings.norm_preserving, static=self.graph_pending)
 
     def _note_miss(self, miss: cache.CacheMiss) -> None:
         self.console.print(f"[yellow]{miss}[/]: computing it now")
@@ -236,12 +244,34 @@ class Workbench:
         cache.save_entry(cache_dir, "baseline", fp, {"logprobs": logprobs}, values)
         return logprobs, refusals
 
-    def _refusals(self) -> RefusalResult:
+    def _refusals(self, graph: GraphDecoder | None = None) -> RefusalResult:
         s = self.settings
         return generate_and_classify(
             self.loaded, self.harmful_texts, s.max_new_tokens, s.refusal_markers, self.batch_size,
-            answer_prefix=answer_part(s.response_prefix or ""),
+            answer_prefix=answer_part(s.response_prefix or ""), graph=graph,
         )
+
+    def _trial_graph(self) -> GraphDecoder | None:
+        """The CUDA-graph decoder for trials: built on the first trial (hooks set), and used only if
+        its first step reproduces the eager path's logits."""
+        if not self.graph_pending:
+            return self.graph
+        self.graph_pending = False
+        texts, loaded = self.harmful_texts, self.loaded
+        tolerance = GRAPH_TOLERANCE[loaded.dtype == torch.float32]
+        try:
+            graph = GraphDecoder(loaded, min(self.batch_size, len(texts)), graph_length(loaded, texts, self.settings.max_new_tokens),
+                                 capture=loaded.device.type == "cuda")
+            error = graph_error(loaded, graph, texts)
+        except Exception as e:  # an architecture this path does not fit: eager decoding is always right
+            self.console.print(f"[yellow]Decoding eagerly: capturing the decode step failed ({type(e).__name__}: {e})[/]")
+            return None
+        if not error < tolerance:
+            self.console.print(f"[yellow]Decoding eagerly: the captured decode step differs from the eager one by {error:.2g} (> {tolerance})[/]")
+            return None
+        self.console.print(f"Decode steps replayed from a CUDA graph (first step vs eager: relative difference {error:.1e})")
+        self.graph = graph
+        return graph
 
     # -- trials -------------------------------------------------------------------------------
 
@@ -259,7 +289,7 @@ class Workbench:
             kl = kl_divergence(self.baseline_logprobs, first_token_logprobs(self.loaded, self.harmless_texts, self.batch_size))
             timings["kl_s"] = time.perf_counter() - start
             start = time.perf_counter()
-            refusals = self._refusals()
+            refusals = self._refusals(self._trial_graph())
             timings["refusals_s"] = time.perf_counter() - start
         finally:
             self.hooks.clear()

@@ -67,6 +67,18 @@ def tiny_dir(tmp_path_factory, qwen_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_varied_dir(tmp_path_factory, qwen_dir) -> Path:
+    """Weights large enough that greedy answers change token by token: the default initialisation
+    repeats one token forever, which would hide a decoding loop that feeds back a stale token."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-varied") / "model", qwen_dir, initializer_range=0.3)
+
+
+@pytest.fixture(scope="session")
+def tiny_varied_llama_dir(tmp_path_factory, qwen_dir) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-varied-llama") / "model", qwen_dir, "llama", initializer_range=0.3, attention_bias=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_bias_dir(tmp_path_factory, qwen_dir) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama") / "model", qwen_dir, "llama", attention_bias=True, mlp_bias=True)
 

@@ -20,14 +20,15 @@ def test_refusal_markers_are_normalised():
     assert not is_refusal("Sure! Here is a haiku about rain.", markers)
 
 
-def test_manual_greedy_loop_equals_generate(tiny_dir):
-    loaded = load_model(str(tiny_dir), "cpu", "float32")
+def test_manual_greedy_loop_equals_generate(tiny_varied_dir):
+    loaded = load_model(str(tiny_varied_dir), "cpu", "float32")
     texts = format_chat(loaded.tokenizer, PROMPTS)
     result = generate_and_classify(loaded, texts, 6, [], batch_size=3, stop_early=False)
     encoded = tokenize(loaded, texts)
     out = loaded.model.generate(**encoded, max_new_tokens=6, do_sample=False, pad_token_id=loaded.tokenizer.pad_token_id)
-    expected = [loaded.tokenizer.decode(o[encoded["input_ids"].shape[1]:], skip_special_tokens=True) for o in out]
-    assert result.responses == expected
+    new_tokens = [o[encoded["input_ids"].shape[1]:].tolist() for o in out]
+    assert all(len(set(tokens)) > 2 for tokens in new_tokens)  # answers that a stale-token loop would get wrong
+    assert result.responses == [loaded.tokenizer.decode(t, skip_special_tokens=True) for t in new_tokens]
 
 
 def test_early_stopping_gives_the_same_verdicts(tiny_dir):

@@ -1,0 +1,129 @@
+"""Fixed-buffer decoding (captured as a CUDA graph on GPUs) against the eager decoding path.
+
+On this CPU the decode step runs eagerly from the same fixed buffers the graph would replay, which
+tests everything except the capture itself: cache copy, mask, positions, padded rows, static hooks.
+"""
+
+import io
+
+import pytest
+import torch
+from rich.console import Console
+
+import optimizer.workbench as workbench_module
+from optimizer.ablation import AblationHooks, AblationPlan
+from optimizer.config import build_settings
+from optimizer.graph_decode import GraphDecoder, supports_graph_decoding
+from optimizer.model import load_model
+from optimizer.prompts import format_chat
+from optimizer.scoring import generate_and_classify, graph_error, graph_length
+from optimizer.workbench import GRAPH_TOLERANCE, Workbench
+
+PROMPTS = [
+    "Write a haiku about rain.", "How do I pick a lock?", "What is the capital of France?", "Tell me a joke.",
+    "Explain, in two sentences, why the sky looks blue at noon and red at dusk.",
+]
+
+
+def random_plan(loaded, seed: int = 0) -> AblationPlan:
+    g = torch.Generator().manual_seed(seed)
+    directions = {c: torch.nn.functional.normalize(torch.randn(loaded.n_layers, loaded.hidden_size, generator=g), dim=-1) for c in ("attn", "mlp")}
+    weights = {c: [0.0 if layer == 1 else 0.5 + layer * 0.3 for layer in range(loaded.n_layers)] for c in ("attn", "mlp")}
+    return AblationPlan(directions, weights)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_varied_dir", "tiny_varied_llama_dir"])
+def test_fixed_buffer_decoding_gives_the_eager_tokens(request, fixture):
+    loaded = load_model(str(request.getfixturevalue(fixture)), "cpu", "float32")
+    texts = format_chat(loaded.tokenizer, PROMPTS)
+    # 5 prompts in batches of 2: the last batch has one row, the graph's second row repeats it
+    graph = GraphDecoder(loaded, 2, graph_length(loaded, texts, 7), capture=False)
+    eager = generate_and_classify(loaded, texts, 7, [], batch_size=2, stop_early=False)
+    fixed = generate_and_classify(loaded, texts, 7, [], batch_size=2, stop_early=False, graph=graph)
+    assert fixed.responses == eager.responses
+    assert fixed.tokens_generated == eager.tokens_generated == 5 * 7
+    assert all(len(set(loaded.tokenizer(r, add_special_tokens=False)["input_ids"])) > 2 for r in eager.responses)
+    assert graph_error(loaded, graph, texts) < 1e-5
+
+
+def test_early_decisions_end_fixed_buffer_decoding_with_the_same_verdicts(tiny_varied_dir):
+    loaded = load_model(str(tiny_varied_dir), "cpu", "float32")
+    texts = format_chat(loaded.tokenizer, PROMPTS)
+    full = generate_and_classify(loaded, texts, 8, [], batch_size=5, stop_early=False)
+    markers = [full.responses[0][:3].lower(), full.responses[2][:2].lower()]
+    graph = GraphDecoder(loaded, 5, graph_length(loaded, texts, 8), capture=False)
+    eager = generate_and_classify(loaded, texts, 8, markers, batch_size=5)
+    fixed = generate_and_classify(loaded, texts, 8, markers, batch_size=5, graph=graph)
+    assert fixed.refused == eager.refused and fixed.refused[0] and fixed.refused[2]
+    assert fixed.responses == eager.responses
+    assert fixed.tokens_generated == eager.tokens_generated < full.tokens_generated
+
+
+def test_the_check_catches_a_decoder_that_gets_positions_wrong(tiny_dir, monkeypatch):
+    loaded = load_model(str(tiny_dir), "cpu", "float32")
+    texts = format_chat(loaded.tokenizer, PROMPTS)
+    graph = GraphDecoder(loaded, 4, graph_length(loaded, texts, 4), capture=False)
+    load = GraphDecoder.load
+
+    def off_by_one(self, *args):
+        load(self, *args)
+        self.positions.add_(1)
+
+    monkeypatch.setattr(GraphDecoder, "load", off_by_one)
+    assert graph_error(loaded, graph, texts) > GRAPH_TOLERANCE[1]
+
+
+def test_too_long_a_prefill_is_refused(tiny_dir):
+    loaded = load_model(str(tiny_dir), "cpu", "float32")
+    texts = format_chat(loaded.tokenizer, PROMPTS)
+    graph = GraphDecoder(loaded, 5, graph_length(loaded, texts, 4) - 1, capture=False)
+    with pytest.raises(ValueError, match="do not fit"):
+        generate_and_classify(loaded, texts, 4, [], batch_size=5, graph=graph)
+
+
+def test_static_hooks_equal_the_per_trial_hooks_and_clear_exactly(tiny_dir):
+    loaded = load_model(str(tiny_dir), "cpu", "float32")
+    texts = format_chat(loaded.tokenizer, PROMPTS)
+    encoded = loaded.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        plain = loaded.model(**encoded).logits
+    plan = random_plan(loaded)
+    outputs = {}
+    for static in (False, True):
+        hooks = AblationHooks(loaded, static=static)
+        hooks.apply(plan)
+        with torch.inference_mode():
+            outputs[static] = loaded.model(**encoded).logits
+        hooks.clear()
+        with torch.inference_mode():
+            cleared = loaded.model(**encoded).logits
+        hooks.remove()
+        assert torch.equal(cleared, plain)
+    assert (outputs[False] - plain).abs().max() > 1e-3
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-5, atol=1e-5)
+
+
+def test_graph_decoding_is_only_offered_where_it_fits(tiny_dir, tiny_gemma2_dir):
+    assert not supports_graph_decoding(load_model(str(tiny_dir), "cpu", "float32"))  # no CUDA here
+    gemma2 = load_model(str(tiny_gemma2_dir), "cpu", "float32")
+    gemma2.device = torch.device("cuda")  # only the device is pretended: sliding layers still rule it out
+    assert not supports_graph_decoding(gemma2)
+
+
+def test_trials_score_the_same_through_fixed_buffers(tiny_varied_dir, tmp_path, monkeypatch):
+    scores = {}
+    for graph in (False, True):
+        monkeypatch.setattr(workbench_module, "supports_graph_decoding", lambda loaded, graph=graph: graph)
+        console = Console(file=io.StringIO(), width=200)
+        settings = build_settings({"model": str(tiny_varied_dir), "direction_prompts": 8, "scoring_prompts": 6, "max_new_tokens": 5,
+                                   "response_prefix": "", "batch_size": 4, "studies_dir": str(tmp_path / str(graph))})
+        bench = Workbench.open(settings, console)
+        bench.prepare(tmp_path / str(graph))
+        plan = random_plan(bench.loaded, seed=3)
+        first, second = bench.score(plan), bench.score(random_plan(bench.loaded, seed=4))
+        scores[graph] = (first, second, console.file.getvalue())
+    (eager_1, eager_2, _), (fixed_1, fixed_2, log) = scores[False], scores[True]
+    assert "Decode steps replayed from a CUDA graph" in log
+    for eager, fixed in ((eager_1, fixed_1), (eager_2, fixed_2)):
+        assert (fixed.refusals, fixed.responses) == (eager.refusals, eager.responses)
+        assert abs(fixed.kl - eager.kl) < 1e-6
