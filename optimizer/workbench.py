@@ -263,7 +263,7 @@ class Workbench:
             graph = GraphDecoder(loaded, min(self.batch_size, len(texts)), graph_length(loaded, texts, self.settings.max_new_tokens),
                                  capture=loaded.device.type == "cuda")
             error = graph_error(loaded, graph, texts)
-        except Exception as e:  # an architecture this path does not fit: eager decoding is always right
+        except Exception as e:  # noqa: BLE001 (an architecture this path does not fit: eager decoding is always right)
             self.console.print(f"[yellow]Decoding eagerly: capturing the decode step failed ({type(e).__name__}: {e})[/]")
             return None
         if not error < tolerance:
