@@ -80,6 +80,7 @@ class GraphDecoder:
         self._blocked = torch.tensor(torch.finfo(loaded.dtype).min if eager else False, dtype=mask_dtype, device=device)
         self._room = length + WARMUP_STEPS  # buffers hold the warm-up steps past the longest prefill
         self.mask = self._blocked.expand(batch, 1, 1, self._room).clone()
+        self._new_column = self._allowed.expand(batch, 1, 1, 1).clone()  # index_copy_: index_fill_ syncs, which capture forbids
         self.ids = torch.zeros(batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.logits: torch.Tensor | None = None
@@ -89,7 +90,7 @@ class GraphDecoder:
     def _step(self) -> None:
         from optimizer.scoring import output_logits
 
-        self.mask.index_fill_(3, self.cache.index, self._allowed)
+        self.mask.index_copy_(3, self.cache.index, self._new_column)
         hidden = self._decoder(
             input_ids=self.ids.unsqueeze(-1), attention_mask=self.mask, position_ids=self.positions,
             use_cache=True, **{self._keyword: self.cache},

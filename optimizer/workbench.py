@@ -87,8 +87,7 @@ class Workbench:
     baseline_logprobs: torch.Tensor | None = None
     baseline_refusals: RefusalResult | None = None
     hooks: AblationHooks | None = None
-    graph: GraphDecoder | None = None  # CUDA-graph decoding for trials, once built and checked
-    graph_pending: bool = False  # the graph is still to be tried (on the first trial)
+    graph: GraphDecoder | None = None  # decode steps for trials replayed from a CUDA graph, once built and checked
     cache_computations: int = 0  # how many cache entries this process computed (0 on a full reuse)
 
     @classmethod
@@ -183,9 +182,14 @@ class Workbench:
                 self.batch_size = self._cached_batch_size(cache_dir)
             if with_baseline:
                 self.baseline_logprobs, self.baseline_refusals = self._cached_baseline(cache_dir)
-        # hooks a captured decode step can read: fixed buffers, overwritten per trial
-        self.graph_pending = supports_graph_decoding(self.loaded)
-        self.hooks = AblationHooks(self.loaded, self.settings.norm_preserving, static=self.graph_pending)
+        if supports_graph_decoding(self.loaded):
+            # hooks that a captured decode step can read: fixed buffers, overwritten per trial
+            self.hooks = AblationHooks(self.loaded, self.settings.norm_preserving, static=True)
+            self.graph = self._graph_decoder()
+            if self.graph is not None:
+                return
+            self.hooks.remove()
+        self.hooks = AblationHooks(self.loaded, self.settings.norm_preserving)
 
     def _note_miss(self, miss: cache.CacheMiss) -> None:
         self.console.print(f"[yellow]{miss}[/]: computing it now")
@@ -251,12 +255,9 @@ class Workbench:
             answer_prefix=answer_part(s.response_prefix or ""), graph=graph,
         )
 
-    def _trial_graph(self) -> GraphDecoder | None:
-        """The CUDA-graph decoder for trials: built on the first trial (hooks set), and used only if
-        its first step reproduces the eager path's logits."""
-        if not self.graph_pending:
-            return self.graph
-        self.graph_pending = False
+    def _graph_decoder(self) -> GraphDecoder | None:
+        """Decode steps captured as a CUDA graph (through the hooks, unedited), if the first step
+        reproduces the eager path's logits; None (with the reason on the console) otherwise."""
         texts, loaded = self.harmful_texts, self.loaded
         tolerance = GRAPH_TOLERANCE[loaded.dtype == torch.float32]
         try:
@@ -264,13 +265,13 @@ class Workbench:
                                  capture=loaded.device.type == "cuda")
             error = graph_error(loaded, graph, texts)
         except Exception as e:  # noqa: BLE001 (an architecture this path does not fit: eager decoding is always right)
-            self.console.print(f"[yellow]Decoding eagerly: capturing the decode step failed ({type(e).__name__}: {e})[/]")
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            self.console.print(f"[yellow]Decoding eagerly: capturing the decode step failed ({type(e).__name__}: {first_line})[/]")
             return None
         if not error < tolerance:
             self.console.print(f"[yellow]Decoding eagerly: the captured decode step differs from the eager one by {error:.2g} (> {tolerance})[/]")
             return None
         self.console.print(f"Decode steps replayed from a CUDA graph (first step vs eager: relative difference {error:.1e})")
-        self.graph = graph
         return graph
 
     # -- trials -------------------------------------------------------------------------------
@@ -289,7 +290,7 @@ class Workbench:
             kl = kl_divergence(self.baseline_logprobs, first_token_logprobs(self.loaded, self.harmless_texts, self.batch_size))
             timings["kl_s"] = time.perf_counter() - start
             start = time.perf_counter()
-            refusals = self._refusals(self._trial_graph())
+            refusals = self._refusals(self.graph)
             timings["refusals_s"] = time.perf_counter() - start
         finally:
             self.hooks.clear()

@@ -127,3 +127,20 @@ def test_trials_score_the_same_through_fixed_buffers(tiny_varied_dir, tmp_path, 
     for eager, fixed in ((eager_1, fixed_1), (eager_2, fixed_2)):
         assert (fixed.refusals, fixed.responses) == (eager.refusals, eager.responses)
         assert abs(fixed.kl - eager.kl) < 1e-6
+
+
+def test_a_graph_that_cannot_be_built_leaves_eager_decoding_and_per_trial_hooks(tiny_dir, tmp_path, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(workbench_module, "supports_graph_decoding", lambda loaded: True)
+    monkeypatch.setattr(workbench_module, "graph_error", broken)
+    console = Console(file=io.StringIO(), width=200)
+    settings = build_settings({"model": str(tiny_dir), "direction_prompts": 8, "scoring_prompts": 4, "max_new_tokens": 3,
+                               "response_prefix": "", "batch_size": 4})
+    bench = Workbench.open(settings, console)
+    bench.prepare(tmp_path)
+    assert "Decoding eagerly: capturing the decode step failed (RuntimeError: operation not permitted when stream is capturing)" in console.file.getvalue()
+    assert bench.graph is None and not bench.hooks._static
+    # only the per-trial hooks are registered: the fixed-buffer ones were removed
+    assert sum(len(site.module._forward_hooks) for site in bench.loaded.discovery.present()) == len(list(bench.loaded.discovery.present()))
