@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu.sh STEP...      STEP: graph | speed | 32b | pca
 #
-# Expects, beside the repository (git-ignored, carried with the call):
+# Expects, beside the repository (git-ignored, carried with the call; made by benchmarks/gpu_assets.sh):
 #   .whl/common, .whl/ours, .whl/heretic  wheels missing on the machine (optuna 5 for us, optuna 4.9 + heretic 1.4 for heretic)
 #   .gpu_assets/qwen2.5-coder-0.5b-instruct  config.json and tokenizer files of the default model (no weights)
 # Logs and summaries go to $OUT (the device tool brings that folder back).
