@@ -10,7 +10,7 @@ buffers too (`AblationHooks(static=True)`), so one capture serves every trial of
 The prefill stays eager (prompts differ in length); its cache is copied into the fixed buffers.
 Rows do not leave the batch (on a GPU a smaller batch is not faster); decoding stops once every
 row is decided. Only decoders with full attention everywhere and sdpa or eager attention qualify
-(the prepared 4-D mask is passed as is); `scoring.check_graph_decoding` compares the graph's first
+(the prepared 4-D mask is passed as is); `scoring.graph_error` compares the graph's first
 step with the eager path before a study uses it.
 """
 
