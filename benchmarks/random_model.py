@@ -25,7 +25,7 @@ def random_causal_lm(config_file: Path, dtype: torch.dtype, device: str | torch.
     (a 32B model never exists on the host)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(Path(config_file).parent if Path(config_file).is_file() else config_file)
+    config = AutoConfig.from_pretrained(config_file)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval().requires_grad_(False)

@@ -109,6 +109,18 @@ def _decided(text: str, markers: list[str]) -> bool:
     return any(marker in lowered for marker in markers)
 
 
+def eager_step(loaded: LoadedModel, next_ids: torch.Tensor, mask: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step on a transformers cache: feeds `next_ids` (B,), extends the (B, T) mask by
+    their column; returns the next-token logits (B, vocab) and the extended mask."""
+    decoder = loaded.model.get_decoder()
+    mask = torch.cat([mask, mask.new_ones(len(next_ids), 1)], dim=1)
+    hidden = decoder(
+        input_ids=next_ids.unsqueeze(-1), attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+        use_cache=True, **{_cache_keyword(decoder): cache},
+    ).last_hidden_state
+    return output_logits(loaded.model, hidden[:, -1, :]), mask
+
+
 @torch.inference_mode()
 def greedy_generate(
     loaded: LoadedModel, texts: list[str], max_new_tokens: int, batch_size: int,
@@ -122,10 +134,7 @@ def greedy_generate(
     cost nothing in later steps; with `graph` (CUDA), every step is one graph replay over fixed rows
     and decoding ends when all rows are finished.
     """
-    model = loaded.model
     eos_ids = set(_eos_ids(loaded))
-    decoder = model.get_decoder()
-    cache_keyword = _cache_keyword(decoder)
     outputs: list[list[int]] = []
     total_tokens = 0
     prefix, suffixes = split_shared_prefix(loaded, texts)
@@ -161,12 +170,8 @@ def greedy_generate(
                 cache.batch_select_indices(index)
                 mask, next_ids = mask[index], next_ids[index]
             active = keep
-            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-            hidden = decoder(
-                input_ids=next_ids.unsqueeze(-1), attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
-                use_cache=True, **{cache_keyword: cache},
-            ).last_hidden_state
-            next_ids = output_logits(model, hidden[:, -1, :]).argmax(dim=-1)
+            logits, mask = eager_step(loaded, next_ids, mask, cache)
+            next_ids = logits.argmax(dim=-1)
         outputs.extend(tokens)
     return [outputs[i] for i in restore], total_tokens
 
@@ -189,13 +194,7 @@ def graph_error(loaded: LoadedModel, graph: GraphDecoder, texts: list[str]) -> f
     graph.load(cache, mask, next_ids, 1)
     graph.step()
     fast = graph.logits[: len(chunk)].float()
-    mask = torch.cat([mask, mask.new_ones(len(chunk), 1)], dim=1)
-    decoder = loaded.model.get_decoder()
-    hidden = decoder(
-        input_ids=next_ids.unsqueeze(-1), attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
-        use_cache=True, **{_cache_keyword(decoder): cache},
-    ).last_hidden_state
-    slow = output_logits(loaded.model, hidden[:, -1, :]).float()
+    slow = eager_step(loaded, next_ids, mask, cache)[0].float()
     return float((fast - slow).norm() / slow.norm())
 
 

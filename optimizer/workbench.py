@@ -171,7 +171,8 @@ class Workbench:
     # -- one-time computations ----------------------------------------------------------------
 
     def prepare(self, cache_dir: Path, with_baseline: bool = True) -> None:
-        """Load the statistics (and the baseline) from the cache, computing what is missing or stale.
+        """Load the statistics (and the baseline) from the cache, computing what is missing or stale;
+        with the baseline (a study, which scores trials), also capture the decode step on CUDA.
 
         Workers sharing the cache folder take turns: one computes, the others wait and then load.
         """
@@ -182,7 +183,7 @@ class Workbench:
                 self.batch_size = self._cached_batch_size(cache_dir)
             if with_baseline:
                 self.baseline_logprobs, self.baseline_refusals = self._cached_baseline(cache_dir)
-        if supports_graph_decoding(self.loaded):
+        if with_baseline and supports_graph_decoding(self.loaded):  # only the study scores trials
             # hooks that a captured decode step can read: fixed buffers, overwritten per trial
             self.hooks = AblationHooks(self.loaded, self.settings.norm_preserving, static=True)
             self.graph = self._graph_decoder()
