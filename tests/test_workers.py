@@ -91,9 +91,9 @@ def test_killed_postgres_worker_trial_is_failed_and_retried(tiny_dir, tmp_path, 
     beat = ("--heartbeat-interval", "1", "--heartbeat-grace", "3")
     proc = worker(tiny_dir, studies, "--storage", pg_url, "--trials", "4", *SLOW, *beat)
     killed = wait_for_running_trial(pg_url)
-    before = {t.number: t.values for t in optuna.load_study(study_name="t", storage=pg_url).trials if t.state == TrialState.COMPLETE}
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)  # at once: a trial of the tiny model lasts about a second
     proc.wait()
+    before = {t.number: t.values for t in optuna.load_study(study_name="t", storage=pg_url).trials if t.state == TrialState.COMPLETE}
     time.sleep(4)  # past the grace period: the next worker fails the silent trial
     again = worker(tiny_dir, studies, "--storage", pg_url, "--trials", "4", *SLOW, *beat)
     out = finish(again)
