@@ -101,7 +101,8 @@ def test_killed_postgres_worker_trial_is_failed_and_retried(tiny_dir, tmp_path, 
     study = optuna.load_study(study_name="t", storage=pg_url)
     trial = study.trials[killed]
     assert trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted")
-    assert any(t.user_attrs.get("retry_of") == killed and t.params == trial.params for t in study.trials)
+    # the kill may land while the trial is still suggesting: the retry repeats what was suggested
+    assert any(t.user_attrs.get("retry_of") == killed and t.params.items() >= trial.params.items() for t in study.trials)
     assert counted_trials(study) == 4
     assert all(study.trials[k].values == v for k, v in before.items()), "finished trials are kept as they were"
 
