@@ -15,6 +15,7 @@ from optimizer.ablation import bake_into_weights
 from optimizer.components import COMPONENTS
 from optimizer.config import Settings
 from optimizer.errors import UserError
+from optimizer.model import available_memory_bytes
 from optimizer.study import annotate_trial
 from optimizer.trials import EditedModel, finished_trial, load_edited_model
 
@@ -24,16 +25,6 @@ SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 def _check_target(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not empty; choose a new --out folder or empty it first")
-
-
-def available_memory_bytes() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def parameter_count(source: str | None) -> int | None:

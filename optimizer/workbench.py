@@ -21,6 +21,7 @@ from optimizer import cache
 from optimizer.ablation import AblationHooks, AblationPlan
 from optimizer.batching import best_batch_size, measure_batch_sizes
 from optimizer.config import Settings
+from optimizer.cpu_linear import pack_linear_layers
 from optimizer.directions import ContrastiveStats, compute_stats, winsorize
 from optimizer.errors import UserError
 from optimizer.graph_decode import GraphDecoder, supports_graph_decoding
@@ -176,6 +177,8 @@ class Workbench:
 
         Workers sharing the cache folder take turns: one computes, the others wait and then load.
         """
+        if with_baseline:  # only the study scores trials, and its weights never change
+            pack_linear_layers(self.loaded, self.console)
         waiting = lambda: self.console.print(f"Another worker is computing the cache in {cache_dir}; waiting for it...")
         with file_lock(cache_dir / ".lock", on_wait=waiting):
             self.stats = self._cached_stats(cache_dir)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from optimizer.cli import main
@@ -32,6 +33,7 @@ def test_study_runs_resumes_to_total_and_reuses_cache(tiny_dir, tmp_path, capsys
     cache_files = {p.name: p.stat().st_mtime_ns for p in (studies / "t").glob("[!.]*")}
     assert set(cache_files) == {f"{entry}.{ext}" for entry in ("directions", "baseline", "batch_size") for ext in ("safetensors", "json")}
     assert "Batch size 8 (time per prompt by batch size: 8:" in first  # measured once: 4 prompts allow only 8
+    assert ("linear weights for oneDNN" in first) == torch.backends.mkldnn.is_available()  # CPU trials
 
     assert main(run_args(tiny_dir, studies, "--trials", "5")) == 0
     second = capsys.readouterr().err
