@@ -19,20 +19,14 @@ from __future__ import annotations
 import torch
 
 from optimizer.model import LoadedModel
+from optimizer.packing import attention_implementation, full_attention_only, layer_tensors
 
-ATTENTION = ("sdpa", "eager")
 WARMUP_STEPS = 2  # eager steps before the capture, on the first prefill's state
 
 
 def supports_graph_decoding(loaded: LoadedModel) -> bool:
-    """CUDA, sdpa/eager attention and full attention in every layer (no sliding windows, linear
-    attention or convolution states, which a fixed K/V buffer cannot hold)."""
-    config = loaded.model.config.get_text_config()
-    types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    implementation = getattr(loaded.model.config, "_attn_implementation", None) or "sdpa"
-    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-    return (loaded.device.type == "cuda" and loaded.quantization is None and types == {"full_attention"}
-            and implementation in ATTENTION and not sliding)
+    """CUDA, unquantised, and full attention in every layer (a fixed K/V buffer holds nothing else)."""
+    return loaded.device.type == "cuda" and loaded.quantization is None and full_attention_only(loaded)
 
 
 class FixedCache:
@@ -57,13 +51,6 @@ class FixedCache:
         return len(self.keys)
 
 
-def _layer_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(keys, values) per layer of a transformers DynamicCache."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache))
-
-
 class GraphDecoder:
     """Fixed buffers for `batch` rows of up to `length` tokens, and the captured decode step."""
 
@@ -74,7 +61,7 @@ class GraphDecoder:
         self._decoder = loaded.model.get_decoder()
         self._keyword = _cache_keyword(self._decoder)
         device = loaded.device
-        eager = (getattr(loaded.model.config, "_attn_implementation", None) or "sdpa") == "eager"
+        eager = attention_implementation(loaded) == "eager"
         mask_dtype = loaded.dtype if eager else torch.bool
         self._allowed = torch.tensor(0 if eager else True, dtype=mask_dtype, device=device)
         self._blocked = torch.tensor(torch.finfo(loaded.dtype).min if eager else False, dtype=mask_dtype, device=device)
@@ -107,7 +94,7 @@ class GraphDecoder:
         """Start decoding from an eager prefill: its cache (rows x heads x T x dim per layer), its
         (rows, T) attention mask and the first generated tokens, for up to `steps` more tokens.
         Rows beyond the prefill's repeat its first row (their output is ignored)."""
-        layers = _layer_tensors(cache)
+        layers = layer_tensors(cache)
         rows, width = mask.shape
         if width + steps > self.length or rows > self.batch:
             raise ValueError(f"{rows} rows of {width} + {steps} tokens do not fit the graph's {self.batch} x {self.length}")

@@ -28,6 +28,7 @@ class LoadedModel:
     discovery: Discovery  # per component and layer: where the block writes to the residual stream
     checkpoint_dtype: torch.dtype | None = None  # what the weights are stored in (export keeps it)
     quantization: str | None = None
+    packed_prefill: bool = False  # prompts forwarded without padding (optimizer.packing), once checked
 
     @property
     def n_layers(self) -> int:

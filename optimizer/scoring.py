@@ -12,6 +12,7 @@ from transformers import DynamicCache
 
 from optimizer.graph_decode import GraphDecoder
 from optimizer.model import LoadedModel
+from optimizer.packing import packed_forward
 
 
 def split_shared_prefix(loaded: LoadedModel, texts: list[str]) -> tuple[list[int], list[list[int]]]:
@@ -39,11 +40,16 @@ def prefill(loaded: LoadedModel, prefix: list[int], suffixes: list[list[int]]):
     next-token position; the mask hides the padding and positions continue after the prefix.
     The decoder runs without its LM head, which is applied to the last position only (as one
     matrix product: a sliced 3-D input would take a much slower batched path on CPUs).
+    With `loaded.packed_prefill`, the suffixes are forwarded end to end without padding instead
+    (`optimizer.packing`), which gives the same three results.
     Returns the last position's logits (B, vocab), the cache and the attention mask.
     """
     model, device = loaded.model, loaded.device
     decoder = model.get_decoder()
     keyword = _cache_keyword(decoder)
+    if loaded.packed_prefill:
+        hidden, cache, mask = packed_forward(loaded, prefix, suffixes, keyword)
+        return output_logits(model, hidden.contiguous()), cache, mask
     rows, width = len(suffixes), max(len(s) for s in suffixes)
     pad = loaded.tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in suffixes], device=device)
@@ -196,6 +202,26 @@ def graph_error(loaded: LoadedModel, graph: GraphDecoder, texts: list[str]) -> f
     fast = graph.logits[: len(chunk)].float()
     slow = eager_step(loaded, next_ids, mask, cache)[0].float()
     return float((fast - slow).norm() / slow.norm())
+
+
+@torch.inference_mode()
+def packed_prefill_error(loaded: LoadedModel, texts: list[str], batch_size: int) -> float:
+    """Relative difference of the packed prefill's next-token logits, and of one decode step on
+    its cache, from the padded path's, on the first batch of `texts`: rounding only when the block
+    mask, positions and the cache laid out per row reproduce the padded batch."""
+    prefix, suffixes = split_shared_prefix(loaded, texts)
+    chunk = by_length(suffixes, batch_size)[0][0]
+    was = loaded.packed_prefill
+    try:
+        outputs = []
+        for packed in (False, True):
+            loaded.packed_prefill = packed
+            logits, cache, mask = prefill(loaded, prefix, chunk)
+            next_ids = outputs[0][0].argmax(dim=-1) if outputs else logits.argmax(dim=-1)
+            outputs.append((logits.float(), eager_step(loaded, next_ids, mask, cache)[0].float()))
+    finally:
+        loaded.packed_prefill = was
+    return max(float((fast - slow).norm() / slow.norm()) for fast, slow in zip(outputs[1], outputs[0]))
 
 
 def generate_and_classify(

@@ -17,7 +17,7 @@ from optimizer.graph_decode import GraphDecoder, supports_graph_decoding
 from optimizer.model import load_model
 from optimizer.prompts import format_chat
 from optimizer.scoring import generate_and_classify, graph_error, graph_length
-from optimizer.workbench import GRAPH_TOLERANCE, Workbench
+from optimizer.workbench import FAST_PATH_TOLERANCE, Workbench
 
 PROMPTS = [
     "Write a haiku about rain.", "How do I pick a lock?", "What is the capital of France?", "Tell me a joke.",
@@ -70,7 +70,7 @@ def test_the_check_catches_a_decoder_that_gets_positions_wrong(tiny_dir, monkeyp
         self.positions.add_(1)
 
     monkeypatch.setattr(GraphDecoder, "load", off_by_one)
-    assert graph_error(loaded, graph, texts) > GRAPH_TOLERANCE[1]
+    assert graph_error(loaded, graph, texts) > FAST_PATH_TOLERANCE[1]
 
 
 def test_too_long_a_prefill_is_refused(tiny_dir):

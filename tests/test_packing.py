@@ -1,0 +1,102 @@
+"""Prefill without padding (prompts end to end in one row) against the padded batch."""
+
+import io
+
+import pytest
+import torch
+from rich.console import Console
+
+import optimizer.packing as packing
+from optimizer.config import build_settings
+from optimizer.model import load_model
+from optimizer.packing import full_attention_only, groups
+from optimizer.prompts import format_chat
+from optimizer.scoring import (
+    eager_step, first_token_logprobs, generate_and_classify, packed_prefill_error, prefill, split_shared_prefix,
+)
+from optimizer.workbench import FAST_PATH_TOLERANCE, Workbench
+from tests.test_ablation import random_plan
+from tests.test_graph_decode import PROMPTS
+
+
+def test_groups_fill_the_budget_in_order():
+    assert groups([3, 4, 1, 9, 1], budget=8) == [range(0, 3), range(3, 4), range(4, 5)]
+    assert groups([20], budget=8) == [range(0, 1)], "a prompt longer than the budget goes alone"
+    assert groups([1, 1, 1], budget=8) == [range(0, 3)]
+
+
+def both_paths(loaded, texts, steps: int = 2):
+    """Next-token logits after the prefill and after `steps` decode steps (the padded path's tokens
+    fed to both), the attention mask, for the padded and the packed prefill."""
+    prefix, suffixes = split_shared_prefix(loaded, texts)
+    out, fed = {}, None
+    for packed in (False, True):
+        loaded.packed_prefill = packed
+        logits, cache, mask = prefill(loaded, prefix, suffixes)
+        fed = fed or [logits.argmax(-1)]
+        seen = [logits]
+        for step in range(steps):
+            logits, mask = eager_step(loaded, fed[step], mask, cache)
+            if not packed:
+                fed.append(logits.argmax(-1))
+            seen.append(logits)
+        out[packed] = (seen, mask)
+    loaded.packed_prefill = False
+    return out
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("fixture", ["tiny_varied_dir", "tiny_varied_llama_dir"])
+@torch.inference_mode()
+def test_packed_prefill_gives_the_padded_logits_cache_and_answers(request, fixture, attention, monkeypatch):
+    loaded = load_model(str(request.getfixturevalue(fixture)), "cpu", "float32")
+    loaded.model.set_attn_implementation(attention)
+    hooks = packing_hooks(loaded)
+    texts = format_chat(loaded.tokenizer, PROMPTS)
+    # 12 tokens per forward: several groups, and prompts longer than that alone in theirs
+    monkeypatch.setattr(packing, "TOKENS_PER_FORWARD", 12)
+    paths = both_paths(loaded, texts)
+    (padded, padded_mask), (packed, packed_mask) = paths[False], paths[True]
+    assert torch.equal(padded_mask, packed_mask)
+    for slow, fast in zip(padded, packed):
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)  # rounding: other matrix shapes
+    assert (padded[0][0] - padded[0][1]).abs().max() > 1e-2, "the prompts must differ for the comparison to mean anything"
+
+    plain = generate_and_classify(loaded, texts, 8, [], 2)
+    plain_kl = first_token_logprobs(loaded, texts, 2)
+    loaded.packed_prefill = True
+    fast = generate_and_classify(loaded, texts, 8, [], 2)
+    assert fast.responses == plain.responses and len(set(plain.responses)) > 2
+    torch.testing.assert_close(first_token_logprobs(loaded, texts, 2), plain_kl, rtol=1e-5, atol=1e-5)
+    hooks.remove()
+
+
+def packing_hooks(loaded):
+    from optimizer.ablation import AblationHooks
+
+    hooks = AblationHooks(loaded)
+    hooks.apply(random_plan(loaded, seed=5))  # the edit acts on every position, prefix included
+    return hooks
+
+
+def test_a_broken_layout_is_caught_by_the_check(tiny_varied_dir, monkeypatch):
+    loaded = load_model(str(tiny_varied_dir), "cpu", "float32")
+    texts = format_chat(loaded.tokenizer, PROMPTS)
+    assert packed_prefill_error(loaded, texts, 4) < FAST_PATH_TOLERANCE[1]
+    # positions that restart at 0 for every prompt (forgetting the prefix): the check must see it
+    real_mask = packing.block_mask
+    monkeypatch.setattr(packing, "block_mask", lambda p, lengths, loaded: real_mask(0, [p + lengths[0], *lengths[1:]], loaded))
+    assert packed_prefill_error(loaded, texts, 4) > FAST_PATH_TOLERANCE[1]
+    assert not loaded.packed_prefill
+
+
+def test_study_prefills_packed_only_where_every_layer_attends_fully(tiny_dir, tiny_gemma2_dir, tmp_path):
+    for model, expected in ((tiny_dir, True), (tiny_gemma2_dir, False)):
+        out = io.StringIO()
+        settings = build_settings({"model": str(model), "direction_prompts": 4, "scoring_prompts": 4, "max_new_tokens": 2,
+                                   "response_prefix": "", "batch_size": 4})
+        bench = Workbench.open(settings, Console(file=out, width=200))
+        assert full_attention_only(bench.loaded) == expected
+        bench.prepare(tmp_path / model.parent.name)
+        assert bench.loaded.packed_prefill == expected
+        assert ("Prompts prefilled without padding" in out.getvalue()) == expected
