@@ -11,24 +11,27 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from optimizer.ablation import AblationHooks, bake_into_weights
 from optimizer.batching import measure_batch_sizes
 from optimizer.components import COMPONENTS
 from optimizer.config import DEFAULT_REFUSAL_MARKERS
+from optimizer.cpu_linear import pack_linear_layers, unpack_linear_layers
 from optimizer.directions import compute_stats
 from optimizer.model import load_model
 from optimizer.params import Kernel, TrialParams, build_plan
 from optimizer.prompts import format_chat, load_prompts, split_prompts
 from optimizer.residuals import collect_residuals, tokenize
-from optimizer.scoring import first_token_logprobs, generate_and_classify, normalise
+from optimizer.scoring import eager_step, first_token_logprobs, generate_and_classify, normalise, prefill, split_shared_prefix
 
 
 def timed(fn, repeats: int = 2) -> tuple[float, object]:
@@ -74,6 +77,37 @@ def marker_positions(loaded, texts, cap, markers) -> list[int | None]:
                 break
         positions.append(found)
     return positions
+
+
+@torch.inference_mode()
+def cpu_changes(loaded, harmful, harmless, bs) -> list[tuple[str, float, str]]:
+    """The two CPU changes, one after the other: linear weights packed for oneDNN, then the
+    prefill without padding (on a model whose modules are plain and whose prefill is padded)."""
+    prefix, suffixes = split_shared_prefix(loaded, harmful)
+    logits, cache, mask = prefill(loaded, prefix, suffixes)
+    step = lambda: eager_step(loaded, logits.argmax(-1), mask, copy.deepcopy(cache))
+    kl = lambda: first_token_logprobs(loaded, harmless, bs)
+    refusal_prefill = lambda: prefill(loaded, prefix, suffixes)
+    plain = [timed(step, 3), timed(kl), timed(refusal_prefill)]
+    pack_linear_layers(loaded, Console(file=io.StringIO()))
+    packed = [timed(step, 3), timed(kl), timed(refusal_prefill)]
+    loaded.packed_prefill = True
+    unpadded = [None, timed(kl), timed(refusal_prefill)]
+    loaded.packed_prefill = False
+    unpack_linear_layers(loaded.model)
+
+    real, padded = sum(map(len, suffixes)), len(suffixes) * max(map(len, suffixes))
+    dlogp = lambda result: f"max |dlogp| {(result[1] - plain[1][1]).abs().max():.1e}"
+    return [
+        (f"decode step at batch {len(suffixes)}: plain F.linear", plain[0][0], "baseline"),
+        ("decode step: linear weights packed for oneDNN once per study", packed[0][0], f"{plain[0][0] / packed[0][0]:.2f}x"),
+        ("KL pass: plain F.linear", plain[1][0], "baseline"),
+        ("KL pass: packed linear weights", packed[1][0], f"{plain[1][0] / packed[1][0]:.2f}x ({dlogp(packed[1])})"),
+        ("KL pass: + prompts end to end without padding", unpadded[1][0], f"{packed[1][0] / unpadded[1][0]:.2f}x ({dlogp(unpadded[1])})"),
+        (f"refusal prefill ({padded} prompt tokens padded, {real} real): plain F.linear", plain[2][0], "baseline"),
+        ("refusal prefill: packed linear weights", packed[2][0], f"{plain[2][0] / packed[2][0]:.2f}x"),
+        ("refusal prefill: + without padding", unpadded[2][0], f"{packed[2][0] / unpadded[2][0]:.2f}x"),
+    ]
 
 
 def main() -> None:
@@ -152,6 +186,8 @@ def main() -> None:
     batch = measure_batch_sizes(loaded, harmful)
     for size, t in batch.items():
         rows.append((f"batch size {size}: short generation", t * len(harmful[: max(batch)]), f"{1000 * t:.0f} ms per prompt"))
+
+    rows.extend(cpu_changes(loaded, harmful, harmless, bs))  # last: everything above ran on plain modules, padded
 
     positions = marker_positions(loaded, harmful, args.cap, markers)
     found = sorted(p for p in positions if p is not None)

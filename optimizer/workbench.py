@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -266,41 +267,47 @@ class Workbench:
 
     def _use_packed_prefill(self) -> None:
         """Prefill without padding (where the prefill is bound by arithmetic, a quarter less work),
-        if it reproduces the padded path's logits; the reason on the console otherwise."""
-        loaded = self.loaded
+        if it reproduces the padded path's logits."""
+        loaded, texts = self.loaded, self.harmful_texts
         if not full_attention_only(loaded):
             return  # a packed row would carry one prompt's state into the next
-        tolerance = FAST_PATH_TOLERANCE[loaded.dtype == torch.float32]
-        try:
-            error = packed_prefill_error(loaded, self.harmful_texts, min(self.batch_size, len(self.harmful_texts)))
-        except Exception as e:  # noqa: BLE001 (an architecture this path does not fit: the padded prefill is always right)
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            self.console.print(f"[yellow]Prefilling padded batches: the packed prefill failed ({type(e).__name__}: {first_line})[/]")
-            return
-        if not error < tolerance:
-            self.console.print(f"[yellow]Prefilling padded batches: the packed prefill differs from the padded one by {error:.2g} (> {tolerance})[/]")
-            return
-        loaded.packed_prefill = True
-        self.console.print(f"Prompts prefilled without padding (vs padded batches: relative difference {error:.1e})")
+        check = lambda: packed_prefill_error(loaded, texts, min(self.batch_size, len(texts)))
+        error = self._checked_fast_path(check, "Prefilling padded batches", "the packed prefill")
+        if error is not None:
+            loaded.packed_prefill = True
+            self.console.print(f"Prompts prefilled without padding (vs padded batches: relative difference {error:.1e})")
 
     def _graph_decoder(self) -> GraphDecoder | None:
         """Decode steps captured as a CUDA graph (through the hooks, unedited), if the first step
-        reproduces the eager path's logits; None (with the reason on the console) otherwise."""
+        reproduces the eager path's logits."""
         texts, loaded = self.harmful_texts, self.loaded
-        tolerance = FAST_PATH_TOLERANCE[loaded.dtype == torch.float32]
-        try:
-            graph = GraphDecoder(loaded, min(self.batch_size, len(texts)), graph_length(loaded, texts, self.settings.max_new_tokens),
-                                 capture=loaded.device.type == "cuda")
-            error = graph_error(loaded, graph, texts)
-        except Exception as e:  # noqa: BLE001 (an architecture this path does not fit: eager decoding is always right)
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            self.console.print(f"[yellow]Decoding eagerly: capturing the decode step failed ({type(e).__name__}: {first_line})[/]")
-            return None
-        if not error < tolerance:
-            self.console.print(f"[yellow]Decoding eagerly: the captured decode step differs from the eager one by {error:.2g} (> {tolerance})[/]")
+        graphs = []
+
+        def check() -> float:
+            length = graph_length(loaded, texts, self.settings.max_new_tokens)
+            graphs.append(GraphDecoder(loaded, min(self.batch_size, len(texts)), length, capture=loaded.device.type == "cuda"))
+            return graph_error(loaded, graphs[0], texts)
+
+        error = self._checked_fast_path(check, "Decoding eagerly", "capturing the decode step")
+        if error is None:
             return None
         self.console.print(f"Decode steps replayed from a CUDA graph (first step vs eager: relative difference {error:.1e})")
-        return graph
+        return graphs[0]
+
+    def _checked_fast_path(self, check: Callable[[], float], fallback: str, what: str) -> float | None:
+        """`check()`'s relative difference of a fast path from the plain one, if within tolerance;
+        None otherwise, with `fallback` and the reason on the console."""
+        tolerance = FAST_PATH_TOLERANCE[self.loaded.dtype == torch.float32]
+        try:
+            error = check()
+        except Exception as e:  # noqa: BLE001 (an architecture the fast path does not fit: the plain path is always right)
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            self.console.print(f"[yellow]{fallback}: {what} failed ({type(e).__name__}: {first_line})[/]")
+            return None
+        if not error < tolerance:
+            self.console.print(f"[yellow]{fallback}: {what} gives logits that differ from the plain path's by {error:.2g} (> {tolerance})[/]")
+            return None
+        return error
 
     # -- trials -------------------------------------------------------------------------------
 

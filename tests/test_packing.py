@@ -100,3 +100,16 @@ def test_study_prefills_packed_only_where_every_layer_attends_fully(tiny_dir, ti
         bench.prepare(tmp_path / model.parent.name)
         assert bench.loaded.packed_prefill == expected
         assert ("Prompts prefilled without padding" in out.getvalue()) == expected
+
+
+def test_a_packed_prefill_that_differs_is_not_used(tiny_dir, tmp_path, monkeypatch):
+    import optimizer.workbench as workbench_module
+
+    monkeypatch.setattr(workbench_module, "packed_prefill_error", lambda *args: 0.5)
+    out = io.StringIO()
+    settings = build_settings({"model": str(tiny_dir), "direction_prompts": 4, "scoring_prompts": 4, "max_new_tokens": 2,
+                               "response_prefix": "", "batch_size": 4})
+    bench = Workbench.open(settings, Console(file=out, width=200))
+    bench.prepare(tmp_path)
+    assert "Prefilling padded batches: the packed prefill gives logits that differ from the plain path's by 0.5" in out.getvalue()
+    assert not bench.loaded.packed_prefill
