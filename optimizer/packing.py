@@ -75,7 +75,9 @@ def packed_forward(loaded: LoadedModel, prefix: list[int], suffixes: list[list[i
     decoder, device = loaded.model.get_decoder(), loaded.device
     p, lengths = len(prefix), [len(s) for s in suffixes]
     width = max(lengths)
-    last_hidden, keys, values = [], [], []
+    last_hidden: list[torch.Tensor] = []
+    keys: dict[int, list[torch.Tensor]] = {}  # per layer, each group's rows
+    values: dict[int, list[torch.Tensor]] = {}
     for group in groups(lengths, TOKENS_PER_FORWARD):
         group_lengths = [lengths[i] for i in group]
         ids = prefix + [token for i in group for token in suffixes[i]]
@@ -94,13 +96,11 @@ def packed_forward(loaded: LoadedModel, prefix: list[int], suffixes: list[list[i
             source[row, p + width - n :] = torch.arange(end - n, end)
         source = source.to(device)
         for index, (layer_keys, layer_values) in enumerate(layer_tensors(cache)):
-            if index == len(keys):
-                keys.append([]), values.append([])
             # (1, heads, T, dim) -> (rows, heads, prefix + width, dim)
-            keys[index].append(layer_keys[0][:, source].transpose(0, 1))
-            values[index].append(layer_values[0][:, source].transpose(0, 1))
+            keys.setdefault(index, []).append(layer_keys[0][:, source].transpose(0, 1))
+            values.setdefault(index, []).append(layer_values[0][:, source].transpose(0, 1))
     cache = DynamicCache(config=loaded.model.config)
-    for index in range(len(keys)):
+    for index in keys:
         cache.update(torch.cat(keys[index]), torch.cat(values[index]), index)
     mask = torch.tensor([[1] * p + [0] * (width - n) + [1] * n for n in lengths], device=device)
     return torch.cat(last_hidden), cache, mask
