@@ -16,7 +16,7 @@ from torch import nn
 
 from optimizer.model import LoadedModel, available_memory_bytes
 
-# what packing may leave of the machine's available memory, for activations and everything else
+# the share of the available memory that packing must leave free, for activations and everything else
 HEADROOM = 0.25
 TOLERANCE = 1e-4  # relative; different accumulation orders in float32 differ by ~1e-6
 
