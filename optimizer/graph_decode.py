@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from optimizer.model import LoadedModel
-from optimizer.packing import attention_implementation, full_attention_only, layer_tensors
+from optimizer.packing import full_attention_only, layer_tensors, mask_values
 
 WARMUP_STEPS = 2  # eager steps before the capture, on the first prefill's state
 
@@ -61,10 +61,7 @@ class GraphDecoder:
         self._decoder = loaded.model.get_decoder()
         self._keyword = _cache_keyword(self._decoder)
         device = loaded.device
-        eager = attention_implementation(loaded) == "eager"
-        mask_dtype = loaded.dtype if eager else torch.bool
-        self._allowed = torch.tensor(0 if eager else True, dtype=mask_dtype, device=device)
-        self._blocked = torch.tensor(torch.finfo(loaded.dtype).min if eager else False, dtype=mask_dtype, device=device)
+        self._allowed, self._blocked = mask_values(loaded)
         self._room = length + WARMUP_STEPS  # buffers hold the warm-up steps past the longest prefill
         self.mask = self._blocked.expand(batch, 1, 1, self._room).clone()
         self._new_column = self._allowed.expand(batch, 1, 1, 1).clone()  # index_copy_: index_fill_ syncs, which capture forbids

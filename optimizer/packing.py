@@ -33,6 +33,15 @@ def full_attention_only(loaded: LoadedModel) -> bool:
     return types == {"full_attention"} and attention_implementation(loaded) in ATTENTION and not sliding
 
 
+def mask_values(loaded: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a prepared 4-D mask holds where attention is allowed and where it is blocked: booleans
+    for sdpa, 0 and the dtype's minimum (added to the scores) for eager attention."""
+    if attention_implementation(loaded) == "eager":
+        values = (0.0, torch.finfo(loaded.dtype).min)
+        return tuple(torch.tensor(v, dtype=loaded.dtype, device=loaded.device) for v in values)
+    return torch.tensor(True, device=loaded.device), torch.tensor(False, device=loaded.device)
+
+
 def layer_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(keys, values) per layer of a transformers DynamicCache."""
     if hasattr(cache, "layers"):
@@ -40,7 +49,7 @@ def layer_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(zip(cache.key_cache, cache.value_cache))
 
 
-def groups(lengths: list[int], budget: int = TOKENS_PER_FORWARD) -> list[range]:
+def groups(lengths: list[int], budget: int) -> list[range]:
     """Consecutive rows whose prompt tokens fit in `budget` (a longer prompt gets a group alone)."""
     out, start, used = [], 0, 0
     for row, length in enumerate(lengths):
@@ -59,11 +68,7 @@ def block_mask(prefix_len: int, lengths: list[int], loaded: LoadedModel) -> torc
     total = len(owner)
     causal = torch.ones(total, total, dtype=torch.bool).tril()
     allowed = causal & ((owner.unsqueeze(0) == -1) | (owner.unsqueeze(0) == owner.unsqueeze(1)))
-    allowed = allowed.to(loaded.device)[None, None]
-    if attention_implementation(loaded) == "eager":
-        blocked = torch.finfo(loaded.dtype).min
-        return torch.zeros(allowed.shape, dtype=loaded.dtype, device=loaded.device).masked_fill(~allowed, blocked)
-    return allowed
+    return torch.where(allowed.to(loaded.device)[None, None], *mask_values(loaded))
 
 
 def packed_forward(loaded: LoadedModel, prefix: list[int], suffixes: list[list[int]], cache_keyword: str):
