@@ -1,10 +1,11 @@
-# `make run` sets up and runs the default study; `make test` sets up and runs the tests.
+# `make run` sets up and runs the default study; `make test` sets up and runs the tests;
+# `make lint` checks style, formatting and types of the package (CI runs it before the tests).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 ARGS ?=
 
-.PHONY: setup model run test bench-setup clean
+.PHONY: setup model run test lint bench-setup clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +24,15 @@ run: model
 
 test: model
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs tests
+
+$(VENV)/.lint-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[test,lint]"
+	touch $@
+
+lint: $(VENV)/.lint-installed
+	$(PY) -m ruff check optimizer
+	$(PY) -m ruff format --check optimizer
+	$(PY) -m mypy
 
 bench-setup: setup
 	$(PY) -m pip install --quiet -e ".[test,bench]"

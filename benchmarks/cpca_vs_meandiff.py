@@ -23,7 +23,7 @@ from optimizer.config import Settings  # noqa: E402
 from optimizer.params import Kernel, TrialParams, build_plan  # noqa: E402
 from optimizer.prompts import format_chat, load_prompts, split_prompts  # noqa: E402
 from optimizer.scoring import first_token_logprobs, generate_and_classify, kl_divergence  # noqa: E402
-from optimizer.workbench import Workbench  # noqa: E402
+from optimizer.workbench import prepare, resolve  # noqa: E402
 
 ALPHAS = (0.0, 0.5, 1.0, 2.0, 4.0)
 
@@ -40,8 +40,7 @@ def main() -> None:
     workdir = Path("/tmp/cpca-vs-meandiff")
     settings = Settings(model=args.model, study="cpca", studies_dir=str(workdir), direction_prompts=args.direction_prompts,
                         scoring_prompts=8, max_new_tokens=args.max_new_tokens, device="cpu", dtype="float32")
-    bench = Workbench.open(settings, console)
-    bench.prepare(settings.cache_path(), with_baseline=False)
+    bench = prepare(resolve(settings, console), settings.cache_path())
     texts = {k: format_chat(bench.loaded.tokenizer, split_prompts(load_prompts(None, k)).heldout[: args.heldout_prompts]) for k in ("harmful", "harmless")}
     markers, bs, cap = settings.refusal_markers, bench.batch_size, args.max_new_tokens
     base_logprobs = first_token_logprobs(bench.loaded, texts["harmless"], bs)

@@ -27,25 +27,25 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.random_model import model_folder, random_weights_in_optimizer  # noqa: E402
 from optimizer.config import Settings  # noqa: E402
-from optimizer.workbench import Workbench  # noqa: E402
+import optimizer.workbench as workbench  # noqa: E402
 
 
 def timed_methods(record: dict[str, float], names: list[str]) -> None:
-    """Record the seconds each of the Workbench's one-time steps takes (cache misses: all computed)."""
+    """Record the seconds each of the one-time steps takes (cache misses: all computed)."""
     for name in names:
-        original = getattr(Workbench, name)
+        original = getattr(workbench._CacheUse, name)
 
         def wrapper(self, *args, _original=original, _name=name, **kwargs):
             start = time.perf_counter()
             result = _original(self, *args, **kwargs)
-            if self.loaded.device.type == "cuda":
+            if self.spec.loaded.device.type == "cuda":
                 torch.cuda.synchronize()
-            record[_name.strip("_")] = time.perf_counter() - start
-            if _name == "_cached_batch_size":
-                record["batch_size"] = result
+            record[_name] = time.perf_counter() - start
+            if _name == "batch_size":
+                record["batch_size_value"] = result
             return result
 
-        setattr(Workbench, name, wrapper)
+        setattr(workbench._CacheUse, name, wrapper)
 
 
 def main() -> None:
@@ -77,7 +77,7 @@ def main() -> None:
         max_new_tokens=args.max_new_tokens, response_prefix="",
     )
     one_time: dict[str, float] = {}
-    timed_methods(one_time, ["_cached_stats", "_cached_batch_size", "_cached_baseline"])
+    timed_methods(one_time, ["stats", "batch_size", "baseline"])
     console = Console(stderr=True, width=160)
     start = time.perf_counter()
     with random_weights_in_optimizer() as built:
@@ -92,14 +92,14 @@ def main() -> None:
     projected = fixed + args.budget * trial_s
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
-    batch = one_time.get("batch_size", settings.batch_size or "-")
+    batch = one_time.get("batch_size_value", settings.batch_size or "-")
     print(f"# {args.config.name} with random weights on {device}; {args.direction_prompts} direction and {args.scoring_prompts} scoring "
           f"prompts per set, {args.max_new_tokens} new tokens; peak GPU memory {peak:.1f} GiB; batch size {batch}")
     print("| step | seconds |")
     print("|---|---|")
     print(f"| build the model on the device (random weights) | {built.get('build_s', float('nan')):.1f} |")
-    for name, label in (("cached_stats", "residuals + contrastive-PCA statistics"), ("cached_batch_size", "batch size measurement"),
-                        ("cached_baseline", "baseline (KL reference, refusals)")):
+    for name, label in (("stats", "residuals + contrastive-PCA statistics"), ("batch_size", "batch size measurement"),
+                        ("baseline", "baseline (KL reference, refusals)")):
         print(f"| {label} | {one_time.get(name, float('nan')):.1f} |")
     print(f"| one-time total (wall minus trials) | {fixed:.1f} |")
     print(f"| trial (median of {len(seconds)}: {', '.join(f'{s:.2f}' for s in seconds)}) | {trial_s:.2f} |")

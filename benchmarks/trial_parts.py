@@ -91,9 +91,9 @@ def cpu_changes(loaded, harmful, harmless, bs) -> list[tuple[str, float, str]]:
     plain = [timed(step, 3), timed(kl), timed(refusal_prefill)]
     pack_linear_layers(loaded, Console(file=io.StringIO()))
     packed = [timed(step, 3), timed(kl), timed(refusal_prefill)]
-    loaded.packed_prefill = True
-    unpadded = [None, timed(kl), timed(refusal_prefill)]
-    loaded.packed_prefill = False
+    kl_unpadded = lambda: first_token_logprobs(loaded, harmless, bs, packed=True)
+    refusal_prefill_unpadded = lambda: prefill(loaded, prefix, suffixes, packed=True)
+    unpadded = [None, timed(kl_unpadded), timed(refusal_prefill_unpadded)]
     unpack_linear_layers(loaded.model)
 
     real, padded = sum(map(len, suffixes)), len(suffixes) * max(map(len, suffixes))

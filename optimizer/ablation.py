@@ -113,10 +113,12 @@ class AblationHooks:
             r = r.to(device, torch.float32)
             scale = self._input_scale(site, r, w).to(dtype) if self._norm_preserving else None
             if self._static:
-                scaled, direction, fixed_scale = self._slots[site.module]
+                slot = self._slots[site.module]
+                assert slot is not None  # fixed buffers are made once, in __init__
+                scaled, direction, fixed_scale = slot
                 scaled.copy_(w * r)
                 direction.copy_(r)
-                if fixed_scale is not None:
+                if fixed_scale is not None and scale is not None:
                     fixed_scale.copy_(scale)
             else:
                 self._slots[site.module] = ((w * r).to(dtype), r.to(dtype), scale)
@@ -125,7 +127,9 @@ class AblationHooks:
         if not self._static:
             self._slots[module] = None
             return
-        scaled, _, scale = self._slots[module]
+        slot = self._slots[module]
+        assert slot is not None  # fixed buffers are made once, in __init__
+        scaled, _, scale = slot
         scaled.zero_()
         if scale is not None:
             scale.fill_(1)

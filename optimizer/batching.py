@@ -45,4 +45,4 @@ def measure_batch_sizes(loaded: LoadedModel, texts: list[str]) -> dict[int, floa
 
 
 def best_batch_size(timings: dict[int, float]) -> int:
-    return min(timings, key=timings.get)
+    return min(timings, key=timings.__getitem__)

@@ -58,6 +58,6 @@ def load_entry(directory: Path, name: str, fingerprint: str, device: torch.devic
         raise CacheMiss(f"cached {name} is damaged (checksum mismatch)")
     try:
         tensors = load_file(str(tensor_path), device=str(device))
-    except Exception as e:  # safetensors raises its own error types for damaged files
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own error types for damaged files)
         raise CacheMiss(f"cached {name} cannot be read ({e})") from None
     return tensors, meta.get("values", {})

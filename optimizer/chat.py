@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO, cast
 
 import torch
 from transformers import TextStreamer
@@ -12,18 +12,21 @@ from optimizer.prompts import render_chat
 from optimizer.response_prefix import answer_part
 from optimizer.trials import EditedModel
 
+if TYPE_CHECKING:
+    from transformers import GenerationMixin
+
 HELP = "Type a message; /reset clears the conversation, /quit exits."
 
 
 @torch.inference_mode()
 def chat(edited: EditedModel, max_new_tokens: int = 512, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
     """A read-reply loop over `stdin` (a terminal or a pipe) with the trial's hooks applied."""
-    loaded = edited.bench.loaded
-    settings = edited.bench.settings
+    loaded = edited.prepared.loaded
+    settings = edited.prepared.settings
     # answers start after the study's response prefix (a closed reasoning block, say), as in its trials
     prefix = settings.response_prefix or ""
     answer = answer_part(prefix)
-    edited.bench.hooks.apply(edited.plan)
+    edited.prepared.hooks.apply(edited.plan)
     interactive = stdin.isatty()
     history: list[dict] = []
     print(f"Chatting with trial {edited.trial.number} ({edited.trial.user_attrs.get('refusals')} refusals, "
@@ -50,13 +53,13 @@ def chat(edited: EditedModel, max_new_tokens: int = 512, stdin: TextIO = sys.std
         inputs = {k: encoded[k].to(loaded.device) for k in ("input_ids", "attention_mask")}
         print("model> " + answer, end="", file=stdout, flush=True)
         streamer = _Streamer(loaded.tokenizer, stdout)
-        output = loaded.model.generate(
+        output = cast("GenerationMixin", loaded.model).generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
             pad_token_id=loaded.tokenizer.pad_token_id,
         )
-        reply = answer + loaded.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        reply = answer + str(loaded.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
         history.append({"role": "assistant", "content": reply})
-    edited.bench.hooks.clear()
+    edited.prepared.hooks.clear()
 
 
 class _Streamer(TextStreamer):

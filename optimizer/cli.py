@@ -8,6 +8,7 @@ import warnings
 
 from rich.console import Console
 
+from optimizer.config import FIELDS, add_setting_arguments
 from optimizer.errors import UserError
 
 EXIT_USAGE = 2
@@ -15,49 +16,26 @@ EXIT_INTERRUPTED = 130
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    # every default is None: unset flags fall through to the TOML file, then to Settings' defaults
-    add = parser.add_argument
-    add("--model", help="HF hub id, local model folder or .gguf file (default: the bundled Qwen2.5-Coder-0.5B-Instruct)")
-    add("--study", help="study name (default: default)")
-    add("--storage", help="Optuna storage URL (default: sqlite:///studies/<study>.db)")
-    add("--studies-dir", help="folder for SQLite studies and caches (default: studies)")
-    add("--cache-dir", help="folder of the study's one-time computations (default: studies/<study>); share it between workers")
-    add("--trials", type=int, help="finished trials the study should hold in total (default: 200)")
-    add("--startup-trials", type=int, help="random trials before TPE takes over (default: 40)")
-    add("--harmful", help="harmful prompts: .txt/.jsonl/.csv file or dataset:NAME[:SPLIT[:COLUMN]] (default: bundled)")
-    add("--harmless", help="harmless prompts, same forms (default: bundled)")
-    add("--direction-prompts", type=int, help="prompts per set for the directions (default: 128)")
-    add("--scoring-prompts", type=int, help="prompts per set for scoring each trial (default: 64)")
-    add("--max-new-tokens", type=int, help="response length cap for refusal detection (default: 16)")
-    add("--system-prompt", help="system prompt for every chat (default: the template's own)")
-    add("--chat-template", help="Jinja chat template file, for models without one")
-    add("--chat-template-kwargs", help='JSON object of extra chat template variables, e.g. \'{"reasoning_effort": "low"}\'')
-    add("--no-thinking", action="store_true", default=None, help="pass enable_thinking=False to the chat template (Qwen3-style templates)")
-    add("--response-prefix", help="text appended to every chat-formatted prompt, where answers start (default: detected once per study; '' for none)")
-    add("--device", help="auto, cpu, cuda, cuda:N (default: auto)")
-    add("--dtype", help="auto, float32, bfloat16, float16 (default: bfloat16 on CUDA, float32 on CPU)")
-    add("--batch-size", type=int, help="prompts per forward pass (default: 0 = automatic)")
-    add("--seed", type=int, help="sampler seed (default: 0)")
-    add("--alpha-max", type=float, help="upper end of the contrastive strength alpha (default: 4.0)")
-    add("--direction-methods", type=lambda s: s.split(","), help="comma-separated: contrastive,mean_diff (default: both)")
-    add("--projected-directions", action="store_true", default=None, help="remove each direction's component along the harmless mean")
-    add("--norm-preserving", action="store_true", default=None, help="keep the norm of every edited weight row (dense models)")
-    add("--winsorize", type=float, help="clip residuals per layer at this quantile of |value|, e.g. 0.995, for massive activations (default: 0 = off)")
-    add("--allow-missing-components", action="store_true", default=None, help="leave blocks whose attention/MLP output is not found unablated")
-    add("--quantization", choices=["4bit"], help="load the model in 4-bit (bitsandbytes, CUDA only)")
-    add("--heartbeat-interval", type=int, help="seconds between worker heartbeats on server storages (default: 30)")
-    add("--heartbeat-grace", type=int, help="seconds without heartbeat before a RUNNING trial is failed and retried (default: 120)")
-    add("--config", help="TOML file with the same keys as these flags")
+    # flags generated from the Settings fields; every default is None: unset flags fall through to the TOML file,
+    # then to Settings' defaults
+    add_setting_arguments(parser)
+    parser.add_argument("--config", help="TOML file with the same keys as these flags")
+
+
+# for export, eval and chat: --model and --device only stand in for the study's own
+_LOADING_HELP = {
+    "model": "where the study's model is now, if it moved (checked by fingerprint)",
+    "device": "auto, cpu, cuda (default: the study's)",
+}
 
 
 def _add_study_arguments(parser: argparse.ArgumentParser, with_trial: bool = False) -> None:
-    parser.add_argument("--study", default="default", help="study name (default: default)")
-    parser.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies/<study>.db)")
-    parser.add_argument("--studies-dir", default="studies", help="folder of SQLite studies and caches (default: studies)")
+    add_setting_arguments(parser, ("study", "storage", "studies_dir"))
+    # the study is located from these alone: their defaults are filled in here, not from a record or a TOML file
+    parser.set_defaults(study=FIELDS["study"].default, studies_dir=FIELDS["studies_dir"].default)
     if with_trial:
         parser.add_argument("--trial", type=int, help="trial number (see `show`)")
-        parser.add_argument("--model", help="where the study's model is now, if it moved (checked by fingerprint)")
-        parser.add_argument("--device", help="auto, cpu, cuda (default: the study's)")
+        add_setting_arguments(parser, ("model", "device"), help=_LOADING_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="lm-eval benchmarks or held-out refusals of trials, stored on the study")
     _add_study_arguments(evaluate, with_trial=True)
     evaluate.add_argument("--pareto", action="store_true", help="every Pareto-optimal trial")
-    evaluate.add_argument("--tasks", type=lambda s: s.split(","), help="comma-separated lm-eval tasks, e.g. optimizer_everyday_mc,mmlu")
+    evaluate.add_argument(
+        "--tasks", type=lambda s: s.split(","), help="comma-separated lm-eval tasks, e.g. optimizer_everyday_mc,mmlu"
+    )
     evaluate.add_argument("--limit", type=int, help="items per task (or prompts per set with --refusals)")
     evaluate.add_argument("--refusals", action="store_true", help="refusals and KL on prompts the study never saw")
     evaluate.add_argument("--harmful", help="held-out harmful prompts (default: the bundled held-out split)")
@@ -98,17 +78,15 @@ def _dispatch(args: argparse.Namespace, console: Console) -> None:
         return
     from optimizer.trials import open_study
 
+    stored = open_study(args.study, args.storage, args.studies_dir)
     if args.command == "dashboard":
         from optimizer.dashboard import serve
 
-        study, settings = open_study(args.study, args.storage, args.studies_dir)
-        serve(settings.resolved_storage(), port=args.port)
-        return
-    study, settings = open_study(args.study, args.storage, args.studies_dir)
-    if args.command == "show":
-        from optimizer.study import show_study
+        serve(stored.settings.storage_url(), port=args.port)
+    elif args.command == "show":
+        from optimizer.report import show_study
 
-        show_study(study, console)
+        show_study(stored.study, console)
     elif args.command == "export":
         from pathlib import Path
 
@@ -116,26 +94,26 @@ def _dispatch(args: argparse.Namespace, console: Console) -> None:
 
         if args.trial is None:
             raise UserError("export needs --trial N (see `python -m optimizer show`)")
-        export_trial(study, settings, args.trial, Path(args.out), console, model=args.model, device=args.device, save_dtype=args.dtype)
+        export_trial(stored, args.trial, Path(args.out), console, model=args.model, device=args.device, save_dtype=args.dtype)
     elif args.command == "chat":
         from optimizer.chat import chat
         from optimizer.trials import load_edited_model
 
         if args.trial is None:
             raise UserError("chat needs --trial N (see `python -m optimizer show`)")
-        chat(load_edited_model(study, settings, args.trial, console, model=args.model, device=args.device), args.max_new_tokens)
+        chat(load_edited_model(stored, args.trial, console, model=args.model, device=args.device), args.max_new_tokens)
     elif args.command == "eval":
         from optimizer import evaluate
         from optimizer.trials import load_edited_model
 
         if not args.tasks and not args.refusals:
             raise UserError(f"eval needs --tasks T1,T2 (e.g. {evaluate.LOCAL_TASK}) or --refusals")
-        trials = evaluate.select_trials(study, args.trial, args.pareto)
-        edited = load_edited_model(study, settings, trials[0].number, console, model=args.model, device=args.device)
+        trials = evaluate.select_trials(stored.study, args.trial, args.pareto)
+        edited = load_edited_model(stored, trials[0].number, console, model=args.model, device=args.device)
         if args.refusals:
-            console.print(evaluate.evaluate_refusals(study, edited, trials, args.harmful, args.harmless, args.limit, console))
+            console.print(evaluate.evaluate_refusals(stored, edited, trials, args.harmful, args.harmless, args.limit, console))
         if args.tasks:
-            console.print(evaluate.evaluate_tasks(study, edited, trials, args.tasks, args.limit, console))
+            console.print(evaluate.evaluate_tasks(stored, edited, trials, args.tasks, args.limit, console))
 
 
 def main(argv: list[str] | None = None) -> int:

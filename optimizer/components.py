@@ -143,7 +143,8 @@ def _find_site(layer: nn.Module, component: str, index: int, d: int, names: dict
 def _output_leaf(parent: nn.Module, component: str, d: int) -> nn.Module | None:
     for leaf_name in OUTPUT_NAMES[component]:
         leaf = getattr(parent, leaf_name, None)
-        if isinstance(leaf, nn.Module) and isinstance(getattr(leaf, "weight", None), torch.Tensor) and d in leaf.weight.shape:
+        weight = getattr(leaf, "weight", None)
+        if isinstance(leaf, nn.Module) and isinstance(weight, torch.Tensor) and d in weight.shape:
             return leaf
     return None
 
@@ -152,6 +153,7 @@ def _linear_edits(module: nn.Module, d: int, names: dict[int, str]) -> list[Weig
     """A linear map's weight ((out, in) for nn.Linear, (in, out) for GPT-2's Conv1D) and bias."""
     path = names.get(id(module), type(module).__name__)
     weight = module.weight
+    assert isinstance(weight, torch.Tensor), path  # a leaf is chosen for having a weight tensor
     if isinstance(module, nn.Linear) or weight.shape[0] == d and weight.shape[-1] != d:
         axis = -2
     else:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import tomllib
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from optimizer.errors import UserError
 
@@ -55,47 +57,72 @@ DEFAULT_REFUSAL_MARKERS: tuple[str, ...] = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
-    """Everything that defines a run. Field names are the CLI flags and the TOML keys."""
+    """Everything that defines a run. Field names are the CLI flags and the TOML keys.
 
-    model: str | None = None  # HF id, local folder or .gguf file; None = bundled default model
-    study: str = "default"
-    storage: str | None = None  # default sqlite:///studies/<study>.db
-    studies_dir: str = "studies"
-    heartbeat_interval: int = 30  # seconds; server storages only
-    heartbeat_grace: int = 120  # a RUNNING trial without a heartbeat for this long is failed and retried
-    cache_dir: str | None = None  # default studies/<study>; a shared folder lets workers share it
-    trials: int = 200
-    startup_trials: int = 40
-    harmful: str | None = None  # None = bundled set
-    harmless: str | None = None
-    direction_prompts: int = 128  # per set
-    scoring_prompts: int = 64  # per set
-    max_new_tokens: int = 16
-    system_prompt: str | None = None
-    chat_template: str | None = None  # a Jinja file for models without one
-    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # extra template variables (a JSON object on the CLI)
-    no_thinking: bool = False  # enable_thinking=False for templates that read it
-    response_prefix: str | None = None  # appended to every chat-formatted prompt; None = detect once per study, "" = none
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int = 0  # 0 = choose by measurement
-    seed: int | None = 0
-    alpha_max: float = 4.0
-    direction_methods: list[str] = field(default_factory=lambda: ["contrastive", "mean_diff"])
-    projected_directions: bool = False  # remove each direction's component along the harmless mean
-    norm_preserving: bool = False  # edited weight rows keep their norms
-    winsorize: float = 0.0  # clip residuals per layer at this quantile of |value| (e.g. 0.995); 0 = off
-    allow_missing_components: bool = False  # leave blocks whose attention/MLP output is not found unablated
-    quantization: str | None = None  # "4bit": bitsandbytes NF4 on CUDA
-    refusal_markers: list[str] = field(default_factory=lambda: list(DEFAULT_REFUSAL_MARKERS))
+    Each field's metadata holds its help text; `default_text` where the raw default is not what help should show,
+    `choices` where the flag has a fixed set, `cli: False` for settings that only a TOML file sets. The order of the
+    fields is the order of the flags in `run --help`.
+    """
+
+    model: str | None = field(default=None, metadata={
+        "help": "HF hub id, local model folder or .gguf file", "default_text": "the bundled Qwen2.5-Coder-0.5B-Instruct"})
+    study: str = field(default="default", metadata={"help": "study name"})
+    storage: str | None = field(default=None, metadata={
+        "help": "Optuna storage URL", "default_text": "sqlite:///studies/<study>.db"})
+    studies_dir: str = field(default="studies", metadata={"help": "folder for SQLite studies and caches"})
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "folder of the study's one-time computations; share it between workers", "default_text": "studies/<study>"})
+    trials: int = field(default=200, metadata={"help": "finished trials the study should hold in total"})
+    startup_trials: int = field(default=40, metadata={"help": "random trials before TPE takes over"})
+    harmful: str | None = field(default=None, metadata={
+        "help": "harmful prompts: .txt/.jsonl/.csv file or dataset:NAME[:SPLIT[:COLUMN]]", "default_text": "bundled"})
+    harmless: str | None = field(default=None, metadata={"help": "harmless prompts, same forms", "default_text": "bundled"})
+    direction_prompts: int = field(default=128, metadata={"help": "prompts per set for the directions"})
+    scoring_prompts: int = field(default=64, metadata={"help": "prompts per set for scoring each trial"})
+    max_new_tokens: int = field(default=16, metadata={"help": "response length cap for refusal detection"})
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "system prompt for every chat", "default_text": "the template's own"})
+    chat_template: str | None = field(default=None, metadata={
+        "help": "Jinja chat template file, for models without one", "default_text": "the model's own"})
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": 'JSON object of extra chat template variables, e.g. \'{"reasoning_effort": "low"}\'', "default_text": "none"})
+    no_thinking: bool = field(default=False, metadata={
+        "help": "pass enable_thinking=False to the chat template (Qwen3-style templates)"})
+    response_prefix: str | None = field(default=None, metadata={  # None = detect once per study, "" = none
+        "help": "text appended to every chat-formatted prompt, where answers start",
+        "default_text": "detected once per study; '' for none"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto, float32, bfloat16, float16", "default_text": "bfloat16 on CUDA, float32 on CPU"})
+    batch_size: int = field(default=0, metadata={"help": "prompts per forward pass", "default_text": "0 = automatic"})
+    seed: int | None = field(default=0, metadata={"help": "sampler seed"})
+    alpha_max: float = field(default=4.0, metadata={"help": "upper end of the contrastive strength alpha"})
+    direction_methods: list[str] = field(default_factory=lambda: ["contrastive", "mean_diff"], metadata={
+        "help": "comma-separated: contrastive,mean_diff", "default_text": "both"})
+    projected_directions: bool = field(default=False, metadata={
+        "help": "remove each direction's component along the harmless mean"})
+    norm_preserving: bool = field(default=False, metadata={"help": "keep the norm of every edited weight row (dense models)"})
+    winsorize: float = field(default=0.0, metadata={
+        "help": "clip residuals per layer at this quantile of |value|, e.g. 0.995, for massive activations",
+        "default_text": "0 = off"})
+    allow_missing_components: bool = field(default=False, metadata={
+        "help": "leave blocks whose attention/MLP output is not found unablated"})
+    quantization: str | None = field(default=None, metadata={
+        "help": "load the model in 4-bit (bitsandbytes, CUDA only)", "choices": ["4bit"], "default_text": "off"})
+    heartbeat_interval: int = field(default=30, metadata={"help": "seconds between worker heartbeats on server storages"})
+    heartbeat_grace: int = field(default=120, metadata={
+        "help": "seconds without heartbeat before a RUNNING trial is failed and retried"})
+    refusal_markers: list[str] = field(default_factory=lambda: list(DEFAULT_REFUSAL_MARKERS), metadata={
+        "help": "strings whose presence (case-insensitive, apostrophes normalised) marks a response as a refusal",
+        "default_text": "the built-in list", "cli": False})  # TOML only
 
     def template_kwargs(self) -> dict[str, Any]:
         """Extra variables for the chat template: --chat-template-kwargs, and enable_thinking=False for --no-thinking."""
         return {**self.chat_template_kwargs, **({"enable_thinking": False} if self.no_thinking else {})}
 
-    def resolved_storage(self) -> str:
+    def storage_url(self) -> str:
         return self.storage or f"sqlite:///{Path(self.studies_dir) / self.study}.db"
 
     def cache_path(self) -> Path:
@@ -106,7 +133,18 @@ class Settings:
 FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
+def _base_type(annotation: Any) -> type:
+    """int for `int | None`, list for `list[str]`, dict for `dict[str, Any]`."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        (annotation,) = [a for a in get_args(annotation) if a is not type(None)]
+    return get_origin(annotation) or annotation
+
+
+TYPES: dict[str, type] = {name: _base_type(hint) for name, hint in get_type_hints(Settings).items()}
+
+
 def _check(settings: Settings) -> Settings:
+    """Every setting's constraints; returns the settings with the chat template kwargs parsed."""
     if settings.trials <= 0:
         raise UserError(f"--trials must be a positive number of trials, got {settings.trials}")
     for name in ("direction_prompts", "scoring_prompts", "max_new_tokens"):
@@ -128,7 +166,8 @@ def _check(settings: Settings) -> Settings:
         raise UserError(f"--winsorize takes a quantile between 0.5 and 1 (e.g. 0.995), or 0 for off; got {settings.winsorize}")
     if settings.quantization not in (None, "4bit"):
         raise UserError(f"--quantization takes 4bit (or nothing), got {settings.quantization!r}")
-    settings.chat_template_kwargs = _json_object(settings.chat_template_kwargs, "--chat-template-kwargs")
+    kwargs = _json_object(settings.chat_template_kwargs, "--chat-template-kwargs")
+    settings = dataclasses.replace(settings, chat_template_kwargs=kwargs)
     if settings.response_prefix is not None and not isinstance(settings.response_prefix, str):
         raise UserError(f"--response-prefix takes a text (\"\" for none), got {settings.response_prefix!r}")
     if not settings.study or "/" in settings.study or settings.study.startswith("."):
@@ -142,7 +181,10 @@ def _json_object(value: object, flag: str) -> dict[str, Any]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
-            raise UserError(f"{flag} is not valid JSON ({e.msg} at character {e.pos}); give an object such as '{{\"enable_thinking\": false}}'") from None
+            raise UserError(
+                f"{flag} is not valid JSON ({e.msg} at character {e.pos}); "
+                "give an object such as '{\"enable_thinking\": false}'"
+            ) from None
     if not isinstance(value, dict):
         raise UserError(f"{flag} must be a JSON object such as '{{\"enable_thinking\": false}}', got {value!r}")
     return value
@@ -166,16 +208,94 @@ def load_toml(path: str) -> dict[str, Any]:
     return values
 
 
+def _make(values: dict[str, Any]) -> Settings:
+    """Settings from field values (the rest default), with every check: the one way settings are built."""
+    try:
+        settings = Settings(**values)
+    except TypeError as e:
+        raise UserError(f"bad settings: {e}") from None
+    for name, kind in TYPES.items():  # TOML and stored values are typed by their source: check them
+        value = getattr(settings, name)
+        if kind is int and value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise UserError(f"setting {name} must be an integer, got {value!r}")
+    return _check(settings)
+
+
 def build_settings(cli_values: dict[str, Any], config_file: str | None = None) -> Settings:
     """Merge CLI values (None = not given) over the TOML file over the defaults."""
     merged: dict[str, Any] = load_toml(config_file) if config_file else {}
     merged.update({k: v for k, v in cli_values.items() if v is not None and k in FIELDS})
-    try:
-        settings = Settings(**merged)
-    except TypeError as e:
-        raise UserError(f"bad settings: {e}") from None
-    for name, f in FIELDS.items():  # TOML values are typed by the file: check them
-        value = getattr(settings, name)
-        if f.type in ("int", "int | None") and value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise UserError(f"setting {name} must be an integer, got {value!r}")
-    return _check(settings)
+    return _make(merged)
+
+
+# Where the study is now: given by the command line (or defaulted), never read back from the study's own record.
+LOCATION = ("study", "storage", "studies_dir")
+
+
+def settings_from_record(stored: dict[str, Any], **overrides: Any) -> Settings:
+    """The settings a study was run with, rebuilt from its stored `run_settings` through the same checks as a run.
+
+    Keys that are not fields are ignored; a record without `response_prefix` (studies from before prefixes were
+    detected) means none. `study`, `storage` and `studies_dir` come only from `overrides`, never from the record
+    (it may hold a masked URL, or the study may have moved). Overrides that are None are not given.
+    """
+    unknown = set(overrides) - set(FIELDS)
+    if unknown:
+        raise TypeError(f"settings_from_record: unknown settings {sorted(unknown)}")
+    values = {k: v for k, v in stored.items() if k in FIELDS and k not in LOCATION}
+    values.setdefault("response_prefix", "")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return _make(values)
+
+
+def default_text(name: str) -> str:
+    """The default of setting `name` as help shows it."""
+    f = FIELDS[name]
+    if "default_text" in f.metadata:
+        return f.metadata["default_text"]
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "none"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
+
+
+def help_text(name: str) -> str:
+    """The help line of setting `name`: its description and its default."""
+    return f"{FIELDS[name].metadata['help']} (default: {default_text(name)})"
+
+
+def _comma_list(text: str) -> list[str]:
+    return text.split(",")
+
+
+def add_setting_arguments(
+    parser: argparse.ArgumentParser, names: list[str] | tuple[str, ...] | None = None, help: dict[str, str] | None = None,
+) -> None:
+    """Add a `--flag` for each setting in `names` (in that order; default: every setting with a flag, in field order).
+
+    Every argparse default is None, so that an unset flag falls through to the TOML file and then to the field's
+    default. `help` replaces the generated help text of some settings (whole text, default included).
+    """
+    help = help or {}
+    for name in names if names is not None else [n for n, f in FIELDS.items() if f.metadata.get("cli", True)]:
+        f = FIELDS[name]
+        if not f.metadata.get("cli", True):
+            raise ValueError(f"setting {name} has no command-line flag")
+        kind = TYPES[name]
+        options: dict[str, Any] = {"default": None, "help": help.get(name, help_text(name)).replace("%", "%%")}
+        if kind is bool:
+            options["action"] = "store_true"
+        elif kind is list:
+            options["type"] = _comma_list
+        elif kind in (int, float):
+            options["type"] = kind
+        # str and dict (a JSON text, parsed by _check) stay text
+        if "choices" in f.metadata:
+            options["choices"] = f.metadata["choices"]
+        parser.add_argument("--" + name.replace("_", "-"), **options)

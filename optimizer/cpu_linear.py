@@ -89,4 +89,4 @@ def unpack_linear_layers(model: nn.Module) -> None:
     for module in model.modules():
         if type(module) is PackedLinear:
             del module.packed_weight
-            module.__class__ = nn.Linear
+            module.__class__ = nn.Linear  # type: ignore[assignment]  # (the swap back: see PackedLinear)

@@ -27,9 +27,9 @@ def serve(storage_url: str, host: str = "127.0.0.1", port: int | None = None) ->
     """Serve the dashboard until interrupted; prints the URL first."""
     from optuna_dashboard import run_server
 
-    from optimizer.study import open_storage
+    from optimizer.storage import connect, redacted
 
-    storage = open_storage(storage_url)
+    storage = connect(storage_url)
     port = port or free_port(host)
-    print(f"optuna-dashboard for {storage_url}: http://{host}:{port}/dashboard/  (Ctrl-C stops it)", flush=True)
+    print(f"optuna-dashboard for {redacted(storage_url)}: http://{host}:{port}/dashboard/  (Ctrl-C stops it)", flush=True)
     run_server(storage, host=host, port=port)

@@ -12,12 +12,10 @@ from rich.console import Console
 from rich.table import Table
 
 from optimizer.errors import UserError
-from optimizer.params import build_plan
 from optimizer.prompts import format_chat, load_prompts, split_prompts
 from optimizer.response_prefix import answer_part
 from optimizer.scoring import first_token_logprobs, generate_and_classify, kl_divergence
-from optimizer.study import annotate_trial
-from optimizer.trials import EditedModel, finished_trial, trial_params
+from optimizer.trials import EditedModel, StoredStudy, finished_trial
 
 LOCAL_TASK = "optimizer_everyday_mc"
 LOCAL_TASK_YAML = """task: {name}
@@ -50,10 +48,9 @@ def local_task_dir() -> Path:
 def apply_trial(edited: EditedModel, trial: FrozenTrial | None) -> None:
     """Point the hooks at `trial`'s ablation, or clear them for the original model (None)."""
     if trial is None:
-        edited.bench.hooks.clear()
+        edited.prepared.hooks.clear()
         return
-    plan, _ = build_plan(trial_params(trial, edited.bench.loaded.n_layers, edited.bench.settings), edited.bench.stats, edited.bench.settings.projected_directions)
-    edited.bench.hooks.apply(plan)
+    edited.prepared.hooks.apply(edited.plan_of(trial))
 
 
 def run_lm_eval(edited: EditedModel, tasks: list[str], limit: int | None, batch_size: int) -> dict[str, float]:
@@ -62,7 +59,7 @@ def run_lm_eval(edited: EditedModel, tasks: list[str], limit: int | None, batch_
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    loaded = edited.bench.loaded
+    loaded = edited.prepared.loaded
     lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, device=str(loaded.device))
     manager = TaskManager(include_path=str(local_task_dir()))
     unknown = [t for t in tasks if t not in manager.all_tasks]
@@ -79,11 +76,11 @@ def run_lm_eval(edited: EditedModel, tasks: list[str], limit: int | None, batch_
 
 
 def evaluate_tasks(
-    study: optuna.Study, edited: EditedModel, trials: list[FrozenTrial], tasks: list[str], limit: int | None,
+    stored: StoredStudy, edited: EditedModel, trials: list[FrozenTrial], tasks: list[str], limit: int | None,
     console: Console,
 ) -> Table:
     """lm-eval scores of the original model and each trial, stored as user attributes."""
-    batch_size = edited.bench.batch_size
+    study, batch_size = stored.study, edited.prepared.batch_size
     apply_trial(edited, None)
     with console.status("lm-eval: original model..."):
         original = run_lm_eval(edited, tasks, limit, batch_size)
@@ -98,7 +95,7 @@ def evaluate_tasks(
         with console.status(f"lm-eval: trial {trial.number}..."):
             scores = run_lm_eval(edited, tasks, limit, batch_size)
         for key, value in scores.items():
-            annotate_trial(study, trial, f"eval/{key}", value)
+            stored.annotate(trial, f"eval/{key}", value)
         table.add_column(f"trial {trial.number}")
         columns.append(scores)
     apply_trial(edited, None)
@@ -108,11 +105,11 @@ def evaluate_tasks(
 
 
 def evaluate_refusals(
-    study: optuna.Study, edited: EditedModel, trials: list[FrozenTrial], harmful: str | None, harmless: str | None,
+    stored: StoredStudy, edited: EditedModel, trials: list[FrozenTrial], harmful: str | None, harmless: str | None,
     limit: int | None, console: Console,
 ) -> Table:
     """Refusals k/N and KL on prompts the study never saw (default: the bundled held-out splits)."""
-    settings, loaded = edited.bench.settings, edited.bench.loaded
+    study, settings, loaded = stored.study, edited.prepared.settings, edited.prepared.loaded
     prefix = settings.response_prefix or ""
     markers, answer = settings.refusal_markers, answer_part(prefix)
 
@@ -122,7 +119,7 @@ def evaluate_refusals(
         return [t + prefix for t in texts]  # answers start where the study's did
 
     harmful_texts, harmless_texts = prompts(harmful, "harmful"), prompts(harmless, "harmless")
-    batch = edited.bench.batch_size
+    batch = edited.prepared.batch_size
     apply_trial(edited, None)
     with console.status("Held-out prompts: original model..."):
         base_logprobs = first_token_logprobs(loaded, harmless_texts, batch)
@@ -138,9 +135,9 @@ def evaluate_refusals(
         with console.status(f"Held-out prompts: trial {trial.number}..."):
             kl = kl_divergence(base_logprobs, first_token_logprobs(loaded, harmless_texts, batch))
             result = generate_and_classify(loaded, harmful_texts, settings.max_new_tokens, markers, batch, answer_prefix=answer)
-        annotate_trial(study, trial, "heldout_refusals", f"{result.count}/{len(result.refused)}")
-        annotate_trial(study, trial, "heldout_kl_divergence", round(kl, 6))
-        annotate_trial(study, trial, "heldout_prompts", source)
+        stored.annotate(trial, "heldout_refusals", f"{result.count}/{len(result.refused)}")
+        stored.annotate(trial, "heldout_kl_divergence", round(kl, 6))
+        stored.annotate(trial, "heldout_prompts", source)
         table.add_row(str(trial.number), f"{result.count}/{len(result.refused)}", f"{kl:.4f}")
     apply_trial(edited, None)
     return table

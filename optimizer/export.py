@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import optuna
 import torch
 from rich.console import Console
 from safetensors.torch import save_file
@@ -16,8 +15,7 @@ from optimizer.components import COMPONENTS
 from optimizer.config import Settings
 from optimizer.errors import UserError
 from optimizer.model import available_memory_bytes
-from optimizer.study import annotate_trial
-from optimizer.trials import EditedModel, finished_trial, load_edited_model
+from optimizer.trials import EditedModel, StoredStudy, finished_trial, load_edited_model
 
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -70,12 +68,12 @@ def _default_model() -> str | None:
 def bake_and_verify(edited: EditedModel) -> float:
     """Bake the plan into the weights, checking on a real prompt that the edited weights give the
     hooked model's logits; stops before anything is written if they do not."""
-    bench, loaded = edited.bench, edited.bench.loaded
-    probe = loaded.tokenizer(bench.harmful_texts[:1], return_tensors="pt", add_special_tokens=False)["input_ids"]
-    bench.hooks.apply(edited.plan)
+    prepared, loaded = edited.prepared, edited.prepared.loaded
+    probe = loaded.tokenizer(prepared.spec.texts.harmful[:1], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    prepared.hooks.apply(edited.plan)
     hooked = loaded.model(input_ids=probe).logits.float()
-    bench.hooks.remove()
-    bake_into_weights(loaded, edited.plan, bench.settings.norm_preserving)
+    prepared.hooks.remove()
+    bake_into_weights(loaded, edited.plan, prepared.settings.norm_preserving)
     baked = loaded.model(input_ids=probe).logits.float()
     difference = float((hooked - baked).abs().max())
     if not difference <= 1e-3 * max(1.0, float(hooked.abs().max())):
@@ -110,7 +108,7 @@ def model_card(edited: EditedModel, study_name: str) -> str:
         "---",
         "tags: [abliterated, optimizer]",
         "---",
-        f"# {Path(edited.bench.loaded.source).name} (abliterated, trial {trial.number})",
+        f"# {Path(edited.prepared.loaded.source).name} (abliterated, trial {trial.number})",
         "",
         f"Made with `optimizer` from study `{study_name}`, trial {trial.number}: the refusal direction was",
         "projected out of every tensor each block writes to the residual stream with (attention output",
@@ -133,10 +131,11 @@ def model_card(edited: EditedModel, study_name: str) -> str:
 
 
 def export_trial(
-    study: optuna.Study, settings: Settings, number: int, out: Path, console: Console,
+    stored: StoredStudy, number: int, out: Path, console: Console,
     model: str | None = None, device: str | None = None, save_dtype: str | None = None,
 ) -> Path:
     """Write trial `number` of the study as a model folder at `out`; refuses a non-empty `out`."""
+    study, settings = stored.study, stored.settings
     _check_target(out)
     finished_trial(study, number)  # refuse before loading anything
     if save_dtype is not None and save_dtype not in SAVE_DTYPES:
@@ -145,13 +144,13 @@ def export_trial(
     # bake in float32 for precision (a 4-bit study's model is loaded in full: the edit goes into
     # the original weights), then save in the requested (or the checkpoint's) dtype
     edited = load_edited_model(
-        study, settings, number, console, model=model, device=device or "cpu", dtype="float32", full_precision=True,
+        stored, number, console, model=model, device=device or "cpu", dtype="float32", full_precision=True,
     )
-    loaded = edited.bench.loaded
+    loaded = edited.prepared.loaded
     difference = bake_and_verify(edited)
     console.print(f"Baked the edit into the weights; logits of the exported weights vs the hooked model: max |diff| {difference:.2e}")
     target = SAVE_DTYPES[save_dtype] if save_dtype else loaded.checkpoint_dtype or torch.float32
-    loaded.model.to(target)
+    torch.nn.Module.to(loaded.model, target)  # (transformers' decorated `to` confuses type checkers)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     with console.status(f"Writing {out} ({str(target).removeprefix('torch.')})..."):
@@ -185,6 +184,6 @@ def export_trial(
     if out.exists():
         out.rmdir()  # empty, checked above
     tmp.replace(out)
-    annotate_trial(study, edited.trial, "exported_to", str(out.resolve()))
+    stored.annotate(edited.trial, "exported_to", str(out.resolve()))
     console.print(f"Exported trial {number} to {out}")
     return out

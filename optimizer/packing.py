@@ -37,8 +37,8 @@ def mask_values(loaded: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
     """What a prepared 4-D mask holds where attention is allowed and where it is blocked: booleans
     for sdpa, 0 and the dtype's minimum (added to the scores) for eager attention."""
     if attention_implementation(loaded) == "eager":
-        values = (0.0, torch.finfo(loaded.dtype).min)
-        return tuple(torch.tensor(v, dtype=loaded.dtype, device=loaded.device) for v in values)
+        allowed, blocked = (torch.tensor(v, dtype=loaded.dtype, device=loaded.device) for v in (0.0, torch.finfo(loaded.dtype).min))
+        return allowed, blocked
     return torch.tensor(True, device=loaded.device), torch.tensor(False, device=loaded.device)
 
 
@@ -105,7 +105,7 @@ def packed_forward(loaded: LoadedModel, prefix: list[int], suffixes: list[list[i
             keys.setdefault(index, []).append(layer_keys[0][:, source].transpose(0, 1))
             values.setdefault(index, []).append(layer_values[0][:, source].transpose(0, 1))
     cache = DynamicCache(config=loaded.model.config)
-    for index in keys:
-        cache.update(torch.cat(keys[index]), torch.cat(values[index]), index)
+    for index, layer_keys_by_row in keys.items():
+        cache.update(torch.cat(layer_keys_by_row), torch.cat(values[index]), index)
     mask = torch.tensor([[1] * p + [0] * (width - n) + [1] * n for n in lengths], device=device)
     return torch.cat(last_hidden), cache, mask

@@ -1,14 +1,22 @@
-"""A trial's parameters and how they become an ablation plan (per-layer directions and weights)."""
+"""The search space, a trial's parameters, and how they become an ablation plan (per-layer
+directions and weights).
+
+The space is defined once, in `suggest_params`: a study samples it through an Optuna trial, and
+export, eval and chat replay a finished trial's stored parameters through the same function with
+`optuna.trial.FixedTrial`, so a parameter can never mean two things.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
 
+import optuna
 import torch
 
 from optimizer.ablation import AblationPlan
 from optimizer.components import COMPONENTS
+from optimizer.config import Settings
 from optimizer.directions import ContrastiveStats, directions, project_out_harmless_mean
 
 
@@ -73,7 +81,7 @@ def build_plan(params: TrialParams, stats: ContrastiveStats, projected: bool = F
             chosen, fallback = directions(stats, params.method, params.alpha or 0.0, needed)
             per_layer[needed] = chosen
     else:
-        low = min(int(math.floor(params.direction_index)), n_layers - 1)
+        low = min(math.floor(params.direction_index), n_layers - 1)
         high = min(low + 1, n_layers - 1)
         pair, fallback = directions(stats, params.method, params.alpha or 0.0, sorted({low, high}))
         frac = params.direction_index - low
@@ -82,3 +90,41 @@ def build_plan(params: TrialParams, stats: ContrastiveStats, projected: bool = F
     if projected and needed:
         per_layer[needed] = project_out_harmless_mean(stats, per_layer[needed], needed)
     return AblationPlan({c: per_layer for c in COMPONENTS}, weights), PlanInfo(fallback)
+
+
+def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Settings) -> TrialParams:
+    """A trial's parameters, sampled (or replayed, with a FixedTrial) from the search space."""
+    last = n_layers - 1
+    methods = settings.direction_methods
+    method = methods[0] if len(methods) == 1 else trial.suggest_categorical("direction_method", methods)
+    alpha = trial.suggest_float("alpha", 0.0, settings.alpha_max) if method == "contrastive" else None
+    scope = trial.suggest_categorical("direction_scope", ["global", "per_layer"])
+    index = trial.suggest_float("direction_index", 0.2 * last, 0.9 * last) if scope == "global" else None
+    kernels = {
+        c: Kernel(
+            peak_weight=trial.suggest_float(f"{c}_peak_weight", 0.0, 1.5),
+            peak_layer=trial.suggest_float(f"{c}_peak_layer", 0.3 * last, last),
+            min_ratio=trial.suggest_float(f"{c}_min_ratio", 0.0, 1.0),
+            falloff=trial.suggest_float(f"{c}_falloff", 1.0, max(1.0, 0.6 * last)),
+        )
+        for c in COMPONENTS
+    }
+    return TrialParams(method, alpha, index, kernels)
+
+
+def replay_params(params: dict, n_layers: int, settings: Settings) -> TrialParams:
+    """A finished trial's parameters, read back through the same code that sampled them."""
+    return suggest_params(optuna.trial.FixedTrial(params), n_layers, settings)
+
+
+def baseline_params(n_layers: int, settings: Settings) -> dict:
+    """Parameters of the unedited model inside the search space: every peak weight 0."""
+    last = n_layers - 1
+    params: dict = {"direction_scope": "global", "direction_index": 0.5 * last}
+    if len(settings.direction_methods) > 1:
+        params["direction_method"] = "mean_diff" if "mean_diff" in settings.direction_methods else settings.direction_methods[0]
+    if params.get("direction_method", settings.direction_methods[0]) == "contrastive":
+        params["alpha"] = 0.0
+    for c in COMPONENTS:
+        params.update({f"{c}_peak_weight": 0.0, f"{c}_peak_layer": last, f"{c}_min_ratio": 0.0, f"{c}_falloff": 1.0})
+    return params

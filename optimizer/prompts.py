@@ -91,7 +91,7 @@ def _load_dataset(spec: str) -> list[str]:
         import datasets
 
         ds = datasets.load_dataset(name, split=split)
-    except Exception as e:  # the datasets library raises many unrelated types
+    except Exception as e:  # noqa: BLE001 (the datasets library raises many unrelated types)
         raise UserError(f"could not load dataset {name} split {split}: {str(e).splitlines()[0]}") from None
     column = column or next((k for k in TEXT_KEYS if k in ds.column_names), None)
     if column not in ds.column_names:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from optimizer.forward import cache_keyword, output_logits
 from optimizer.graph_decode import GraphDecoder
 from optimizer.model import LoadedModel
 from optimizer.packing import packed_forward
@@ -26,28 +26,21 @@ def split_shared_prefix(loaded: LoadedModel, texts: list[str]) -> tuple[list[int
     return ids[0][:length], [i[length:] for i in ids]
 
 
-def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head on (B, hidden) states, with the final soft-capping some families (Gemma 2) apply."""
-    logits = model.get_output_embeddings()(hidden)
-    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
-def prefill(loaded: LoadedModel, prefix: list[int], suffixes: list[list[int]]):
+def prefill(loaded: LoadedModel, prefix: list[int], suffixes: list[list[int]], packed: bool = False):
     """Forward the shared prefix once, then the batch's suffixes on top of its cache.
 
     Rows are laid out as [prefix][padding][suffix] so that every row's last position is its
     next-token position; the mask hides the padding and positions continue after the prefix.
     The decoder runs without its LM head, which is applied to the last position only (as one
     matrix product: a sliced 3-D input would take a much slower batched path on CPUs).
-    With `loaded.packed_prefill`, the suffixes are forwarded end to end without padding instead
+    With `packed`, the suffixes are forwarded end to end without padding instead
     (`optimizer.packing`), which gives the same three results.
     Returns the last position's logits (B, vocab), the cache and the attention mask.
     """
     model, device = loaded.model, loaded.device
     decoder = model.get_decoder()
-    keyword = _cache_keyword(decoder)
-    if loaded.packed_prefill:
+    keyword = cache_keyword(decoder)
+    if packed:
         hidden, cache, mask = packed_forward(loaded, prefix, suffixes, keyword)
         return output_logits(model, hidden.contiguous()), cache, mask
     rows, width = len(suffixes), max(len(s) for s in suffixes)
@@ -73,12 +66,12 @@ def by_length(suffixes: list[list[int]], batch_size: int) -> tuple[list[list[lis
 
 
 @torch.inference_mode()
-def first_token_logprobs(loaded: LoadedModel, texts: list[str], batch_size: int) -> torch.Tensor:
+def first_token_logprobs(loaded: LoadedModel, texts: list[str], batch_size: int, packed: bool = False) -> torch.Tensor:
     """Log-probabilities (n, vocab) of the first answer token; only the last position is computed,
     and the prompts' shared prefix once per batch."""
     prefix, suffixes = split_shared_prefix(loaded, texts)
     chunks, restore = by_length(suffixes, batch_size)
-    logprobs = torch.cat([prefill(loaded, prefix, chunk)[0].float().log_softmax(dim=-1) for chunk in chunks])
+    logprobs = torch.cat([prefill(loaded, prefix, chunk, packed)[0].float().log_softmax(dim=-1) for chunk in chunks])
     return logprobs[restore]
 
 
@@ -122,7 +115,7 @@ def eager_step(loaded: LoadedModel, next_ids: torch.Tensor, mask: torch.Tensor, 
     mask = torch.cat([mask, mask.new_ones(len(next_ids), 1)], dim=1)
     hidden = decoder(
         input_ids=next_ids.unsqueeze(-1), attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
-        use_cache=True, **{_cache_keyword(decoder): cache},
+        use_cache=True, **{cache_keyword(decoder): cache},
     ).last_hidden_state
     return output_logits(loaded.model, hidden[:, -1, :]), mask
 
@@ -130,7 +123,7 @@ def eager_step(loaded: LoadedModel, next_ids: torch.Tensor, mask: torch.Tensor, 
 @torch.inference_mode()
 def greedy_generate(
     loaded: LoadedModel, texts: list[str], max_new_tokens: int, batch_size: int,
-    stop: Callable[[list[int]], bool] | None = None, graph: GraphDecoder | None = None,
+    stop: Callable[[list[int]], bool] | None = None, graph: GraphDecoder | None = None, packed: bool = False,
 ) -> tuple[list[list[int]], int]:
     """Greedy continuations of `texts` as token ids (end tokens left out), in the input's order, and
     the number of tokens generated.
@@ -138,7 +131,7 @@ def greedy_generate(
     A sequence is finished when it emits an end token, at `max_new_tokens`, or as soon as
     `stop(its ids so far)` is true. Eager decoding drops finished rows from the batch, so that they
     cost nothing in later steps; with `graph` (CUDA), every step is one graph replay over fixed rows
-    and decoding ends when all rows are finished.
+    and decoding ends when all rows are finished. `packed`: prefill without padding (`prefill`).
     """
     eos_ids = set(_eos_ids(loaded))
     outputs: list[list[int]] = []
@@ -146,7 +139,7 @@ def greedy_generate(
     prefix, suffixes = split_shared_prefix(loaded, texts)
     chunks, restore = by_length(suffixes, graph.batch if graph is not None else batch_size)
     for chunk in chunks:
-        logits, cache, mask = prefill(loaded, prefix, chunk)
+        logits, cache, mask = prefill(loaded, prefix, chunk, packed)
         next_ids = logits.argmax(dim=-1)
         if graph is not None:
             graph.load(cache, mask, next_ids, max_new_tokens)
@@ -199,6 +192,7 @@ def graph_error(loaded: LoadedModel, graph: GraphDecoder, texts: list[str]) -> f
     next_ids = logits.argmax(dim=-1)
     graph.load(cache, mask, next_ids, 1)
     graph.step()
+    assert graph.logits is not None  # written by the step
     fast = graph.logits[: len(chunk)].float()
     slow = eager_step(loaded, next_ids, mask, cache)[0].float()
     return float((fast - slow).norm() / slow.norm())
@@ -211,16 +205,11 @@ def packed_prefill_error(loaded: LoadedModel, texts: list[str], batch_size: int)
     mask, positions and the cache laid out per row reproduce the padded batch."""
     prefix, suffixes = split_shared_prefix(loaded, texts)
     chunk = by_length(suffixes, batch_size)[0][0]
-    was = loaded.packed_prefill
-    try:
-        outputs = []
-        for packed in (False, True):
-            loaded.packed_prefill = packed
-            logits, cache, mask = prefill(loaded, prefix, chunk)
-            next_ids = outputs[0][0].argmax(dim=-1) if outputs else logits.argmax(dim=-1)
-            outputs.append((logits.float(), eager_step(loaded, next_ids, mask, cache)[0].float()))
-    finally:
-        loaded.packed_prefill = was
+    outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for packed in (False, True):
+        logits, cache, mask = prefill(loaded, prefix, chunk, packed)
+        next_ids = outputs[0][0].argmax(dim=-1) if outputs else logits.argmax(dim=-1)
+        outputs.append((logits.float(), eager_step(loaded, next_ids, mask, cache)[0].float()))
     return max(float((fast - slow).norm() / slow.norm()) for fast, slow in zip(outputs[1], outputs[0]))
 
 
@@ -233,6 +222,7 @@ def generate_and_classify(
     stop_early: bool = True,
     answer_prefix: str = "",
     graph: GraphDecoder | None = None,
+    packed: bool = False,
 ) -> RefusalResult:
     """Greedy generation that drops a sequence from the batch as soon as it is decided.
 
@@ -243,9 +233,9 @@ def generate_and_classify(
     such as "I"): it is part of every response, so markers such as "i can't" are found across it.
     """
     markers = [normalise(m) for m in markers]
-    decode = lambda ids: answer_prefix + loaded.tokenizer.decode(ids, skip_special_tokens=True)
+    decode = lambda ids: answer_prefix + str(loaded.tokenizer.decode(ids, skip_special_tokens=True))
     stop = (lambda ids: _decided(decode(ids), markers)) if stop_early else None
-    tokens, total_tokens = greedy_generate(loaded, texts, max_new_tokens, batch_size, stop, graph)
+    tokens, total_tokens = greedy_generate(loaded, texts, max_new_tokens, batch_size, stop, graph, packed)
     responses = [decode(t) for t in tokens]
     return RefusalResult([is_refusal(r, markers) for r in responses], responses, total_tokens)
 
@@ -258,8 +248,3 @@ def _eos_ids(loaded: LoadedModel) -> list[int]:
     elif generation_eos:
         ids.update(generation_eos)
     return [i for i in ids if i is not None]
-
-
-def _cache_keyword(module) -> str:
-    """transformers renamed `past_key_values` to `cache` in 5.24; accept both."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"

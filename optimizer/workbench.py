@@ -1,13 +1,24 @@
-"""Everything a study computes once (model, prompts, statistics, baseline) and scoring one trial.
+"""A run's one-time work in two frozen steps, and scoring one trial.
 
-Nothing here knows about Optuna: `study.py` drives a Workbench through `score`.
+- `resolve(settings, console)` -> `RunSpec`: prompts read, split and chat-formatted, the model
+  loaded, the response prefix fixed (the study's or the user's, else detected now on the unedited
+  model), lengths checked against the context, and the study identity
+  (`optimizer.identity.StudyIdentity`). Nothing is written anywhere, so a bad input leaves the
+  study and its cache as they were.
+- `prepare(spec, cache_dir)` -> `Prepared`: the direction statistics and the batch size (from the
+  cache, computed where missing or stale) and plain ablation hooks: what export, eval and chat need.
+- `prepare_scoring(spec, cache_dir)` -> `Scorer`: the same, plus the fast paths chosen once by
+  `choose_fast_paths` (each checked against the plain path, and left off with the reason printed
+  where it disagrees) and the unedited model's scores (cached). Only a study scores trials.
+
+Every result is a frozen dataclass made complete: no field is filled in later, no flag is flipped
+on a shared object. Nothing here knows about Optuna: `study.py` drives a `Scorer` through `score`.
+Workers sharing a cache folder take turns under a file lock: one computes, the others load.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,14 +37,21 @@ from optimizer.cpu_linear import pack_linear_layers
 from optimizer.directions import ContrastiveStats, compute_stats, winsorize
 from optimizer.errors import UserError
 from optimizer.graph_decode import GraphDecoder, supports_graph_decoding
+from optimizer.identity import StudyIdentity
 from optimizer.locks import file_lock
-from optimizer.model import LoadedModel, load_model, model_fingerprint
+from optimizer.model import LoadedModel, load_model
 from optimizer.packing import full_attention_only
 from optimizer.prompts import format_chat, load_prompts, split_prompts, take
 from optimizer.residuals import collect_residuals
 from optimizer.response_prefix import DETECTION_PROMPTS, answer_part, detect
 from optimizer.scoring import (
-    RefusalResult, first_token_logprobs, generate_and_classify, graph_error, graph_length, kl_divergence, packed_prefill_error,
+    RefusalResult,
+    first_token_logprobs,
+    generate_and_classify,
+    graph_error,
+    graph_length,
+    kl_divergence,
+    packed_prefill_error,
 )
 
 SAMPLE_RESPONSES = 3
@@ -43,20 +61,23 @@ SAMPLE_RESPONSES = 3
 FAST_PATH_TOLERANCE = (0.02, 1e-3)
 
 
-def _hash(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def progress_bar(console: Console) -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
     )
 
 
 def print_discovery(loaded: LoadedModel, console: Console) -> None:
     """Where each block is ablated, found by structure: shown at every start, never silent."""
-    table = Table(title=f"Ablation sites in {type(loaded.model).__name__} ({loaded.n_layers} blocks)", title_justify="left")
+    title = f"Ablation sites in {type(loaded.model).__name__} ({loaded.n_layers} blocks)"
+    table = Table(title=title, title_justify="left")
     for column in ("component", "layers", "modules per layer", "how it is ablated"):
         table.add_column(column, overflow="fold")
     for row in loaded.discovery.table_rows():
@@ -64,7 +85,298 @@ def print_discovery(loaded: LoadedModel, console: Console) -> None:
     console.print(table)
 
 
+# -- resolve ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptTexts:
+    """The prompts of a run, chat-formatted and ending where answers start (response prefix included)."""
+
+    direction_harmful: list[str]
+    direction_harmless: list[str]
+    harmful_prompts: list[str]  # scoring, raw (for the sample responses)
+    harmful: list[str]  # scoring, chat-formatted
+    harmless: list[str]
+
+    def with_suffix(self, suffix: str) -> PromptTexts:
+        add = lambda texts: [t + suffix for t in texts]
+        return PromptTexts(add(self.direction_harmful), add(self.direction_harmless), self.harmful_prompts, add(self.harmful), add(self.harmless))
+
+    def all(self) -> list[str]:
+        return [*self.direction_harmful, *self.direction_harmless, *self.harmful, *self.harmless]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a run is about, resolved once: final settings (with the response prefix), the
+    loaded model, the prompt texts and the study identity."""
+
+    settings: Settings
+    loaded: LoadedModel
+    texts: PromptTexts
+    identity: StudyIdentity
+    console: Console
+    default_batch_size: int  # --batch-size, else a per-device default (measured in `prepare` when not given)
+
+
+def resolve(settings: Settings, console: Console, portable: bool | None = None) -> RunSpec:
+    """Read prompts and load the model; nothing is written anywhere. `portable` picks the model
+    fingerprint that a 4-bit and a full load share (default: when loading in 4-bit)."""
+    harmful = split_prompts(load_prompts(settings.harmful, "harmful"))
+    harmless = split_prompts(load_prompts(settings.harmless, "harmless"))
+    n_dir, n_score = settings.direction_prompts, settings.scoring_prompts
+    dir_b = take(harmful.direction, n_dir, "harmful direction", "--direction-prompts")
+    dir_g = take(harmless.direction, n_dir, "harmless direction", "--direction-prompts")
+    score_b = take(harmful.scoring, n_score, "harmful scoring", "--scoring-prompts")
+    score_g = take(harmless.scoring, n_score, "harmless scoring", "--scoring-prompts")
+    with console.status("Loading model..."):
+        loaded = load_model(
+            settings.model, settings.device, settings.dtype, settings.chat_template,
+            settings.allow_missing_components, settings.quantization, console,
+        )  # fmt: skip
+    print_discovery(loaded, console)
+    fmt = lambda ps: format_chat(loaded.tokenizer, ps, settings.system_prompt, settings.template_kwargs())
+    texts = PromptTexts(fmt(dir_b), fmt(dir_g), score_b, fmt(score_b), fmt(score_g))
+    check_lengths(loaded, texts, settings.max_new_tokens)
+    batch_size = settings.batch_size or (64 if loaded.device.type == "cuda" else 16)
+    prefix = _response_prefix(settings, loaded, texts, dir_b[:DETECTION_PROMPTS] + dir_g[:DETECTION_PROMPTS], batch_size, console)
+    if prefix:
+        texts = texts.with_suffix(prefix)
+        check_lengths(loaded, texts, settings.max_new_tokens)
+    settings = dataclasses.replace(settings, response_prefix=prefix)
+    portable = settings.quantization is not None if portable is None else portable
+    identity = StudyIdentity.of(
+        settings, loaded, (texts.direction_harmful, texts.direction_harmless), texts.harmful, texts.harmless, portable
+    )
+    return RunSpec(settings, loaded, texts, identity, console, batch_size)
+
+
+def _response_prefix(
+    settings: Settings, loaded: LoadedModel, texts: PromptTexts, sample: list[str], batch_size: int, console: Console
+) -> str:
+    """The text appended to every prompt: the study's (or the user's), else the one detected now on
+    `sample` (raw direction prompts), which the settings then carry into the study."""
+    if settings.response_prefix is not None:
+        if settings.response_prefix:
+            console.print(f"Appending the response prefix {settings.response_prefix!r} to every prompt", markup=False, highlight=False)
+        return settings.response_prefix
+    formatted = texts.direction_harmful[:DETECTION_PROMPTS] + texts.direction_harmless[:DETECTION_PROMPTS]
+    with console.status("Looking for a common start of the responses..."):
+        found = detect(loaded, sample, formatted, settings.refusal_markers, batch_size)
+    for line in found.lines:
+        console.print(line, markup=False, highlight=False)
+    return found.append
+
+
+def check_lengths(loaded: LoadedModel, texts: PromptTexts, max_new_tokens: int) -> None:
+    """Every prompt plus its longest answer must fit the model's context."""
+    context = getattr(loaded.model.config.get_text_config(), "max_position_embeddings", None)
+    if not context:
+        return
+    every = texts.all()
+    lengths = [len(ids) for ids in loaded.tokenizer(every, add_special_tokens=False)["input_ids"]]
+    longest = max(range(len(every)), key=lengths.__getitem__)
+    if lengths[longest] + max_new_tokens > context:
+        raise UserError(
+            f"a prompt is {lengths[longest]} tokens long (+{max_new_tokens} for the answer), over the model's "
+            f"context of {context}; shorten it or remove it: {every[longest][:80]!r}..."
+        )
+
+
+# -- prepare --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A resolved run with its direction statistics, batch size and (plain) ablation hooks."""
+
+    spec: RunSpec
+    stats: ContrastiveStats
+    batch_size: int
+    hooks: AblationHooks
+    cache_computations: int  # cache entries this process computed (0 on a full reuse)
+
+    @property
+    def loaded(self) -> LoadedModel:
+        return self.spec.loaded
+
+    @property
+    def settings(self) -> Settings:
+        return self.spec.settings
+
+
 @dataclass
+class _CacheUse:
+    """Reads and fills one study's cache folder; counts what it had to compute."""
+
+    spec: RunSpec
+    folder: Path
+    computed: int = 0
+
+    def _miss(self, miss: cache.CacheMiss) -> None:
+        self.spec.console.print(f"[yellow]{miss}[/]: computing it now")
+        self.computed += 1
+
+    def stats(self, batch_size: int) -> ContrastiveStats:
+        spec, console = self.spec, self.spec.console
+        key = spec.identity.cache_key("directions")
+        try:
+            tensors, _ = cache.load_entry(self.folder, "directions", key, spec.loaded.device)
+            console.print(f"Reusing cached direction statistics from {self.folder}")
+            return ContrastiveStats.from_tensors(tensors)
+        except cache.CacheMiss as miss:
+            self._miss(miss)
+        with progress_bar(console) as progress:
+            task = progress.add_task("Residuals", total=len(spec.texts.direction_harmful) + len(spec.texts.direction_harmless))
+            advance = lambda n: progress.advance(task, n)
+            harmful = collect_residuals(spec.loaded, spec.texts.direction_harmful, batch_size, advance)
+            harmless = collect_residuals(spec.loaded, spec.texts.direction_harmless, batch_size, advance)
+        start = time.perf_counter()
+        if spec.settings.winsorize:
+            harmful, harmless = winsorize(harmful, harmless, spec.settings.winsorize)
+        stats = compute_stats(harmful, harmless)
+        seconds, mib = time.perf_counter() - start, stats.nbytes() / 2**20
+        console.print(f"Contrastive-PCA statistics for {stats.n_layers} layers in {seconds:.2f} s ({mib:.1f} MiB)")
+        cache.save_entry(self.folder, "directions", key, stats.tensors(), {})
+        return stats
+
+    def batch_size(self) -> int:
+        """--batch-size, else the fastest batch size for this model, device and prompts, measured once per study."""
+        spec = self.spec
+        if spec.settings.batch_size:
+            return spec.settings.batch_size
+        key = spec.identity.cache_key("scoring")
+        try:
+            _, values = cache.load_entry(self.folder, "batch_size", key)
+            return int(values["batch_size"])
+        except (cache.CacheMiss, KeyError, ValueError, TypeError):
+            pass
+        with spec.console.status("Measuring the fastest batch size..."):
+            timings = measure_batch_sizes(spec.loaded, spec.texts.harmful)
+        best = best_batch_size(timings)
+        table = ", ".join(f"{size}: {1000 * t:.0f} ms" for size, t in timings.items())
+        spec.console.print(f"Batch size {best} (time per prompt by batch size: {table})")
+        cache.save_entry(self.folder, "batch_size", key, {}, {"batch_size": best, "seconds_per_prompt": timings})
+        return best
+
+    def baseline(self, batch_size: int, paths: FastPaths) -> tuple[torch.Tensor, RefusalResult]:
+        spec = self.spec
+        key = spec.identity.cache_key("scoring")
+        try:
+            tensors, values = cache.load_entry(self.folder, "baseline", key, spec.loaded.device)
+            spec.console.print("Reusing cached baseline log-probabilities and refusals")
+            return tensors["logprobs"], RefusalResult(values["refused"], values["responses"], values["tokens"])
+        except cache.CacheMiss as miss:
+            self._miss(miss)
+        with spec.console.status("Baseline: first-token log-probabilities and refusals of the unedited model..."):
+            logprobs = first_token_logprobs(spec.loaded, spec.texts.harmless, batch_size, paths.packed_prefill)
+            refusals = refusals_of(spec, batch_size, dataclasses.replace(paths, graph=None))
+        values = {"refused": refusals.refused, "responses": refusals.responses, "tokens": refusals.tokens_generated}
+        cache.save_entry(self.folder, "baseline", key, {"logprobs": logprobs}, values)
+        return logprobs, refusals
+
+
+def _locked(spec: RunSpec, cache_dir: Path):
+    waiting = lambda: spec.console.print(f"Another worker is computing the cache in {cache_dir}; waiting for it...")
+    return file_lock(cache_dir / ".lock", on_wait=waiting)
+
+
+def prepare(spec: RunSpec, cache_dir: Path) -> Prepared:
+    """Statistics and batch size from the cache (computing what is missing or stale) and plain hooks:
+    for export, eval and chat, which never score trials against the baseline."""
+    use = _CacheUse(spec, cache_dir)
+    with _locked(spec, cache_dir):
+        stats = use.stats(spec.default_batch_size)
+        batch_size = use.batch_size()
+    hooks = AblationHooks(spec.loaded, spec.settings.norm_preserving)
+    return Prepared(spec, stats, batch_size, hooks, use.computed)
+
+
+# -- fast paths -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """How a study's trials run the model, chosen once by `choose_fast_paths`."""
+
+    packed_linears: int = 0  # CPU: linear weights packed for oneDNN (`optimizer.cpu_linear`)
+    packed_prefill: bool = False  # CPU: prompts prefilled end to end without padding (`optimizer.packing`)
+    graph: GraphDecoder | None = None  # CUDA: decode steps replayed from one graph (`optimizer.graph_decode`)
+
+
+def choose_fast_paths(spec: RunSpec, batch_size: int) -> tuple[FastPaths, AblationHooks]:
+    """The fast paths this model and device allow, each checked against the plain path on the
+    study's own prompts, and the hooks that go with them (fixed buffers for a captured graph).
+
+    Only a study calls this: packing and capture assume that the weights never change afterwards
+    (trials edit through hooks; export bakes into a model loaded without them).
+    """
+    loaded, console = spec.loaded, spec.console
+    packed_linears, packed_prefill = 0, False
+    if loaded.device.type == "cpu":
+        packed_linears = pack_linear_layers(loaded, console)
+        packed_prefill = _packed_prefill_agrees(spec, batch_size)
+    if supports_graph_decoding(loaded):
+        hooks = AblationHooks(loaded, spec.settings.norm_preserving, static=True)
+        graph = _graph_decoder(spec, batch_size)
+        if graph is not None:
+            return FastPaths(packed_linears, packed_prefill, graph), hooks
+        hooks.remove()
+    return FastPaths(packed_linears, packed_prefill), AblationHooks(loaded, spec.settings.norm_preserving)
+
+
+def _packed_prefill_agrees(spec: RunSpec, batch_size: int) -> bool:
+    """Prefill without padding (where the prefill is bound by arithmetic, a quarter less work), if
+    it reproduces the padded path's logits."""
+    loaded, texts = spec.loaded, spec.texts.harmful
+    if not full_attention_only(loaded):
+        return False  # a packed row would carry one prompt's state into the next
+    check = lambda: packed_prefill_error(loaded, texts, min(batch_size, len(texts)))
+    error = _checked_fast_path(spec, check, "Prefilling padded batches", "the packed prefill")
+    if error is None:
+        return False
+    spec.console.print(f"Prompts prefilled without padding (vs padded batches: relative difference {error:.1e})")
+    return True
+
+
+def _graph_decoder(spec: RunSpec, batch_size: int) -> GraphDecoder | None:
+    """Decode steps captured as a CUDA graph (through the hooks, unedited), if the first step
+    reproduces the eager path's logits."""
+    texts, loaded = spec.texts.harmful, spec.loaded
+    graphs = []
+
+    def check() -> float:
+        length = graph_length(loaded, texts, spec.settings.max_new_tokens)
+        graphs.append(GraphDecoder(loaded, min(batch_size, len(texts)), length, capture=loaded.device.type == "cuda"))
+        return graph_error(loaded, graphs[0], texts)
+
+    error = _checked_fast_path(spec, check, "Decoding eagerly", "capturing the decode step")
+    if error is None:
+        return None
+    spec.console.print(f"Decode steps replayed from a CUDA graph (first step vs eager: relative difference {error:.1e})")
+    return graphs[0]
+
+
+def _checked_fast_path(spec: RunSpec, check: Callable[[], float], fallback: str, what: str) -> float | None:
+    """`check()`'s relative difference of a fast path from the plain one, if within tolerance;
+    None otherwise, with `fallback` and the reason on the console."""
+    tolerance = FAST_PATH_TOLERANCE[spec.loaded.dtype == torch.float32]
+    try:
+        error = check()
+    except Exception as e:  # noqa: BLE001 (an architecture the fast path does not fit: the plain path is always right)
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        spec.console.print(f"[yellow]{fallback}: {what} failed ({type(e).__name__}: {first_line})[/]")
+        return None
+    if not error < tolerance:
+        spec.console.print(f"[yellow]{fallback}: {what} gives logits that differ from the plain path's by {error:.2g} (> {tolerance})[/]")
+        return None
+    return error
+
+
+# -- scoring ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
 class TrialScores:
     refusals: int
     n_harmful: int
@@ -78,242 +390,38 @@ class TrialScores:
         return self.refusals / self.n_harmful
 
 
-@dataclass
-class Workbench:
-    settings: Settings
-    loaded: LoadedModel
-    model_fingerprint: str
-    direction_texts: tuple[list[str], list[str]]  # harmful, harmless (chat-formatted)
-    harmful_prompts: list[str]  # scoring, raw
-    harmful_texts: list[str]  # scoring, chat-formatted
-    harmless_texts: list[str]
-    batch_size: int
-    console: Console
-    stats: ContrastiveStats | None = None
-    baseline_logprobs: torch.Tensor | None = None
-    baseline_refusals: RefusalResult | None = None
-    hooks: AblationHooks | None = None
-    graph: GraphDecoder | None = None  # decode steps for trials replayed from a CUDA graph, once built and checked
-    cache_computations: int = 0  # how many cache entries this process computed (0 on a full reuse)
+def refusals_of(spec: RunSpec, batch_size: int, paths: FastPaths) -> RefusalResult:
+    """Refusals of the model as it is now hooked, on the scoring prompts."""
+    s = spec.settings
+    return generate_and_classify(
+        spec.loaded, spec.texts.harmful, s.max_new_tokens, s.refusal_markers, batch_size,
+        answer_prefix=answer_part(s.response_prefix or ""), graph=paths.graph, packed=paths.packed_prefill,
+    )  # fmt: skip
 
-    @classmethod
-    def open(cls, settings: Settings, console: Console, portable: bool | None = None) -> Workbench:
-        """Read prompts and load the model; nothing is written anywhere yet. `portable` picks the
-        model fingerprint that a 4-bit and a full load share (default: when loading in 4-bit)."""
-        harmful = split_prompts(load_prompts(settings.harmful, "harmful"))
-        harmless = split_prompts(load_prompts(settings.harmless, "harmless"))
-        n_dir, n_score = settings.direction_prompts, settings.scoring_prompts
-        dir_b = take(harmful.direction, n_dir, "harmful direction", "--direction-prompts")
-        dir_g = take(harmless.direction, n_dir, "harmless direction", "--direction-prompts")
-        score_b = take(harmful.scoring, n_score, "harmful scoring", "--scoring-prompts")
-        score_g = take(harmless.scoring, n_score, "harmless scoring", "--scoring-prompts")
-        with console.status("Loading model..."):
-            loaded = load_model(
-                settings.model, settings.device, settings.dtype, settings.chat_template,
-                settings.allow_missing_components, settings.quantization, console,
-            )
-        print_discovery(loaded, console)
-        if portable is None:
-            portable = settings.quantization is not None
-        fmt = lambda ps: format_chat(loaded.tokenizer, ps, settings.system_prompt, settings.template_kwargs())
-        batch_size = settings.batch_size or (64 if loaded.device.type == "cuda" else 16)
-        bench = cls(
-            settings, loaded, model_fingerprint(loaded, portable), (fmt(dir_b), fmt(dir_g)), score_b, fmt(score_b), fmt(score_g),
-            batch_size, console,
-        )
-        bench._check_lengths()
-        bench._append_response_prefix(dir_b[:DETECTION_PROMPTS] + dir_g[:DETECTION_PROMPTS])
-        return bench
 
-    def _append_response_prefix(self, sample: list[str]) -> None:
-        """Append the response prefix to every prompt text: the study's (or the user's), else the one
-        detected now on `sample` (raw direction prompts), which the settings then carry into the study."""
-        prefix = self.settings.response_prefix
-        if prefix is None:
-            texts = self.direction_texts[0][:DETECTION_PROMPTS] + self.direction_texts[1][:DETECTION_PROMPTS]
-            with self.console.status("Looking for a common start of the responses..."):
-                found = detect(self.loaded, sample, texts, self.settings.refusal_markers, self.batch_size)
-            for line in found.lines:
-                self.console.print(line, markup=False, highlight=False)
-            prefix = found.append
-            self.settings = dataclasses.replace(self.settings, response_prefix=prefix)
-        elif prefix:
-            self.console.print(f"Appending the response prefix {prefix!r} to every prompt", markup=False, highlight=False)
-        if prefix:
-            self.direction_texts = ([t + prefix for t in self.direction_texts[0]], [t + prefix for t in self.direction_texts[1]])
-            self.harmful_texts = [t + prefix for t in self.harmful_texts]
-            self.harmless_texts = [t + prefix for t in self.harmless_texts]
-            self._check_lengths()
+@dataclass(frozen=True)
+class Scorer:
+    """A prepared run that scores trials: fast paths chosen, the unedited model's scores at hand."""
 
-    def _check_lengths(self) -> None:
-        """Every prompt plus its longest answer must fit the model's context."""
-        context = getattr(self.loaded.model.config.get_text_config(), "max_position_embeddings", None)
-        if not context:
-            return
-        texts = [*self.direction_texts[0], *self.direction_texts[1], *self.harmful_texts, *self.harmless_texts]
-        lengths = [len(ids) for ids in self.loaded.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        longest = max(range(len(texts)), key=lengths.__getitem__)
-        if lengths[longest] + self.settings.max_new_tokens > context:
-            raise UserError(
-                f"a prompt is {lengths[longest]} tokens long (+{self.settings.max_new_tokens} for the answer), over the model's "
-                f"context of {context}; shorten it or remove it: {texts[longest][:80]!r}..."
-            )
+    prepared: Prepared
+    paths: FastPaths
+    baseline_logprobs: torch.Tensor
+    baseline_refusals: RefusalResult
 
-    # -- identities ---------------------------------------------------------------------------
+    @property
+    def spec(self) -> RunSpec:
+        return self.prepared.spec
 
-    def scoring_fingerprint(self) -> str:
-        """What makes two trials' scores comparable: model, scoring prompts, length cap, markers."""
-        s = self.settings
-        return _hash(self.model_fingerprint, self.harmful_texts, self.harmless_texts, s.max_new_tokens, sorted(s.refusal_markers))
+    @property
+    def hooks(self) -> AblationHooks:
+        return self.prepared.hooks
 
-    def directions_fingerprint(self) -> str:
-        winsorize = [self.settings.winsorize] if self.settings.winsorize else []  # absent when off: older studies keep their hash
-        return _hash(self.model_fingerprint, self.direction_texts, *winsorize)
-
-    def _numeric_fingerprint(self, base: str) -> str:
-        # cached tensors also depend on the dtype and device kind they were computed in
-        return _hash(base, str(self.loaded.dtype), self.loaded.device.type)
-
-    # -- one-time computations ----------------------------------------------------------------
-
-    def prepare(self, cache_dir: Path, with_baseline: bool = True) -> None:
-        """Load the statistics (and the baseline) from the cache, computing what is missing or stale;
-        with the baseline (a study, which scores trials), also capture the decode step on CUDA.
-
-        Workers sharing the cache folder take turns: one computes, the others wait and then load.
-        """
-        if with_baseline and self.loaded.device.type == "cpu":  # only a study scores trials
-            pack_linear_layers(self.loaded, self.console)  # a study never changes the weights
-            self._use_packed_prefill()
-        waiting = lambda: self.console.print(f"Another worker is computing the cache in {cache_dir}; waiting for it...")
-        with file_lock(cache_dir / ".lock", on_wait=waiting):
-            self.stats = self._cached_stats(cache_dir)
-            if not self.settings.batch_size:
-                self.batch_size = self._cached_batch_size(cache_dir)
-            if with_baseline:
-                self.baseline_logprobs, self.baseline_refusals = self._cached_baseline(cache_dir)
-        if with_baseline and supports_graph_decoding(self.loaded):  # only the study scores trials
-            # hooks that a captured decode step can read: fixed buffers, overwritten per trial
-            self.hooks = AblationHooks(self.loaded, self.settings.norm_preserving, static=True)
-            self.graph = self._graph_decoder()
-            if self.graph is not None:
-                return
-            self.hooks.remove()
-        self.hooks = AblationHooks(self.loaded, self.settings.norm_preserving)
-
-    def _note_miss(self, miss: cache.CacheMiss) -> None:
-        self.console.print(f"[yellow]{miss}[/]: computing it now")
-        self.cache_computations += 1
-
-    def _cached_stats(self, cache_dir: Path) -> ContrastiveStats:
-        fp = self._numeric_fingerprint(self.directions_fingerprint())
-        try:
-            tensors, _ = cache.load_entry(cache_dir, "directions", fp, self.loaded.device)
-            self.console.print(f"Reusing cached direction statistics from {cache_dir}")
-            return ContrastiveStats.from_tensors(tensors)
-        except cache.CacheMiss as miss:
-            self._note_miss(miss)
-        harmful_texts, harmless_texts = self.direction_texts
-        with progress_bar(self.console) as progress:
-            task = progress.add_task("Residuals", total=len(harmful_texts) + len(harmless_texts))
-            advance = lambda n: progress.advance(task, n)
-            harmful = collect_residuals(self.loaded, harmful_texts, self.batch_size, advance)
-            harmless = collect_residuals(self.loaded, harmless_texts, self.batch_size, advance)
-        start = time.perf_counter()
-        if self.settings.winsorize:
-            harmful, harmless = winsorize(harmful, harmless, self.settings.winsorize)
-        stats = compute_stats(harmful, harmless)
-        self.console.print(f"Contrastive-PCA statistics for {stats.n_layers} layers in {time.perf_counter() - start:.2f} s ({stats.nbytes() / 2**20:.1f} MiB)")
-        cache.save_entry(cache_dir, "directions", fp, stats.tensors(), {})
-        return stats
-
-    def _cached_batch_size(self, cache_dir: Path) -> int:
-        """The fastest batch size for this model, device and prompts, measured once per study."""
-        fp = self._numeric_fingerprint(self.scoring_fingerprint())
-        try:
-            _, values = cache.load_entry(cache_dir, "batch_size", fp)
-            return int(values["batch_size"])
-        except (cache.CacheMiss, KeyError, ValueError, TypeError):
-            pass
-        with self.console.status("Measuring the fastest batch size..."):
-            timings = measure_batch_sizes(self.loaded, self.harmful_texts)
-        best = best_batch_size(timings)
-        table = ", ".join(f"{size}: {1000 * t:.0f} ms" for size, t in timings.items())
-        self.console.print(f"Batch size {best} (time per prompt by batch size: {table})")
-        cache.save_entry(cache_dir, "batch_size", fp, {}, {"batch_size": best, "seconds_per_prompt": timings})
-        return best
-
-    def _cached_baseline(self, cache_dir: Path) -> tuple[torch.Tensor, RefusalResult]:
-        fp = self._numeric_fingerprint(self.scoring_fingerprint())
-        try:
-            tensors, values = cache.load_entry(cache_dir, "baseline", fp, self.loaded.device)
-            self.console.print("Reusing cached baseline log-probabilities and refusals")
-            return tensors["logprobs"], RefusalResult(values["refused"], values["responses"], values["tokens"])
-        except cache.CacheMiss as miss:
-            self._note_miss(miss)
-        with self.console.status("Baseline: first-token log-probabilities and refusals of the unedited model..."):
-            logprobs = first_token_logprobs(self.loaded, self.harmless_texts, self.batch_size)
-            refusals = self._refusals()
-        values = {"refused": refusals.refused, "responses": refusals.responses, "tokens": refusals.tokens_generated}
-        cache.save_entry(cache_dir, "baseline", fp, {"logprobs": logprobs}, values)
-        return logprobs, refusals
-
-    def _refusals(self, graph: GraphDecoder | None = None) -> RefusalResult:
-        s = self.settings
-        return generate_and_classify(
-            self.loaded, self.harmful_texts, s.max_new_tokens, s.refusal_markers, self.batch_size,
-            answer_prefix=answer_part(s.response_prefix or ""), graph=graph,
-        )
-
-    def _use_packed_prefill(self) -> None:
-        """Prefill without padding (where the prefill is bound by arithmetic, a quarter less work),
-        if it reproduces the padded path's logits."""
-        loaded, texts = self.loaded, self.harmful_texts
-        if not full_attention_only(loaded):
-            return  # a packed row would carry one prompt's state into the next
-        check = lambda: packed_prefill_error(loaded, texts, min(self.batch_size, len(texts)))
-        error = self._checked_fast_path(check, "Prefilling padded batches", "the packed prefill")
-        if error is not None:
-            loaded.packed_prefill = True
-            self.console.print(f"Prompts prefilled without padding (vs padded batches: relative difference {error:.1e})")
-
-    def _graph_decoder(self) -> GraphDecoder | None:
-        """Decode steps captured as a CUDA graph (through the hooks, unedited), if the first step
-        reproduces the eager path's logits."""
-        texts, loaded = self.harmful_texts, self.loaded
-        graphs = []
-
-        def check() -> float:
-            length = graph_length(loaded, texts, self.settings.max_new_tokens)
-            graphs.append(GraphDecoder(loaded, min(self.batch_size, len(texts)), length, capture=loaded.device.type == "cuda"))
-            return graph_error(loaded, graphs[0], texts)
-
-        error = self._checked_fast_path(check, "Decoding eagerly", "capturing the decode step")
-        if error is None:
-            return None
-        self.console.print(f"Decode steps replayed from a CUDA graph (first step vs eager: relative difference {error:.1e})")
-        return graphs[0]
-
-    def _checked_fast_path(self, check: Callable[[], float], fallback: str, what: str) -> float | None:
-        """`check()`'s relative difference of a fast path from the plain one, if within tolerance;
-        None otherwise, with `fallback` and the reason on the console."""
-        tolerance = FAST_PATH_TOLERANCE[self.loaded.dtype == torch.float32]
-        try:
-            error = check()
-        except Exception as e:  # noqa: BLE001 (an architecture the fast path does not fit: the plain path is always right)
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            self.console.print(f"[yellow]{fallback}: {what} failed ({type(e).__name__}: {first_line})[/]")
-            return None
-        if not error < tolerance:
-            self.console.print(f"[yellow]{fallback}: {what} gives logits that differ from the plain path's by {error:.2g} (> {tolerance})[/]")
-            return None
-        return error
-
-    # -- trials -------------------------------------------------------------------------------
+    def refusals(self) -> RefusalResult:
+        """Refusals of the model as it is now hooked."""
+        return refusals_of(self.spec, self.prepared.batch_size, self.paths)
 
     def score(self, plan: AblationPlan) -> TrialScores:
         """Refusals and KL of the model edited by `plan` (the unedited model's come from the cache)."""
-        assert self.hooks is not None and self.baseline_refusals is not None, "call prepare() first"
         if plan.is_identity():
             return self._scores(self.baseline_refusals, 0.0, {}, from_cache=True)
         timings = {}
@@ -322,15 +430,28 @@ class Workbench:
         try:
             timings["apply_s"] = time.perf_counter() - start
             start = time.perf_counter()
-            kl = kl_divergence(self.baseline_logprobs, first_token_logprobs(self.loaded, self.harmless_texts, self.batch_size))
+            logprobs = first_token_logprobs(self.spec.loaded, self.spec.texts.harmless, self.prepared.batch_size, self.paths.packed_prefill)
+            kl = kl_divergence(self.baseline_logprobs, logprobs)
             timings["kl_s"] = time.perf_counter() - start
             start = time.perf_counter()
-            refusals = self._refusals(self.graph)
+            refusals = self.refusals()
             timings["refusals_s"] = time.perf_counter() - start
         finally:
             self.hooks.clear()
         return self._scores(refusals, kl, timings)
 
     def _scores(self, refusals: RefusalResult, kl: float, timings: dict[str, float], from_cache: bool = False) -> TrialScores:
-        samples = list(zip(self.harmful_prompts, refusals.responses))[:SAMPLE_RESPONSES]
+        samples = list(zip(self.spec.texts.harmful_prompts, refusals.responses))[:SAMPLE_RESPONSES]
         return TrialScores(refusals.count, len(refusals.refused), kl, samples, timings, from_cache)
+
+
+def prepare_scoring(spec: RunSpec, cache_dir: Path) -> Scorer:
+    """Statistics, batch size, fast paths and the unedited model's scores: what a study needs to
+    score trials. The fast paths are chosen before the baseline, which they speed up."""
+    use = _CacheUse(spec, cache_dir)
+    with _locked(spec, cache_dir):
+        stats = use.stats(spec.default_batch_size)
+        batch_size = use.batch_size()
+        paths, hooks = choose_fast_paths(spec, batch_size)
+        logprobs, refusals = use.baseline(batch_size, paths)
+    return Scorer(Prepared(spec, stats, batch_size, hooks, use.computed), paths, logprobs, refusals)

@@ -52,13 +52,12 @@ def test_export_round_trip_equals_hooked_model(finished_study, tmp_path, capsys)
     record = json.loads((out / "optimizer.json").read_text())
     assert record["trial"] == number and record["params"]
 
-    study, settings = open_study("t", None, str(finished_study))
-    edited = load_edited_model(study, settings, number, Console(file=io.StringIO()))
-    loaded = edited.bench.loaded
+    edited = load_edited_model(open_study("t", None, str(finished_study)), number, Console(file=io.StringIO()))
+    loaded = edited.prepared.loaded
     texts = format_chat(loaded.tokenizer, PROMPTS)
     with torch.inference_mode():
         original = loaded.model(**tokenize(loaded, texts)).logits
-        edited.bench.hooks.apply(edited.plan)
+        edited.prepared.hooks.apply(edited.plan)
         hooked = loaded.model(**tokenize(loaded, texts)).logits
         exported = load_model(str(out), "cpu", "float32")
         baked = exported.model(**tokenize(exported, texts)).logits
@@ -107,13 +106,12 @@ def test_eval_refusals_and_local_task_store_results(finished_study, capsys):
 
 def test_chat_from_a_pipe(finished_study):
     number = edited_trial(finished_study)
-    study, settings = open_study("t", None, str(finished_study))
-    edited = load_edited_model(study, settings, number, Console(file=io.StringIO()))
+    edited = load_edited_model(open_study("t", None, str(finished_study)), number, Console(file=io.StringIO()))
     out = io.StringIO()
     chat(edited, max_new_tokens=5, stdin=io.StringIO("Hello there\n/reset\nWhat is 2+2?\n/quit\nnever read\n"), stdout=out)
     text = out.getvalue()
     assert text.count("model> ") == 2 and "(conversation cleared)" in text
-    assert edited.bench.hooks._slots and all(v is None for v in edited.bench.hooks._slots.values())
+    assert edited.prepared.hooks._slots and all(v is None for v in edited.prepared.hooks._slots.values())
 
 
 def test_dashboard_serves_the_study(finished_study):

@@ -1,5 +1,6 @@
 """oneDNN-packed linear weights (CPU trials) against the plain modules, with the trial hooks on."""
 
+import dataclasses
 import io
 
 import pytest
@@ -54,5 +55,5 @@ def test_packing_is_skipped_without_memory_or_off_cpu_float32(tiny_dir, monkeypa
     assert not any(isinstance(m, PackedLinear) for m in loaded.model.modules())
     monkeypatch.undo()
     loaded.model.to(torch.bfloat16)
-    loaded.dtype = torch.bfloat16
+    loaded = dataclasses.replace(loaded, dtype=torch.bfloat16)
     assert not can_pack(loaded) and pack_linear_layers(loaded, Console(file=io.StringIO())) == 0

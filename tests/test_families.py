@@ -3,6 +3,7 @@ exported weights, MoE experts (fused 3-D tensors, per-expert modules, shared exp
 attention, and the loading fallbacks."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -75,8 +76,7 @@ def test_exported_weights_equal_hooked_trial(any_family_dir, tmp_path):
     assert (hooked - unedited).abs().max() > 1e-3, "the plan must change the logits"
     bake_into_weights(loaded, plan)
     loaded.model.save_pretrained(tmp_path / "out")
-    reloaded = copy.copy(loaded)
-    reloaded.model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    reloaded = dataclasses.replace(loaded, model=AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval())
     torch.testing.assert_close(logits_of(reloaded), hooked, rtol=1e-4, atol=1e-4)
 
 
@@ -160,7 +160,7 @@ def test_per_expert_moe(tiny_dir):
     torch.manual_seed(0)
     for layer in loaded.layers:
         layer.mlp = PerExpertMoE(loaded.hidden_size, 32, 4)
-    loaded.discovery = discover(loaded.model, loaded.layers, loaded.hidden_size)
+    loaded = dataclasses.replace(loaded, discovery=discover(loaded.model, loaded.layers, loaded.hidden_size))
     text = table_text(loaded)
     assert "experts.N.down_proj.weight (64, 32) x4" in text and "experts.N.down_proj.bias (64,) x4" in text, text
     assert "4 expert modules and the shared expert" in text
@@ -185,7 +185,7 @@ def test_missing_component_stops_unless_allowed(tiny_dir):
     loaded.layers[2].mlp = Opaque(loaded.hidden_size)
     with pytest.raises(UserError, match=r"could not find the mlp output in block 2 \(Qwen2DecoderLayer: .*mlp \(Opaque\).*--allow-missing-components"):
         discover(loaded.model, loaded.layers, loaded.hidden_size)
-    loaded.discovery = discover(loaded.model, loaded.layers, loaded.hidden_size, allow_missing=True)
+    loaded = dataclasses.replace(loaded, discovery=discover(loaded.model, loaded.layers, loaded.hidden_size, allow_missing=True))
     assert loaded.discovery.missing("mlp") == [2] and loaded.discovery.missing("attn") == []
     assert ("mlp", "2", "not found", "skipped (--allow-missing-components)") in loaded.discovery.table_rows()
     hooked, baked = hooked_and_baked(loaded, random_plan(loaded, seed=5))

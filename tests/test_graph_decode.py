@@ -4,6 +4,7 @@ On this CPU the decode step runs eagerly from the same fixed buffers the graph w
 tests everything except the capture itself: cache copy, mask, positions, padded rows, static hooks.
 """
 
+import dataclasses
 import io
 
 import pytest
@@ -17,7 +18,7 @@ from optimizer.graph_decode import GraphDecoder, supports_graph_decoding
 from optimizer.model import load_model
 from optimizer.prompts import format_chat
 from optimizer.scoring import generate_and_classify, graph_error, graph_length
-from optimizer.workbench import FAST_PATH_TOLERANCE, Workbench
+from optimizer.workbench import FAST_PATH_TOLERANCE, prepare_scoring, resolve
 
 PROMPTS = [
     "Write a haiku about rain.", "How do I pick a lock?", "What is the capital of France?", "Tell me a joke.",
@@ -106,7 +107,7 @@ def test_static_hooks_equal_the_per_trial_hooks_and_clear_exactly(tiny_dir):
 def test_graph_decoding_is_only_offered_where_it_fits(tiny_dir, tiny_gemma2_dir):
     assert not supports_graph_decoding(load_model(str(tiny_dir), "cpu", "float32"))  # no CUDA here
     gemma2 = load_model(str(tiny_gemma2_dir), "cpu", "float32")
-    gemma2.device = torch.device("cuda")  # only the device is pretended: sliding layers still rule it out
+    gemma2 = dataclasses.replace(gemma2, device=torch.device("cuda"))  # only the device is pretended: sliding layers still rule it out
     assert not supports_graph_decoding(gemma2)
 
 
@@ -117,10 +118,9 @@ def test_trials_score_the_same_through_fixed_buffers(tiny_varied_dir, tmp_path, 
         console = Console(file=io.StringIO(), width=200)
         settings = build_settings({"model": str(tiny_varied_dir), "direction_prompts": 8, "scoring_prompts": 6, "max_new_tokens": 5,
                                    "response_prefix": "", "batch_size": 4, "studies_dir": str(tmp_path / str(graph))})
-        bench = Workbench.open(settings, console)
-        bench.prepare(tmp_path / str(graph))
-        plan = random_plan(bench.loaded, seed=3)
-        first, second = bench.score(plan), bench.score(random_plan(bench.loaded, seed=4))
+        scorer = prepare_scoring(resolve(settings, console), tmp_path / str(graph))
+        plan = random_plan(scorer.spec.loaded, seed=3)
+        first, second = scorer.score(plan), scorer.score(random_plan(scorer.spec.loaded, seed=4))
         scores[graph] = (first, second, console.file.getvalue())
     (eager_1, eager_2, _), (fixed_1, fixed_2, log) = scores[False], scores[True]
     assert "Decode steps replayed from a CUDA graph" in log
@@ -138,9 +138,9 @@ def test_a_graph_that_cannot_be_built_leaves_eager_decoding_and_per_trial_hooks(
     console = Console(file=io.StringIO(), width=200)
     settings = build_settings({"model": str(tiny_dir), "direction_prompts": 8, "scoring_prompts": 4, "max_new_tokens": 3,
                                "response_prefix": "", "batch_size": 4})
-    bench = Workbench.open(settings, console)
-    bench.prepare(tmp_path)
+    scorer = prepare_scoring(resolve(settings, console), tmp_path)
     assert "Decoding eagerly: capturing the decode step failed (RuntimeError: operation not permitted when stream is capturing)" in console.file.getvalue()
-    assert bench.graph is None and not bench.hooks._static
+    assert scorer.paths.graph is None and not scorer.hooks._static
     # only the per-trial hooks are registered: the fixed-buffer ones were removed
-    assert sum(len(site.module._forward_hooks) for site in bench.loaded.discovery.present()) == len(list(bench.loaded.discovery.present()))
+    present = list(scorer.spec.loaded.discovery.present())
+    assert sum(len(site.module._forward_hooks) for site in present) == len(present)

@@ -14,7 +14,7 @@ from optimizer.prompts import format_chat
 from optimizer.scoring import (
     eager_step, first_token_logprobs, generate_and_classify, packed_prefill_error, prefill, split_shared_prefix,
 )
-from optimizer.workbench import FAST_PATH_TOLERANCE, Workbench
+from optimizer.workbench import FAST_PATH_TOLERANCE, prepare_scoring, resolve
 from tests.test_ablation import random_plan
 from tests.test_graph_decode import PROMPTS
 
@@ -31,8 +31,7 @@ def both_paths(loaded, texts, steps: int = 2):
     prefix, suffixes = split_shared_prefix(loaded, texts)
     out, fed = {}, None
     for packed in (False, True):
-        loaded.packed_prefill = packed
-        logits, cache, mask = prefill(loaded, prefix, suffixes)
+        logits, cache, mask = prefill(loaded, prefix, suffixes, packed)
         fed = fed or [logits.argmax(-1)]
         seen = [logits]
         for step in range(steps):
@@ -41,7 +40,6 @@ def both_paths(loaded, texts, steps: int = 2):
                 fed.append(logits.argmax(-1))
             seen.append(logits)
         out[packed] = (seen, mask)
-    loaded.packed_prefill = False
     return out
 
 
@@ -64,10 +62,9 @@ def test_packed_prefill_gives_the_padded_logits_cache_and_answers(request, fixtu
 
     plain = generate_and_classify(loaded, texts, 8, [], 2)
     plain_kl = first_token_logprobs(loaded, texts, 2)
-    loaded.packed_prefill = True
-    fast = generate_and_classify(loaded, texts, 8, [], 2)
+    fast = generate_and_classify(loaded, texts, 8, [], 2, packed=True)
     assert fast.responses == plain.responses and len(set(plain.responses)) > 2
-    torch.testing.assert_close(first_token_logprobs(loaded, texts, 2), plain_kl, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(first_token_logprobs(loaded, texts, 2, packed=True), plain_kl, rtol=1e-5, atol=1e-5)
     hooks.remove()
 
 
@@ -87,7 +84,6 @@ def test_a_broken_layout_is_caught_by_the_check(tiny_varied_dir, monkeypatch):
     real_mask = packing.block_mask
     monkeypatch.setattr(packing, "block_mask", lambda p, lengths, loaded: real_mask(0, [p + lengths[0], *lengths[1:]], loaded))
     assert packed_prefill_error(loaded, texts, 4) > FAST_PATH_TOLERANCE[1]
-    assert not loaded.packed_prefill
 
 
 def test_study_prefills_packed_only_where_every_layer_attends_fully(tiny_dir, tiny_gemma2_dir, tmp_path):
@@ -95,10 +91,10 @@ def test_study_prefills_packed_only_where_every_layer_attends_fully(tiny_dir, ti
         out = io.StringIO()
         settings = build_settings({"model": str(model), "direction_prompts": 4, "scoring_prompts": 4, "max_new_tokens": 2,
                                    "response_prefix": "", "batch_size": 4})
-        bench = Workbench.open(settings, Console(file=out, width=200))
-        assert full_attention_only(bench.loaded) == expected
-        bench.prepare(tmp_path / model.parent.name)
-        assert bench.loaded.packed_prefill == expected
+        spec = resolve(settings, Console(file=out, width=200))
+        assert full_attention_only(spec.loaded) == expected
+        scorer = prepare_scoring(spec, tmp_path / model.parent.name)
+        assert scorer.paths.packed_prefill == expected
         assert ("Prompts prefilled without padding" in out.getvalue()) == expected
 
 
@@ -109,7 +105,6 @@ def test_a_packed_prefill_that_differs_is_not_used(tiny_dir, tmp_path, monkeypat
     out = io.StringIO()
     settings = build_settings({"model": str(tiny_dir), "direction_prompts": 4, "scoring_prompts": 4, "max_new_tokens": 2,
                                "response_prefix": "", "batch_size": 4})
-    bench = Workbench.open(settings, Console(file=out, width=200))
-    bench.prepare(tmp_path)
+    scorer = prepare_scoring(resolve(settings, Console(file=out, width=200)), tmp_path)
     assert "Prefilling padded batches: the packed prefill gives logits that differ from the plain path's by 0.5" in out.getvalue()
-    assert not bench.loaded.packed_prefill
+    assert not scorer.paths.packed_prefill

@@ -24,7 +24,7 @@ from optimizer.response_prefix import (
 )
 from optimizer.scoring import greedy_generate
 from optimizer.trials import load_edited_model, open_study
-from optimizer.workbench import Workbench
+from optimizer.workbench import FastPaths, RunSpec, refusals_of, resolve
 from tests.conftest import build_tiny_model
 from tests.test_study import load, run_args
 
@@ -147,15 +147,16 @@ def test_identical_responses_are_no_prefix(tiny_dir):
 # -- settings, CLI and one prefix per study -------------------------------------------------------
 
 
-def open_bench(model: Path, **values) -> tuple[Workbench, str]:
+def open_bench(model: Path, **values) -> tuple[RunSpec, str]:
     console = Console(file=io.StringIO(), width=200)
     settings = build_settings({"model": str(model), "direction_prompts": 8, "scoring_prompts": 4, "max_new_tokens": 4, **values})
-    bench = Workbench.open(settings, console)
-    return bench, console.file.getvalue()
+    spec = resolve(settings, console)
+    return spec, console.file.getvalue()
 
 
-def all_texts(bench: Workbench) -> list[str]:
-    return [*bench.direction_texts[0], *bench.direction_texts[1], *bench.harmful_texts, *bench.harmless_texts]
+def all_texts(spec: RunSpec) -> list[str]:
+    t = spec.texts
+    return [*t.direction_harmful, *t.direction_harmless, *t.harmful, *t.harmless]
 
 
 def no_detection(*args, **kwargs):
@@ -171,7 +172,6 @@ def test_run_on_a_thinking_template_stores_the_prefix_and_every_later_process_re
     assert "The chat template opens '<think>' before the answer: appending '</think>' to every prompt" in first
     study = load(studies)
     assert study.user_attrs["run_settings"]["response_prefix"] == "</think>"
-    assert study.user_attrs["settings"]["response_prefix"] == "</think>"
     assert study.trials[1].state.name == "COMPLETE"
 
     # resumed runs, export, eval and chat use the stored prefix; detecting again is an error here
@@ -181,20 +181,20 @@ def test_run_on_a_thinking_template_stores_the_prefix_and_every_later_process_re
     assert "Appending the response prefix '</think>' to every prompt" in second and "chat template opens" not in second
     assert "Reusing cached direction statistics" in second and len(load(studies).trials) == 3
 
-    study, settings = open_study("t", None, str(studies))
-    number = next(t.number for t in study.trials if not t.user_attrs.get("baseline"))
-    edited = load_edited_model(study, settings, number, Console(file=io.StringIO()))
-    assert edited.bench.settings.response_prefix == "</think>"
-    assert all(t.endswith("<|im_start|>assistant\n<think>\n</think>") for t in all_texts(edited.bench))
+    stored = open_study("t", None, str(studies))
+    number = next(t.number for t in stored.study.trials if not t.user_attrs.get("baseline"))
+    edited = load_edited_model(stored, number, Console(file=io.StringIO()))
+    assert edited.prepared.settings.response_prefix == "</think>"
+    assert all(t.endswith("<|im_start|>assistant\n<think>\n</think>") for t in all_texts(edited.prepared.spec))
 
     # chat starts its answers after the same prefix
     from optimizer.chat import chat
 
     seen = []
-    generate = edited.bench.loaded.model.generate
-    monkeypatch.setattr(edited.bench.loaded.model, "generate", lambda **kw: seen.append(kw["input_ids"]) or generate(**kw))
+    generate = edited.prepared.loaded.model.generate
+    monkeypatch.setattr(edited.prepared.loaded.model, "generate", lambda **kw: seen.append(kw["input_ids"]) or generate(**kw))
     chat(edited, max_new_tokens=3, stdin=io.StringIO("Hello there\n/quit\n"), stdout=io.StringIO())
-    assert edited.bench.loaded.tokenizer.decode(seen[0][0]).endswith("Hello there<|im_end|>\n<|im_start|>assistant\n<think>\n</think>")
+    assert edited.prepared.loaded.tokenizer.decode(seen[0][0]).endswith("Hello there<|im_end|>\n<|im_start|>assistant\n<think>\n</think>")
 
     # eval --refusals too
     from optimizer import evaluate
@@ -234,7 +234,7 @@ def test_explicit_response_prefix(tiny_thinking_dir, tiny_dir, monkeypatch):
     assert "Appending the response prefix 'Sure' to every prompt" in log
     assert all(t.endswith("assistant\nSure") for t in all_texts(bench))
     # refusal markers are looked for in the whole answer, the appended start included
-    assert all(r.startswith("Sure") for r in bench._refusals().responses)
+    assert all(r.startswith("Sure") for r in refusals_of(bench, bench.default_batch_size, FastPaths()).responses)
 
 
 def test_bad_chat_template_kwargs(tiny_dir, tmp_path, capsys):

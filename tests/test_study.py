@@ -8,7 +8,7 @@ import torch
 from optuna.trial import TrialState
 
 from optimizer.cli import main
-from optimizer.study import counted_trials
+from optimizer.storage import counted_trials
 
 
 def run_args(model: Path, studies: Path, *extra: str) -> list[str]:

@@ -1,10 +1,12 @@
 """Several workers, killed workers and interrupted runs: PostgreSQL and SQLite."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -14,11 +16,16 @@ import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from optimizer.locks import file_lock
-from optimizer.study import counted_trials
+from optimizer.storage import counted_trials, is_interrupted, retried_numbers, retry_callback
 from tests.test_study import run_args
 
 PG_URL = os.environ.get("OPTIMIZER_TEST_PG_URL")
 needs_pg = pytest.mark.skipif(not PG_URL, reason="no PostgreSQL server: set OPTIMIZER_TEST_PG_URL (.ci/run starts one)")
+
+
+def retried(trial: optuna.trial.FrozenTrial) -> int | None:
+    """The number of the trial that `trial` re-runs (Optuna's retry callback records it)."""
+    return retry_callback().retried_trial_number(trial)
 
 
 @pytest.fixture
@@ -100,9 +107,9 @@ def test_killed_postgres_worker_trial_is_failed_and_retried(tiny_dir, tmp_path, 
     assert again.returncode == 0, out
     study = optuna.load_study(study_name="t", storage=pg_url)
     trial = study.trials[killed]
-    assert trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted")
+    assert trial.state == TrialState.FAIL and is_interrupted(trial, retried_numbers(study.trials))
     # the kill may land while the trial is still suggesting: the retry repeats what was suggested
-    assert any(t.user_attrs.get("retry_of") == killed and t.params.items() >= trial.params.items() for t in study.trials)
+    assert any(retried(t) == killed and t.params.items() >= trial.params.items() for t in study.trials)
     assert counted_trials(study) == 4
     assert all(study.trials[k].values == v for k, v in before.items()), "finished trials are kept as they were"
 
@@ -126,7 +133,7 @@ def test_killed_sqlite_worker_trial_is_failed_and_retried(tiny_dir, tmp_path):
     assert "left RUNNING by a process that died" in out
     study = optuna.load_study(study_name="t", storage=storage)
     assert study.trials[killed].state == TrialState.FAIL
-    assert any(t.user_attrs.get("retry_of") == killed for t in study.trials)
+    assert any(retried(t) == killed for t in study.trials)
     assert counted_trials(study) == 4 and "computing it now" not in out  # the cache survived the kill
 
 
@@ -177,3 +184,61 @@ def test_damaged_cache_is_detected_and_recomputed(tiny_dir, tmp_path, capsys, da
     out = capsys.readouterr().err
     assert "cached directions is damaged" in out and "computing it now" in out
     assert "Reusing cached baseline" in out
+
+
+SECRET = "s3cret-Pw"
+
+
+def with_password(url: str) -> str:
+    """`url` with a password added; the test server trusts loopback connections and ignores it."""
+    scheme, rest = url.split("://", 1)
+    user, host = rest.split("@", 1)
+    return f"{scheme}://{user.split(':')[0]}:{SECRET}@{host}"
+
+
+def dashboard_json(proc: subprocess.Popen, port: int, path: str) -> str:
+    deadline = time.time() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+                return response.read().decode()
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, "dashboard did not answer"
+            time.sleep(0.3)
+
+
+@needs_pg
+def test_no_password_in_the_study_its_dashboard_or_the_output(tiny_dir, tmp_path, pg_url):
+    from optimizer.dashboard import free_port
+
+    url = with_password(pg_url)
+    studies = tmp_path / "studies"
+    run = worker(tiny_dir, studies, "--storage", url, "--trials", "2")
+    out = finish(run)
+    assert run.returncode == 0, out
+    shown = subprocess.run(
+        [sys.executable, "-m", "optimizer", "show", "--study", "t", "--storage", url],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "Pareto-optimal" in shown.stderr
+    study = optuna.load_study(study_name="t", storage=pg_url)
+    assert study.user_attrs["run_settings"]["storage"] == with_password(pg_url).replace(SECRET, "***")
+    storage = optuna.storages.RDBStorage(pg_url)
+    study_system_attrs = storage.get_study_system_attrs(storage.get_study_id_from_name("t"))  # the dashboard's notes, too
+    stored = json.dumps([study.user_attrs, study_system_attrs, [(t.user_attrs, t.system_attrs) for t in study.trials]])
+
+    port = free_port()
+    command = [sys.executable, "-m", "optimizer", "dashboard", "--study", "t", "--storage", url, "--port", str(port)]
+    dashboard = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first_line = dashboard.stdout.readline()
+        assert f"http://127.0.0.1:{port}/dashboard/" in first_line and "***" in first_line
+        summaries = json.loads(dashboard_json(dashboard, port, "/api/studies"))["study_summaries"]
+        detail = dashboard_json(dashboard, port, f"/api/studies/{summaries[0]['study_id']}")
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=10)
+    assert "Refusals" in json.loads(detail)["trials"][1]["note"]["body"], "the notes must be in what was read"
+    for where, text in (("run output", out), ("show", shown.stderr), ("study attributes", stored), ("dashboard line", first_line),
+                        ("dashboard API", detail)):
+        assert SECRET not in text, where

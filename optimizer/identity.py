@@ -1,0 +1,164 @@
+"""The one rule for "may this run add trials to that study?", and the fingerprints it rests on.
+
+Two trials are comparable when they edited the same model, were scored on the same prompts with
+the same answer cap and refusal markers, used directions computed from the same prompts, and
+their parameters mean the same edit. Each of these is a fingerprint (a short hash):
+
+- model: config, chat template and a sample of every weight (`model_fingerprint`);
+- scoring: the model, the chat-formatted scoring prompts (response prefix included), the cap and
+  the markers;
+- directions: the model, the chat-formatted direction prompts and the winsorizing quantile;
+- edit variants: settings that change what the same parameters do to the weights
+  (`EDIT_VARIANTS`), compared by value.
+
+A study stores the fingerprints and the settings it was run with when it is created; a run that
+resumes it, and `export`/`eval`/`chat` of its trials, check against them here and nowhere else.
+When a fingerprint differs, the message names the settings that differ (read from the stored
+settings), or "prompt contents" when only the files changed. Cached tensors also depend on the
+dtype and device kind they were computed in (`cache_key`), which does not make trials
+incomparable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from optimizer.config import Settings, settings_from_record
+from optimizer.errors import UserError
+from optimizer.model import LoadedModel
+
+# Settings that change what a trial's parameters do to the model (not what is cached).
+EDIT_VARIANTS = ("projected_directions", "norm_preserving")
+
+
+def _hash(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(loaded: LoadedModel, portable: bool = False) -> str:
+    """A hash of what makes the model this model: config, chat template and a sample of every weight.
+
+    Weight samples are rounded to bfloat16 so that the same checkpoint loaded in float32 on a CPU
+    and in bfloat16 on a GPU has the same identity. `portable` (studies run on a 4-bit model)
+    samples only what quantization leaves alone (embeddings and 1-D tensors), so that the full
+    checkpoint loaded for export has the same identity.
+    """
+    digest = hashlib.sha256()
+    config = loaded.model.config.to_dict()
+    for volatile in ("_name_or_path", "dtype", "torch_dtype", "transformers_version", "quantization_config"):
+        config.pop(volatile, None)
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    digest.update(str(getattr(loaded.tokenizer, "chat_template", None)).encode())
+    for name, param in loaded.model.state_dict().items():
+        # (bitsandbytes adds float quantization-state entries such as `q_proj.weight.absmax`)
+        if portable and not (
+            name.endswith((".weight", ".bias")) and param.is_floating_point() and (param.dim() <= 1 or "embed" in name)
+        ):
+            continue
+        sample = param.detach().flatten()[:16].to("cpu", torch.bfloat16).view(torch.int16)
+        digest.update(name.encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def comparable_settings(settings: Settings) -> dict[str, Any]:
+    """The settings that make trials comparable, by name: what a refusal names when they differ."""
+    s = settings
+    return {
+        "scoring_prompts": s.scoring_prompts,
+        "direction_prompts": s.direction_prompts,
+        "max_new_tokens": s.max_new_tokens,
+        "system_prompt": s.system_prompt,
+        "harmful": s.harmful or "bundled",
+        "harmless": s.harmless or "bundled",
+        "refusal_markers": sorted(s.refusal_markers),
+        "template_kwargs": s.template_kwargs(),
+        "response_prefix": s.response_prefix,
+        "winsorize": s.winsorize,
+        **{k: getattr(s, k) for k in EDIT_VARIANTS},
+    }
+
+
+@dataclass(frozen=True)
+class StudyIdentity:
+    """What a study's trials are comparable by; made once per run from the resolved settings,
+    the loaded model and the final prompt texts."""
+
+    model_source: str
+    model: str  # fingerprints
+    scoring: str
+    directions: str
+    numeric: tuple[str, str]  # dtype and device kind of this process (cached tensors depend on them)
+    settings: dict[str, Any]  # comparable_settings of this run
+
+    @classmethod
+    def of(
+        cls, settings: Settings, loaded: LoadedModel, direction_texts: tuple[list[str], list[str]],
+        harmful_texts: list[str], harmless_texts: list[str], portable: bool,
+    ) -> StudyIdentity:
+        model = model_fingerprint(loaded, portable)
+        scoring = _hash(model, harmful_texts, harmless_texts, settings.max_new_tokens, sorted(settings.refusal_markers))
+        winsorize = [settings.winsorize] if settings.winsorize else []  # absent when off: older studies keep their hash
+        directions = _hash(model, direction_texts, *winsorize)
+        numeric = (str(loaded.dtype), loaded.device.type)
+        return cls(loaded.source, model, scoring, directions, numeric, comparable_settings(settings))
+
+    def cache_key(self, kind: str) -> str:
+        """The fingerprint of a cache entry: `directions` (statistics) or `scoring` (baseline, batch size)."""
+        base = {"directions": self.directions, "scoring": self.scoring}[kind]
+        return _hash(base, *self.numeric)
+
+    def attrs(self) -> dict[str, Any]:
+        """What a new study records about itself (besides its run settings)."""
+        return {
+            "model": self.model_source,
+            "model_fingerprint": self.model,
+            "scoring_fingerprint": self.scoring,
+            "directions_fingerprint": self.directions,
+        }
+
+    def check_model(self, attrs: dict[str, Any]) -> None:
+        """Refuse to rebuild a study's trial on another model (export, eval, chat)."""
+        if attrs.get("model_fingerprint") != self.model:
+            raise UserError(
+                f"the model at hand ({self.model_source}, fingerprint {self.model}) is not the study's model "
+                f"({attrs.get('model')!r}, fingerprint {attrs.get('model_fingerprint')}); pass the study's model with --model"
+            )
+
+    def check_study(self, attrs: dict[str, Any], name: str) -> None:
+        """Refuse to add trials to a study made with another model or other scoring settings."""
+        if attrs.get("model_fingerprint") != self.model:
+            raise UserError(
+                f"study {name!r} was created with model {attrs.get('model')!r} (fingerprint {attrs.get('model_fingerprint')}), "
+                f"not {self.model_source!r} (fingerprint {self.model}); use that model or another --study name"
+            )
+        stored = _stored_comparable(attrs)
+        if attrs.get("scoring_fingerprint") != self.scoring or attrs.get("directions_fingerprint") != self.directions:
+            differ = sorted(k for k in self.settings if stored.get(k) != self.settings[k]) or ["prompt contents"]
+            raise UserError(
+                f"study {name!r} was created with other settings ({', '.join(differ)} differ), so its trials are not "
+                "comparable; run with the original settings or use another --study name"
+            )
+        changed = [k for k in EDIT_VARIANTS if stored.get(k, False) != self.settings[k]]
+        if changed:
+            raise UserError(
+                f"study {name!r} was run with {', '.join(f'{k}={stored.get(k, False)}' for k in changed)}; the same "
+                "parameters would edit the model differently now: run with the original settings or use another --study name"
+            )
+
+
+def _stored_comparable(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The comparable settings a study was run with: from its run settings, or from the `settings`
+    record that studies made before this module stored."""
+    run = attrs.get("run_settings")
+    if run is None:
+        return dict(attrs.get("settings", {}))
+    try:
+        return comparable_settings(settings_from_record(run))
+    except UserError:  # a record this version cannot rebuild: compare what it holds
+        return dict(attrs.get("settings", {}))

@@ -1,0 +1,66 @@
+"""What a study shows a person: one line per trial, the best trade-off so far, the Pareto table and `show`."""
+
+from __future__ import annotations
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+from rich.table import Table
+
+from optimizer.components import COMPONENTS
+
+# the trade-off shown while running: fewest refusals among trials within this KL
+PROGRESS_KL_LIMIT = 1.0
+SHOWN_SETTINGS = (
+    "trials", "direction_prompts", "scoring_prompts", "max_new_tokens", "system_prompt", "response_prefix", "seed",
+    "direction_methods", "alpha_max",
+)  # fmt: skip
+
+
+def refusals_text(trial: FrozenTrial) -> str:
+    return str(trial.user_attrs.get("refusals", "?"))
+
+
+def trial_line(trial: FrozenTrial, done: int, total: int) -> str:
+    if trial.state != TrialState.COMPLETE:
+        return f"[{done}/{total}] trial {trial.number} {trial.state.name.lower()}"
+    seconds = trial.user_attrs.get("timings", {}).get("total_s", 0.0)
+    return f"[{done}/{total}] trial {trial.number}: refusals {refusals_text(trial)}, KL {trial.values[1]:.4f}, {seconds:.1f} s"
+
+
+def best_tradeoff(study: optuna.Study) -> FrozenTrial | None:
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values[1] <= PROGRESS_KL_LIMIT]
+    return min(done, key=lambda t: (t.values[0], t.values[1]), default=None)
+
+
+def pareto_table(study: optuna.Study) -> Table:
+    table = Table(title=f"Pareto-optimal trials of study {study.study_name!r}")
+    for column in ("trial", "refusals", "KL divergence", "direction", "attn kernel", "mlp kernel"):
+        table.add_column(column)
+    table.caption = "kernel: peak weight @ peak layer, weight ratio at the edge, falloff in layers"
+    for t in sorted(study.best_trials, key=lambda t: (t.values[0], t.values[1])):
+        if t.user_attrs.get("baseline"):
+            table.add_row(f"{t.number} (baseline)", refusals_text(t), f"{t.values[1]:.4f}", "none (unedited)", "-", "-")
+            continue
+        kernels = [
+            f"{t.params[f'{c}_peak_weight']:.2f} @{t.params[f'{c}_peak_layer']:.1f}, "
+            f"{t.params[f'{c}_min_ratio']:.2f}, {t.params[f'{c}_falloff']:.1f}"
+            for c in COMPONENTS
+        ]
+        table.add_row(str(t.number), refusals_text(t), f"{t.values[1]:.4f}", str(t.user_attrs.get("direction", "")), *kernels)
+    return table
+
+
+def show_study(study: optuna.Study, console: Console) -> None:
+    """`python -m optimizer show`: settings, baseline, trial counts and the Pareto table."""
+    attrs = study.user_attrs
+    console.print(f"Study {study.study_name!r}: model {attrs.get('model')} (fingerprint {attrs.get('model_fingerprint')})")
+    settings = attrs.get("run_settings", {})
+    console.print("Settings: " + ", ".join(f"{k}={settings.get(k)!r}" for k in SHOWN_SETTINGS if k in settings), highlight=False)
+    console.print(f"Baseline refusals: {attrs.get('baseline_refusals', '?')}")
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    shown = (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING, TrialState.PRUNED, TrialState.WAITING)
+    counts = {s.name.lower(): states.count(s) for s in shown}
+    console.print("Trials: " + ", ".join(f"{n} {state}" for state, n in counts.items() if n or state in ("complete", "fail", "running")))
+    if counts["complete"]:
+        console.print(pareto_table(study))
