@@ -43,7 +43,9 @@ def save_entry(directory: Path, name: str, fingerprint: str, tensors: dict[str, 
     _atomic_write(directory / f"{name}.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))
 
 
-def load_entry(directory: Path, name: str, fingerprint: str, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_entry(
+    directory: Path, name: str, fingerprint: str, device: torch.device | str = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load an entry or raise CacheMiss saying why it cannot be used."""
     meta_path, tensor_path = directory / f"{name}.json", directory / f"{name}.safetensors"
     if not meta_path.exists() or not tensor_path.exists():
@@ -53,7 +55,10 @@ def load_entry(directory: Path, name: str, fingerprint: str, device: torch.devic
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CacheMiss(f"cached {name} metadata is unreadable") from None
     if meta.get("fingerprint") != fingerprint:
-        raise CacheMiss(f"cached {name} was computed for other settings or another model (fingerprint {meta.get('fingerprint')} != {fingerprint})")
+        raise CacheMiss(
+            f"cached {name} was computed for other settings or another model "
+            f"(fingerprint {meta.get('fingerprint')} != {fingerprint})"
+        )
     if meta.get("sha256") != sha256_of(tensor_path):
         raise CacheMiss(f"cached {name} is damaged (checksum mismatch)")
     try:

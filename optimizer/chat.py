@@ -29,8 +29,12 @@ def chat(edited: EditedModel, max_new_tokens: int = 512, stdin: TextIO = sys.std
     edited.prepared.hooks.apply(edited.plan)
     interactive = stdin.isatty()
     history: list[dict] = []
-    print(f"Chatting with trial {edited.trial.number} ({edited.trial.user_attrs.get('refusals')} refusals, "
-          f"KL {edited.trial.values[1]:.3f}). {HELP}", file=stdout, flush=True)
+    print(
+        f"Chatting with trial {edited.trial.number} ({edited.trial.user_attrs.get('refusals')} refusals, "
+        f"KL {edited.trial.values[1]:.3f}). {HELP}",
+        file=stdout,
+        flush=True,
+    )
     while True:
         if interactive:
             print("you> ", end="", file=stdout, flush=True)
@@ -54,10 +58,13 @@ def chat(edited: EditedModel, max_new_tokens: int = 512, stdin: TextIO = sys.std
         print("model> " + answer, end="", file=stdout, flush=True)
         streamer = _Streamer(loaded.tokenizer, stdout)
         output = cast("GenerationMixin", loaded.model).generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            streamer=streamer,
             pad_token_id=loaded.tokenizer.pad_token_id,
         )
-        reply = answer + str(loaded.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+        reply = answer + str(loaded.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
         history.append({"role": "assistant", "content": reply})
     edited.prepared.hooks.clear()
 

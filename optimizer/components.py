@@ -121,7 +121,9 @@ def discover(model: nn.Module, layers: list[nn.Module], hidden_size: int, allow_
                 )
             sites[component].append(site)
     if not any(True for _ in Discovery(sites).present()):
-        raise UserError(f"no attention or MLP output found in any block of {type(model).__name__}; this architecture is not supported")
+        raise UserError(
+            f"no attention or MLP output found in any block of {type(model).__name__}; this architecture is not supported"
+        )
     return Discovery(sites)
 
 
@@ -182,7 +184,9 @@ def _moe_site(parent: nn.Module, index: int, d: int, names: dict[int, str]) -> S
         if not fused:
             return None
         edits += fused
-        how = f"block output projected; baked into fused experts ({fused[0].tensor.shape[0]} x {tuple(fused[0].tensor.shape[1:])})"
+        how = (
+            f"block output projected; baked into fused experts ({fused[0].tensor.shape[0]} x {tuple(fused[0].tensor.shape[1:])})"
+        )
     for shared_name in SHARED_EXPERT_NAMES:
         shared = getattr(parent, shared_name, None)
         leaf = _output_leaf(shared, "mlp", d) if isinstance(shared, nn.Module) else None

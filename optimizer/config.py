@@ -66,57 +66,99 @@ class Settings:
     fields is the order of the flags in `run --help`.
     """
 
-    model: str | None = field(default=None, metadata={
-        "help": "HF hub id, local model folder or .gguf file", "default_text": "the bundled Qwen2.5-Coder-0.5B-Instruct"})
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "HF hub id, local model folder or .gguf file",
+            "default_text": "the bundled Qwen2.5-Coder-0.5B-Instruct",
+        },
+    )
     study: str = field(default="default", metadata={"help": "study name"})
-    storage: str | None = field(default=None, metadata={
-        "help": "Optuna storage URL", "default_text": "sqlite:///studies/<study>.db"})
+    storage: str | None = field(
+        default=None, metadata={"help": "Optuna storage URL", "default_text": "sqlite:///studies/<study>.db"}
+    )
     studies_dir: str = field(default="studies", metadata={"help": "folder for SQLite studies and caches"})
-    cache_dir: str | None = field(default=None, metadata={
-        "help": "folder of the study's one-time computations; share it between workers", "default_text": "studies/<study>"})
+    cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "folder of the study's one-time computations; share it between workers",
+            "default_text": "studies/<study>",
+        },
+    )
     trials: int = field(default=200, metadata={"help": "finished trials the study should hold in total"})
     startup_trials: int = field(default=40, metadata={"help": "random trials before TPE takes over"})
-    harmful: str | None = field(default=None, metadata={
-        "help": "harmful prompts: .txt/.jsonl/.csv file or dataset:NAME[:SPLIT[:COLUMN]]", "default_text": "bundled"})
+    harmful: str | None = field(
+        default=None,
+        metadata={"help": "harmful prompts: .txt/.jsonl/.csv file or dataset:NAME[:SPLIT[:COLUMN]]", "default_text": "bundled"},
+    )
     harmless: str | None = field(default=None, metadata={"help": "harmless prompts, same forms", "default_text": "bundled"})
     direction_prompts: int = field(default=128, metadata={"help": "prompts per set for the directions"})
     scoring_prompts: int = field(default=64, metadata={"help": "prompts per set for scoring each trial"})
     max_new_tokens: int = field(default=16, metadata={"help": "response length cap for refusal detection"})
-    system_prompt: str | None = field(default=None, metadata={
-        "help": "system prompt for every chat", "default_text": "the template's own"})
-    chat_template: str | None = field(default=None, metadata={
-        "help": "Jinja chat template file, for models without one", "default_text": "the model's own"})
-    chat_template_kwargs: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": 'JSON object of extra chat template variables, e.g. \'{"reasoning_effort": "low"}\'', "default_text": "none"})
-    no_thinking: bool = field(default=False, metadata={
-        "help": "pass enable_thinking=False to the chat template (Qwen3-style templates)"})
-    response_prefix: str | None = field(default=None, metadata={  # None = detect once per study, "" = none
-        "help": "text appended to every chat-formatted prompt, where answers start",
-        "default_text": "detected once per study; '' for none"})
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "system prompt for every chat", "default_text": "the template's own"}
+    )
+    chat_template: str | None = field(
+        default=None, metadata={"help": "Jinja chat template file, for models without one", "default_text": "the model's own"}
+    )
+    chat_template_kwargs: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": 'JSON object of extra chat template variables, e.g. \'{"reasoning_effort": "low"}\'',
+            "default_text": "none",
+        },
+    )
+    no_thinking: bool = field(
+        default=False, metadata={"help": "pass enable_thinking=False to the chat template (Qwen3-style templates)"}
+    )
+    response_prefix: str | None = field(
+        default=None,
+        metadata={  # None = detect once per study, "" = none
+            "help": "text appended to every chat-formatted prompt, where answers start",
+            "default_text": "detected once per study; '' for none",
+        },
+    )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
-    dtype: str = field(default="auto", metadata={
-        "help": "auto, float32, bfloat16, float16", "default_text": "bfloat16 on CUDA, float32 on CPU"})
+    dtype: str = field(
+        default="auto", metadata={"help": "auto, float32, bfloat16, float16", "default_text": "bfloat16 on CUDA, float32 on CPU"}
+    )
     batch_size: int = field(default=0, metadata={"help": "prompts per forward pass", "default_text": "0 = automatic"})
     seed: int | None = field(default=0, metadata={"help": "sampler seed"})
     alpha_max: float = field(default=4.0, metadata={"help": "upper end of the contrastive strength alpha"})
-    direction_methods: list[str] = field(default_factory=lambda: ["contrastive", "mean_diff"], metadata={
-        "help": "comma-separated: contrastive,mean_diff", "default_text": "both"})
-    projected_directions: bool = field(default=False, metadata={
-        "help": "remove each direction's component along the harmless mean"})
+    direction_methods: list[str] = field(
+        default_factory=lambda: ["contrastive", "mean_diff"],
+        metadata={"help": "comma-separated: contrastive,mean_diff", "default_text": "both"},
+    )
+    projected_directions: bool = field(
+        default=False, metadata={"help": "remove each direction's component along the harmless mean"}
+    )
     norm_preserving: bool = field(default=False, metadata={"help": "keep the norm of every edited weight row (dense models)"})
-    winsorize: float = field(default=0.0, metadata={
-        "help": "clip residuals per layer at this quantile of |value|, e.g. 0.995, for massive activations",
-        "default_text": "0 = off"})
-    allow_missing_components: bool = field(default=False, metadata={
-        "help": "leave blocks whose attention/MLP output is not found unablated"})
-    quantization: str | None = field(default=None, metadata={
-        "help": "load the model in 4-bit (bitsandbytes, CUDA only)", "choices": ["4bit"], "default_text": "off"})
+    winsorize: float = field(
+        default=0.0,
+        metadata={
+            "help": "clip residuals per layer at this quantile of |value|, e.g. 0.995, for massive activations",
+            "default_text": "0 = off",
+        },
+    )
+    allow_missing_components: bool = field(
+        default=False, metadata={"help": "leave blocks whose attention/MLP output is not found unablated"}
+    )
+    quantization: str | None = field(
+        default=None,
+        metadata={"help": "load the model in 4-bit (bitsandbytes, CUDA only)", "choices": ["4bit"], "default_text": "off"},
+    )
     heartbeat_interval: int = field(default=30, metadata={"help": "seconds between worker heartbeats on server storages"})
-    heartbeat_grace: int = field(default=120, metadata={
-        "help": "seconds without heartbeat before a RUNNING trial is failed and retried"})
-    refusal_markers: list[str] = field(default_factory=lambda: list(DEFAULT_REFUSAL_MARKERS), metadata={
-        "help": "strings whose presence (case-insensitive, apostrophes normalised) marks a response as a refusal",
-        "default_text": "the built-in list", "cli": False})  # TOML only
+    heartbeat_grace: int = field(
+        default=120, metadata={"help": "seconds without heartbeat before a RUNNING trial is failed and retried"}
+    )
+    refusal_markers: list[str] = field(
+        default_factory=lambda: list(DEFAULT_REFUSAL_MARKERS),
+        metadata={
+            "help": "strings whose presence (case-insensitive, apostrophes normalised) marks a response as a refusal",
+            "default_text": "the built-in list",
+            "cli": False,
+        },
+    )  # TOML only
 
     def template_kwargs(self) -> dict[str, Any]:
         """Extra variables for the chat template: --chat-template-kwargs, and enable_thinking=False for --no-thinking."""
@@ -169,7 +211,7 @@ def _check(settings: Settings) -> Settings:
     kwargs = _json_object(settings.chat_template_kwargs, "--chat-template-kwargs")
     settings = dataclasses.replace(settings, chat_template_kwargs=kwargs)
     if settings.response_prefix is not None and not isinstance(settings.response_prefix, str):
-        raise UserError(f"--response-prefix takes a text (\"\" for none), got {settings.response_prefix!r}")
+        raise UserError(f'--response-prefix takes a text ("" for none), got {settings.response_prefix!r}')
     if not settings.study or "/" in settings.study or settings.study.startswith("."):
         raise UserError(f"--study must be a plain name (letters, digits, - and _), got {settings.study!r}")
     return settings
@@ -275,7 +317,9 @@ def _comma_list(text: str) -> list[str]:
 
 
 def add_setting_arguments(
-    parser: argparse.ArgumentParser, names: list[str] | tuple[str, ...] | None = None, help: dict[str, str] | None = None,
+    parser: argparse.ArgumentParser,
+    names: list[str] | tuple[str, ...] | None = None,
+    help: dict[str, str] | None = None,
 ) -> None:
     """Add a `--flag` for each setting in `names` (in that order; default: every setting with a flag, in field order).
 

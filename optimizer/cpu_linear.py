@@ -42,8 +42,11 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
 
 def can_pack(loaded: LoadedModel) -> bool:
     return (
-        loaded.device.type == "cpu" and loaded.dtype == torch.float32 and loaded.quantization is None
-        and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        loaded.device.type == "cpu"
+        and loaded.dtype == torch.float32
+        and loaded.quantization is None
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
 
 
@@ -71,8 +74,10 @@ def pack_linear_layers(loaded: LoadedModel, console: Console) -> int:
     need = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     have = available_memory_bytes()
     if have is not None and need > (1 - HEADROOM) * have:
-        console.print(f"[yellow]Not packing the weights for faster CPU products: needs {need / 2**30:.1f} GiB, "
-                      f"{have / 2**30:.1f} GiB available; trials run at the plain speed[/]")
+        console.print(
+            f"[yellow]Not packing the weights for faster CPU products: needs {need / 2**30:.1f} GiB, "
+            f"{have / 2**30:.1f} GiB available; trials run at the plain speed[/]"
+        )
         return 0
     if not _agrees(linears[0]):
         console.print("[yellow]oneDNN's packed products disagree with torch's on this build; trials run at the plain speed[/]")

@@ -151,7 +151,11 @@ def _lanczos_top(matrices: torch.Tensor, start: torch.Tensor) -> tuple[torch.Ten
         steps = step + 1
         if steps % LANCZOS_CHECK_EVERY and steps != max_steps:
             continue
-        tridiagonal = torch.diag_embed(diag[:, :steps]) + torch.diag_embed(off[:, : steps - 1], 1) + torch.diag_embed(off[:, : steps - 1], -1)
+        tridiagonal = (
+            torch.diag_embed(diag[:, :steps])
+            + torch.diag_embed(off[:, : steps - 1], 1)
+            + torch.diag_embed(off[:, : steps - 1], -1)
+        )
         ritz_values, ritz_vectors = torch.linalg.eigh(tridiagonal)
         values = ritz_values[:, -1]
         vectors = torch.nn.functional.normalize(torch.einsum("ljm,lj->lm", basis[:, :steps], ritz_vectors[:, :, -1]), dim=-1)
@@ -216,4 +220,3 @@ def winsorize(harmful: torch.Tensor, harmless: torch.Tensor, quantile: float) ->
     k = max(1, min(values.shape[1], round(quantile * values.shape[1])))
     limit = values.kthvalue(k, dim=1).values.view(-1, 1, 1)
     return harmful.clamp(-limit, limit), harmless.clamp(-limit, limit)
-

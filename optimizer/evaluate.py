@@ -64,8 +64,12 @@ def run_lm_eval(edited: EditedModel, tasks: list[str], limit: int | None, batch_
     manager = TaskManager(include_path=str(local_task_dir()))
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise UserError(f"unknown lm-eval task(s) {', '.join(unknown)}; try {LOCAL_TASK} (offline) or names from `lm-eval ls tasks`")
-    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=False, verbosity="ERROR")
+        raise UserError(
+            f"unknown lm-eval task(s) {', '.join(unknown)}; try {LOCAL_TASK} (offline) or names from `lm-eval ls tasks`"
+        )
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=False, verbosity="ERROR"
+    )
     scores = {}
     for task, metrics in results["results"].items():
         for key, value in metrics.items():
@@ -76,7 +80,11 @@ def run_lm_eval(edited: EditedModel, tasks: list[str], limit: int | None, batch_
 
 
 def evaluate_tasks(
-    stored: StoredStudy, edited: EditedModel, trials: list[FrozenTrial], tasks: list[str], limit: int | None,
+    stored: StoredStudy,
+    edited: EditedModel,
+    trials: list[FrozenTrial],
+    tasks: list[str],
+    limit: int | None,
     console: Console,
 ) -> Table:
     """lm-eval scores of the original model and each trial, stored as user attributes."""
@@ -105,8 +113,13 @@ def evaluate_tasks(
 
 
 def evaluate_refusals(
-    stored: StoredStudy, edited: EditedModel, trials: list[FrozenTrial], harmful: str | None, harmless: str | None,
-    limit: int | None, console: Console,
+    stored: StoredStudy,
+    edited: EditedModel,
+    trials: list[FrozenTrial],
+    harmful: str | None,
+    harmless: str | None,
+    limit: int | None,
+    console: Console,
 ) -> Table:
     """Refusals k/N and KL on prompts the study never saw (default: the bundled held-out splits)."""
     study, settings, loaded = stored.study, edited.prepared.settings, edited.prepared.loaded
@@ -115,7 +128,9 @@ def evaluate_refusals(
 
     def prompts(spec: str | None, kind: str) -> list[str]:
         chosen = load_prompts(spec, kind) if spec else split_prompts(load_prompts(None, kind)).heldout
-        texts = format_chat(loaded.tokenizer, chosen[:limit] if limit else chosen, settings.system_prompt, settings.template_kwargs())
+        texts = format_chat(
+            loaded.tokenizer, chosen[:limit] if limit else chosen, settings.system_prompt, settings.template_kwargs()
+        )
         return [t + prefix for t in texts]  # answers start where the study's did
 
     harmful_texts, harmless_texts = prompts(harmful, "harmful"), prompts(harmless, "harmless")

@@ -131,8 +131,13 @@ def model_card(edited: EditedModel, study_name: str) -> str:
 
 
 def export_trial(
-    stored: StoredStudy, number: int, out: Path, console: Console,
-    model: str | None = None, device: str | None = None, save_dtype: str | None = None,
+    stored: StoredStudy,
+    number: int,
+    out: Path,
+    console: Console,
+    model: str | None = None,
+    device: str | None = None,
+    save_dtype: str | None = None,
 ) -> Path:
     """Write trial `number` of the study as a model folder at `out`; refuses a non-empty `out`."""
     study, settings = stored.study, stored.settings
@@ -144,11 +149,19 @@ def export_trial(
     # bake in float32 for precision (a 4-bit study's model is loaded in full: the edit goes into
     # the original weights), then save in the requested (or the checkpoint's) dtype
     edited = load_edited_model(
-        stored, number, console, model=model, device=device or "cpu", dtype="float32", full_precision=True,
+        stored,
+        number,
+        console,
+        model=model,
+        device=device or "cpu",
+        dtype="float32",
+        full_precision=True,
     )
     loaded = edited.prepared.loaded
     difference = bake_and_verify(edited)
-    console.print(f"Baked the edit into the weights; logits of the exported weights vs the hooked model: max |diff| {difference:.2e}")
+    console.print(
+        f"Baked the edit into the weights; logits of the exported weights vs the hooked model: max |diff| {difference:.2e}"
+    )
     target = SAVE_DTYPES[save_dtype] if save_dtype else loaded.checkpoint_dtype or torch.float32
     torch.nn.Module.to(loaded.model, target)  # (transformers' decorated `to` confuses type checkers)
     tmp = out.with_name(out.name + ".partial")
@@ -172,7 +185,8 @@ def export_trial(
             "fallback_layers": edited.info.fallback_layers,
             "scores": {"refusals": edited.trial.user_attrs.get("refusals"), "kl_divergence": edited.trial.values[1]},
             "edit": "W <- (I - w r r^T) W and b <- (I - w r r^T) b on every tensor each block writes to the residual stream "
-            "with (attention output, MLP down projection, every expert's down projection); directions per layer in ablation.safetensors",
+            "with (attention output, MLP down projection, every expert's down projection); "
+            "directions per layer in ablation.safetensors",
             "norm_preserving": settings.norm_preserving,
             "response_prefix": settings.response_prefix,
             "chat_template_kwargs": settings.template_kwargs(),

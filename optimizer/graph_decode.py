@@ -35,7 +35,9 @@ class FixedCache:
     method they call; the next token's K/V go to position `index` (a device tensor, so that a
     captured graph reads it at replay)."""
 
-    def __init__(self, layer_shapes: list[tuple[int, int, int]], batch: int, length: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, layer_shapes: list[tuple[int, int, int]], batch: int, length: int, dtype: torch.dtype, device: torch.device
+    ):
         self.keys = [torch.zeros(batch, heads, length, k_dim, dtype=dtype, device=device) for heads, k_dim, _ in layer_shapes]
         self.values = [torch.zeros(batch, heads, length, v_dim, dtype=dtype, device=device) for heads, _, v_dim in layer_shapes]
         self.index = torch.zeros(1, dtype=torch.long, device=device)
@@ -74,8 +76,11 @@ class GraphDecoder:
         assert self.cache is not None, "load() makes the cache before the first step"
         self.mask.index_copy_(3, self.cache.index, self._new_column)
         hidden = self._decoder(
-            input_ids=self.ids.unsqueeze(-1), attention_mask=self.mask, position_ids=self.positions,
-            use_cache=True, **{self._keyword: self.cache},
+            input_ids=self.ids.unsqueeze(-1),
+            attention_mask=self.mask,
+            position_ids=self.positions,
+            use_cache=True,
+            **{self._keyword: self.cache},
         ).last_hidden_state
         logits = output_logits(self.loaded.model, hidden[:, -1, :])
         if self.logits is None:

@@ -98,8 +98,13 @@ class StudyIdentity:
 
     @classmethod
     def of(
-        cls, settings: Settings, loaded: LoadedModel, direction_texts: tuple[list[str], list[str]],
-        harmful_texts: list[str], harmless_texts: list[str], portable: bool,
+        cls,
+        settings: Settings,
+        loaded: LoadedModel,
+        direction_texts: tuple[list[str], list[str]],
+        harmful_texts: list[str],
+        harmless_texts: list[str],
+        portable: bool,
     ) -> StudyIdentity:
         model = model_fingerprint(loaded, portable)
         scoring = _hash(model, harmful_texts, harmless_texts, settings.max_new_tokens, sorted(settings.refusal_markers))

@@ -74,7 +74,9 @@ def locate(spec: str) -> tuple[str, dict, dict]:
         return str(path.parent), {"gguf_file": path.name}, {"quantization_config": GgufConfig(dequantize=True)}
     if path.exists():
         if not (path / "config.json").exists():
-            raise UserError(f"{spec} is not a Hugging Face model folder (no config.json); pass a model folder, a .gguf file or a hub id")
+            raise UserError(
+                f"{spec} is not a Hugging Face model folder (no config.json); pass a model folder, a .gguf file or a hub id"
+            )
         return str(path), {}, {}
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise UserError(f"model path {spec} does not exist; check the --model path")
@@ -84,7 +86,10 @@ def locate(spec: str) -> tuple[str, dict, dict]:
 def four_bit_config(device: torch.device, compute_dtype: torch.dtype):
     """bitsandbytes NF4 settings; bitsandbytes needs a CUDA device."""
     if device.type != "cuda":
-        raise UserError(f"--quantization 4bit needs a CUDA GPU (bitsandbytes), but the device is {device}; drop --quantization to load the full model")
+        raise UserError(
+            f"--quantization 4bit needs a CUDA GPU (bitsandbytes), but the device is {device}; "
+            "drop --quantization to load the full model"
+        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -92,11 +97,16 @@ def four_bit_config(device: torch.device, compute_dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
     )
 
 
-def _from_pretrained(location: str, dtype: torch.dtype, device: torch.device, kwargs: dict, model_kwargs: dict) -> PreTrainedModel:
+def _from_pretrained(
+    location: str, dtype: torch.dtype, device: torch.device, kwargs: dict, model_kwargs: dict
+) -> PreTrainedModel:
     """The model with its LM head; checkpoints with a vision tower load through the image-text class,
     whose text decoder is what we ablate."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -113,7 +123,9 @@ def _from_pretrained(location: str, dtype: torch.dtype, device: torch.device, kw
 
 
 def _test_prompt(model: nn.Module, tokenizer) -> torch.Tensor:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hello! How are you?"}], add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hello! How are you?"}], add_generation_prompt=True, tokenize=False
+    )
     return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
 
 
@@ -132,8 +144,13 @@ def first_nonfinite_layer(model: nn.Module, tokenizer) -> int | None:
 
 
 def load_model(
-    spec: str | None, device: str = "auto", dtype: str = "auto", chat_template: str | None = None,
-    allow_missing_components: bool = False, quantization: str | None = None, console=None,
+    spec: str | None,
+    device: str = "auto",
+    dtype: str = "auto",
+    chat_template: str | None = None,
+    allow_missing_components: bool = False,
+    quantization: str | None = None,
+    console=None,
 ) -> LoadedModel:
     """Load the model and tokenizer; None loads the bundled default model (fetched on first use).
 
@@ -157,10 +174,16 @@ def load_model(
         stored_dtype = getattr(AutoConfig.from_pretrained(location, **kwargs), "dtype", None)
         model = _from_pretrained(location, torch_dtype, torch_device, kwargs, model_kwargs)
     except ValueError as e:  # transformers' word for an architecture or GGUF layout it cannot load
-        raise UserError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}; use a supported architecture or convert it to a HF folder") from None
+        raise UserError(
+            f"cannot load model {spec!r}: {str(e).splitlines()[0]}; use a supported architecture or convert it to a HF folder"
+        ) from None
     except OSError as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = "the hub is offline (HF_HUB_OFFLINE=1): download it first or pass a local folder" if offline else "check the hub id, your network and HF_TOKEN"
+        hint = (
+            "the hub is offline (HF_HUB_OFFLINE=1): download it first or pass a local folder"
+            if offline
+            else "check the hub id, your network and HF_TOKEN"
+        )
         raise UserError(f"could not load model {spec!r}: {str(e).splitlines()[0]}; {hint}") from None
     if chat_template:
         try:
@@ -177,10 +200,16 @@ def load_model(
         if not fallbacks:
             layer = first_nonfinite_layer(model, tokenizer)
             where = "in the embeddings" if layer is None else f"at layer {layer}"
-            raise UserError(f"model {spec} gives NaN or inf {where} on a test prompt, even in {_name(torch_dtype)}; the checkpoint looks damaged: check the model file")
+            raise UserError(
+                f"model {spec} gives NaN or inf {where} on a test prompt, even in {_name(torch_dtype)}; "
+                "the checkpoint looks damaged: check the model file"
+            )
         previous, torch_dtype = torch_dtype, fallbacks.pop(0)
         if console is not None:
-            console.print(f"[yellow]{_name(previous)} gives NaN/inf logits on a test prompt; loading the model again in {_name(torch_dtype)}[/]")
+            console.print(
+                f"[yellow]{_name(previous)} gives NaN/inf logits on a test prompt; "
+                f"loading the model again in {_name(torch_dtype)}[/]"
+            )
         del model
         model = _from_pretrained(location, torch_dtype, torch_device, kwargs, model_kwargs)
     layers = find_layers(model)
@@ -203,8 +232,16 @@ def find_layers(model: nn.Module) -> list[nn.Module]:
         blocks = getattr(decoder, name, None)
         if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
             return list(blocks)
-    nested = {id(inner) for outer in model.modules() if isinstance(outer, nn.ModuleList) for inner in outer.modules() if inner is not outer}
-    lists: list[nn.ModuleList] = [m for m in model.modules() if isinstance(m, nn.ModuleList) and id(m) not in nested and len(m) > 0]
+    nested = {
+        id(inner)
+        for outer in model.modules()
+        if isinstance(outer, nn.ModuleList)
+        for inner in outer.modules()
+        if inner is not outer
+    }
+    lists: list[nn.ModuleList] = [
+        m for m in model.modules() if isinstance(m, nn.ModuleList) and id(m) not in nested and len(m) > 0
+    ]
     if not lists:
         raise UserError(f"could not find decoder blocks in {type(model).__name__}; this architecture is not supported")
     return list(max(lists, key=lambda blocks: sum(1 for _ in blocks)))

@@ -37,7 +37,9 @@ def mask_values(loaded: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
     """What a prepared 4-D mask holds where attention is allowed and where it is blocked: booleans
     for sdpa, 0 and the dtype's minimum (added to the scores) for eager attention."""
     if attention_implementation(loaded) == "eager":
-        allowed, blocked = (torch.tensor(v, dtype=loaded.dtype, device=loaded.device) for v in (0.0, torch.finfo(loaded.dtype).min))
+        allowed, blocked = (
+            torch.tensor(v, dtype=loaded.dtype, device=loaded.device) for v in (0.0, torch.finfo(loaded.dtype).min)
+        )
         return allowed, blocked
     return torch.tensor(True, device=loaded.device), torch.tensor(False, device=loaded.device)
 
@@ -89,8 +91,11 @@ def packed_forward(loaded: LoadedModel, prefix: list[int], suffixes: list[list[i
         positions = list(range(p)) + [p + j for n in group_lengths for j in range(n)]
         cache = DynamicCache(config=loaded.model.config)
         hidden = decoder(
-            input_ids=torch.tensor([ids], device=device), attention_mask=block_mask(p, group_lengths, loaded),
-            position_ids=torch.tensor([positions], device=device), use_cache=True, **{cache_keyword: cache},
+            input_ids=torch.tensor([ids], device=device),
+            attention_mask=block_mask(p, group_lengths, loaded),
+            position_ids=torch.tensor([positions], device=device),
+            use_cache=True,
+            **{cache_keyword: cache},
         ).last_hidden_state[0]
         # where each row's slots come from in the packed row: prefix, padding (any position: masked), suffix
         ends = torch.tensor(group_lengths).cumsum(0) + p

@@ -142,7 +142,10 @@ def render_chat(tokenizer, messages: list[dict], template_kwargs: dict[str, Any]
 
 
 def format_chat(
-    tokenizer, prompts: list[str], system_prompt: str | None = None, template_kwargs: dict[str, Any] | None = None,
+    tokenizer,
+    prompts: list[str],
+    system_prompt: str | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[str]:
     """Apply the chat template, ending where the assistant's answer starts."""
     texts = []

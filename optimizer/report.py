@@ -61,6 +61,8 @@ def show_study(study: optuna.Study, console: Console) -> None:
     states = [t.state for t in study.get_trials(deepcopy=False)]
     shown = (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING, TrialState.PRUNED, TrialState.WAITING)
     counts = {s.name.lower(): states.count(s) for s in shown}
-    console.print("Trials: " + ", ".join(f"{n} {state}" for state, n in counts.items() if n or state in ("complete", "fail", "running")))
+    console.print(
+        "Trials: " + ", ".join(f"{n} {state}" for state, n in counts.items() if n or state in ("complete", "fail", "running"))
+    )
     if counts["complete"]:
         console.print(pareto_table(study))

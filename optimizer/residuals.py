@@ -20,7 +20,9 @@ def tokenize(loaded: LoadedModel, texts: list[str]) -> dict[str, torch.Tensor]:
     encoded = loaded.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     max_length = getattr(loaded.model.config.get_text_config(), "max_position_embeddings", None)
     if max_length and encoded["input_ids"].shape[1] > max_length:
-        raise UserError(f"a prompt is {encoded['input_ids'].shape[1]} tokens long, over the model's context of {max_length}; shorten it")
+        raise UserError(
+            f"a prompt is {encoded['input_ids'].shape[1]} tokens long, over the model's context of {max_length}; shorten it"
+        )
     return {k: v.to(loaded.device) for k, v in encoded.items()}
 
 
@@ -54,5 +56,8 @@ def collect_residuals(
     bad = (~torch.isfinite(residuals)).flatten(1).any(dim=1)
     if bad.any():
         layer = int(bad.nonzero()[0])
-        raise UserError(f"residuals contain NaN or inf at layer {layer}: the checkpoint or {str(loaded.dtype).removeprefix('torch.')} overflows there; try --dtype float32, or check the model file")
+        raise UserError(
+            f"residuals contain NaN or inf at layer {layer}: the checkpoint or {str(loaded.dtype).removeprefix('torch.')} "
+            "overflows there; try --dtype float32, or check the model file"
+        )
     return residuals

@@ -43,7 +43,7 @@ def template_tail(text: str, prompt: str) -> str:
     """What the chat template puts after the user's `prompt` in its formatted `text` (end of turn,
     generation prompt); looking only there keeps a prompt that mentions "<think>" from counting."""
     at = text.rfind(prompt)
-    return text[at + len(prompt):] if at >= 0 else text
+    return text[at + len(prompt) :] if at >= 0 else text
 
 
 def unclosed_block(text: str) -> tuple[str, str] | None:
@@ -51,7 +51,7 @@ def unclosed_block(text: str) -> tuple[str, str] | None:
     found: tuple[int, str, str] | None = None
     for opening, closing in REASONING_BLOCKS:
         at = text.rfind(opening)
-        if at >= 0 and closing not in text[at + len(opening):] and (found is None or at > found[0]):
+        if at >= 0 and closing not in text[at + len(opening) :] and (found is None or at > found[0]):
             found = (at, opening, closing)
     return found[1:] if found else None
 
@@ -63,7 +63,9 @@ def close_open_block(tail: str) -> PrefixChoice | None:
     if block is None:
         return None
     opening, closing = block
-    return PrefixChoice(closing, f"The chat template opens {opening!r} before the answer: appending {closing!r} to every prompt", True)
+    return PrefixChoice(
+        closing, f"The chat template opens {opening!r} before the answer: appending {closing!r} to every prompt", True
+    )
 
 
 def answer_part(prefix: str) -> str:
@@ -98,7 +100,9 @@ def decide(common: str, diverged: bool = True, markers: Sequence[str] = (), clos
     if not common:
         return PrefixChoice("", "No common response prefix")
     if not diverged:
-        return PrefixChoice("", f"No common response prefix (the sampled responses are all {common!r}, so where answers start is unknown)")
+        return PrefixChoice(
+            "", f"No common response prefix (the sampled responses are all {common!r}, so where answers start is unknown)"
+        )
     if unclosed_block(common):
         return PrefixChoice("", f"No common response prefix appended: {common!r} opens a reasoning block again")
     answer = normalise(answer_part(common))
@@ -134,7 +138,11 @@ class Detection:
 
 
 def detect(
-    loaded: LoadedModel, prompts: list[str], texts: list[str], markers: Sequence[str], batch_size: int,
+    loaded: LoadedModel,
+    prompts: list[str],
+    texts: list[str],
+    markers: Sequence[str],
+    batch_size: int,
     max_new_tokens: int = DETECTION_TOKENS,
 ) -> Detection:
     """Find the response prefix by greedy generation with the model as it is (unedited).

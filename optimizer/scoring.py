@@ -53,7 +53,9 @@ def prefill(loaded: LoadedModel, prefix: list[int], suffixes: list[list[int]], p
         cache.batch_repeat_interleave(rows)
     mask = torch.cat([suffix_mask.new_ones(rows, len(prefix)), suffix_mask], dim=1)
     positions = len(prefix) + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{keyword: cache}).last_hidden_state
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{keyword: cache}
+    ).last_hidden_state
     return output_logits(model, hidden[:, -1, :].contiguous()), cache, mask
 
 
@@ -114,16 +116,24 @@ def eager_step(loaded: LoadedModel, next_ids: torch.Tensor, mask: torch.Tensor, 
     decoder = loaded.model.get_decoder()
     mask = torch.cat([mask, mask.new_ones(len(next_ids), 1)], dim=1)
     hidden = decoder(
-        input_ids=next_ids.unsqueeze(-1), attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
-        use_cache=True, **{cache_keyword(decoder): cache},
+        input_ids=next_ids.unsqueeze(-1),
+        attention_mask=mask,
+        position_ids=mask.sum(-1, keepdim=True) - 1,
+        use_cache=True,
+        **{cache_keyword(decoder): cache},
     ).last_hidden_state
     return output_logits(loaded.model, hidden[:, -1, :]), mask
 
 
 @torch.inference_mode()
 def greedy_generate(
-    loaded: LoadedModel, texts: list[str], max_new_tokens: int, batch_size: int,
-    stop: Callable[[list[int]], bool] | None = None, graph: GraphDecoder | None = None, packed: bool = False,
+    loaded: LoadedModel,
+    texts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    stop: Callable[[list[int]], bool] | None = None,
+    graph: GraphDecoder | None = None,
+    packed: bool = False,
 ) -> tuple[list[list[int]], int]:
     """Greedy continuations of `texts` as token ids (end tokens left out), in the input's order, and
     the number of tokens generated.

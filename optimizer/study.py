@@ -139,7 +139,9 @@ class StopAtBudget:
             study.stop()
         elif self.failures_in_a_row >= MAX_CONSECUTIVE_FAILURES:
             study.stop()
-            raise UserError(f"{self.failures_in_a_row} trials failed in a row (last: trial {trial.number}); see the log above for the error")
+            raise UserError(
+                f"{self.failures_in_a_row} trials failed in a row (last: trial {trial.number}); see the log above for the error"
+            )
 
 
 def with_stored_response_prefix(settings: Settings) -> Settings:
@@ -221,7 +223,9 @@ def _optimize(study: optuna.Study, scorer: Scorer, remaining: int) -> None:
             progress.update(task, completed=done)
             best = best_tradeoff(study)
             if best is not None:
-                progress.update(task, description=f"Trials (best: {refusals_text(best)} refusals, KL {best.values[1]:.3f}, #{best.number})")
+                progress.update(
+                    task, description=f"Trials (best: {refusals_text(best)} refusals, KL {best.values[1]:.3f}, #{best.number})"
+                )
             if not console.is_terminal:  # a log file gets no live bar: one line per trial instead
                 console.print(trial_line(trial, done, total))
 

@@ -100,7 +100,9 @@ class PromptTexts:
 
     def with_suffix(self, suffix: str) -> PromptTexts:
         add = lambda texts: [t + suffix for t in texts]
-        return PromptTexts(add(self.direction_harmful), add(self.direction_harmless), self.harmful_prompts, add(self.harmful), add(self.harmless))
+        return PromptTexts(
+            add(self.direction_harmful), add(self.direction_harmless), self.harmful_prompts, add(self.harmful), add(self.harmless)
+        )
 
     def all(self) -> list[str]:
         return [*self.direction_harmful, *self.direction_harmless, *self.harmful, *self.harmless]
@@ -158,7 +160,9 @@ def _response_prefix(
     `sample` (raw direction prompts), which the settings then carry into the study."""
     if settings.response_prefix is not None:
         if settings.response_prefix:
-            console.print(f"Appending the response prefix {settings.response_prefix!r} to every prompt", markup=False, highlight=False)
+            console.print(
+                f"Appending the response prefix {settings.response_prefix!r} to every prompt", markup=False, highlight=False
+            )
         return settings.response_prefix
     formatted = texts.direction_harmful[:DETECTION_PROMPTS] + texts.direction_harmless[:DETECTION_PROMPTS]
     with console.status("Looking for a common start of the responses..."):
@@ -368,7 +372,9 @@ def _checked_fast_path(spec: RunSpec, check: Callable[[], float], fallback: str,
         spec.console.print(f"[yellow]{fallback}: {what} failed ({type(e).__name__}: {first_line})[/]")
         return None
     if not error < tolerance:
-        spec.console.print(f"[yellow]{fallback}: {what} gives logits that differ from the plain path's by {error:.2g} (> {tolerance})[/]")
+        spec.console.print(
+            f"[yellow]{fallback}: {what} gives logits that differ from the plain path's by {error:.2g} (> {tolerance})[/]"
+        )
         return None
     return error
 
@@ -430,7 +436,9 @@ class Scorer:
         try:
             timings["apply_s"] = time.perf_counter() - start
             start = time.perf_counter()
-            logprobs = first_token_logprobs(self.spec.loaded, self.spec.texts.harmless, self.prepared.batch_size, self.paths.packed_prefill)
+            logprobs = first_token_logprobs(
+                self.spec.loaded, self.spec.texts.harmless, self.prepared.batch_size, self.paths.packed_prefill
+            )
             kl = kl_divergence(self.baseline_logprobs, logprobs)
             timings["kl_s"] = time.perf_counter() - start
             start = time.perf_counter()
