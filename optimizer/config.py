@@ -270,6 +270,13 @@ def build_settings(cli_values: dict[str, Any], config_file: str | None = None) -
     return _make(merged)
 
 
+def replace_checked(settings: Settings, **changes: Any) -> Settings:
+    """`settings` with `changes` (None = not given), through the same checks as a run's settings."""
+    values = {f: getattr(settings, f) for f in FIELDS}
+    values.update({k: v for k, v in changes.items() if v is not None})
+    return _make(values)
+
+
 # Where the study is now: given by the command line (or defaulted), never read back from the study's own record.
 LOCATION = ("study", "storage", "studies_dir")
 

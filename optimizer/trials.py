@@ -11,7 +11,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
 from optimizer.ablation import AblationPlan
-from optimizer.config import Settings, settings_from_record
+from optimizer.config import Settings, replace_checked, settings_from_record
 from optimizer.errors import UserError
 from optimizer.optuna_adapter import set_finished_trial_user_attr
 from optimizer.params import PlanInfo, TrialParams, build_plan, replay_params
@@ -86,11 +86,10 @@ def load_edited_model(
     """
     trial = finished_trial(stored.study, number)
     settings = stored.settings
-    overrides: dict[str, Any] = {k: v for k, v in {"model": model, "device": device, "dtype": dtype}.items() if v is not None}
-    if full_precision:
-        overrides["quantization"] = None  # the fingerprint stays the portable one the study recorded
     portable = settings.quantization is not None
-    settings = dataclasses.replace(settings, **overrides)
+    settings = replace_checked(settings, model=model, device=device, dtype=dtype)
+    if full_precision:  # the fingerprint stays the portable one the study recorded
+        settings = dataclasses.replace(settings, quantization=None)
     spec = resolve(settings, console, portable=portable)
     spec.identity.check_model(stored.study.user_attrs)
     prepared = prepare(spec, settings.cache_path())

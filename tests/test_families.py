@@ -280,7 +280,7 @@ def test_study_with_variants_records_them_and_exports_exactly(tiny_llama_bias_di
     out = capsys.readouterr().err
     assert "Ablation sites in LlamaForCausalLM (4 blocks)" in out and "self_attn.o_proj: weight (64, 64), bias (64,)" in out
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{studies}/t.db")
-    assert {k: study.user_attrs["settings"][k] for k in ("projected_directions", "norm_preserving", "winsorize")} == {
+    assert {k: study.user_attrs["run_settings"][k] for k in ("projected_directions", "norm_preserving", "winsorize")} == {
         "projected_directions": True, "norm_preserving": True, "winsorize": 0.99,
     }
     # the same parameters would edit the model differently without the variant: refused
