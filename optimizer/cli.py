@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 
@@ -13,6 +14,7 @@ from optimizer.errors import UserError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what shells and schedulers expect
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,10 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(run)
     show = commands.add_parser("show", help="settings, baseline, trial counts and Pareto-optimal trials of a study")
     _add_study_arguments(show)
-    export = commands.add_parser("export", help="write a trial's edited model as a Hugging Face folder")
+    export = commands.add_parser(
+        "export", help="write a trial's edited model: a Hugging Face folder, a GGUF file or a LoRA adapter"
+    )
     _add_study_arguments(export, with_trial=True)
-    export.add_argument("--out", required=True, help="new (or empty) output folder")
-    export.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's own)")
+    export.add_argument("--out", required=True, help="new (or empty) output folder; a new .gguf file with --format gguf")
+    export.add_argument(
+        "--format", default="hf", choices=["hf", "gguf", "lora"],
+        help="hf: model folder with the edit baked in; gguf: one file for llama.cpp/Ollama; lora: PEFT adapter (default: hf)",
+    )  # fmt: skip
+    export.add_argument("--dtype", help="hf only: float32, bfloat16, float16 (default: the checkpoint's own)")
+    export.add_argument(
+        "--gguf-type", choices=["f16", "bf16", "q8_0", "same"],
+        help="gguf only: encoding of the written tensors (default: same as a GGUF source's, else f16)",
+    )  # fmt: skip
     evaluate = commands.add_parser("eval", help="lm-eval benchmarks or held-out refusals of trials, stored on the study")
     _add_study_arguments(evaluate, with_trial=True)
     evaluate.add_argument("--pareto", action="store_true", help="every Pareto-optimal trial")
@@ -94,7 +106,10 @@ def _dispatch(args: argparse.Namespace, console: Console) -> None:
 
         if args.trial is None:
             raise UserError("export needs --trial N (see `python -m optimizer show`)")
-        export_trial(stored, args.trial, Path(args.out), console, model=args.model, device=args.device, save_dtype=args.dtype)
+        export_trial(
+            stored, args.trial, Path(args.out), console, model=args.model, device=args.device, save_dtype=args.dtype,
+            fmt=args.format, gguf_type=args.gguf_type,
+        )  # fmt: skip
     elif args.command == "chat":
         from optimizer.chat import chat
         from optimizer.trials import load_edited_model
@@ -116,20 +131,36 @@ def _dispatch(args: argparse.Namespace, console: Console) -> None:
             console.print(evaluate.evaluate_tasks(stored, edited, trials, args.tasks, args.limit, console))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a container stopping, a scheduler's preemption, `kill`), handled as Ctrl-C is: the
+    running trial is marked interrupted and not counted, locks and temporary files are released on
+    the way out."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # set_metric_names and TPE's `group` are stable in practice; their notices only add noise
     warnings.filterwarnings("ignore", message=".*experimental.*")
     # a log file gets a wide console, so that tables are not folded into 80 columns
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         _dispatch(args, console)
     except UserError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        console.print("\n[yellow]Interrupted.[/] Finished trials are saved; run the same command again to resume.")
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:
+        said, code = (
+            ("Terminated (SIGTERM).", EXIT_TERMINATED) if isinstance(e, Terminated) else ("Interrupted.", EXIT_INTERRUPTED)
+        )
+        console.print(f"\n[yellow]{said}[/] Finished trials are saved; run the same command again to resume.")
+        return code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

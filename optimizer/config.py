@@ -143,6 +143,10 @@ class Settings:
     allow_missing_components: bool = field(
         default=False, metadata={"help": "leave blocks whose attention/MLP output is not found unablated"}
     )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "run a model whose architecture ships as code with it (only for models you trust)"},
+    )
     quantization: str | None = field(
         default=None,
         metadata={"help": "load the model in 4-bit (bitsandbytes, CUDA only)", "choices": ["4bit"], "default_text": "off"},

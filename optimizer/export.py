@@ -25,7 +25,7 @@ def _check_target(out: Path) -> None:
         raise UserError(f"{out} exists and is not empty; choose a new --out folder or empty it first")
 
 
-def parameter_count(source: str | None) -> int | None:
+def parameter_count(source: str | None, trust_remote_code: bool = False) -> int | None:
     """Parameters of the model, counted on the meta device (no weights are read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -34,10 +34,10 @@ def parameter_count(source: str | None) -> int | None:
     if source is None:
         return None
     try:
-        location, kwargs, _ = locate(source)
+        location, kwargs, _ = locate(source, trust_remote_code)
         config = AutoConfig.from_pretrained(location, **kwargs)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         return sum(p.numel() for p in model.parameters())
     except (OSError, ValueError, UserError):
         return None
@@ -45,7 +45,7 @@ def parameter_count(source: str | None) -> int | None:
 
 def announce_memory(settings: Settings, model: str | None, console: Console) -> None:
     """Say before loading how much RAM the float32 export needs (a 4-bit study's model is dequantised)."""
-    count = parameter_count(model or settings.model or _default_model())
+    count = parameter_count(model or settings.model or _default_model(), settings.trust_remote_code)
     if count is None:
         return
     need = count * 4
@@ -84,13 +84,13 @@ def bake_and_verify(edited: EditedModel) -> float:
     return difference
 
 
-def save_processor(source: str, folder: Path) -> None:
+def save_processor(source: str, folder: Path, trust_remote_code: bool = False) -> None:
     """Multimodal checkpoints: the processor (image preprocessing + tokenizer) goes alongside."""
     from transformers import AutoProcessor
 
     from optimizer.model import locate
 
-    location, kwargs, _ = locate(source)
+    location, kwargs, _ = locate(source, trust_remote_code)
     local = Path(location)
     if local.is_dir() and not any((local / f).exists() for f in ("preprocessor_config.json", "processor_config.json")):
         return
@@ -127,7 +127,54 @@ def model_card(edited: EditedModel, study_name: str) -> str:
     for c, k in params.kernels.items():
         lines.append(f"| {c} | {k.peak_weight:.3f} | {k.peak_layer:.2f} | {k.min_ratio:.3f} | {k.falloff:.2f} |")
     lines += ["", "`optimizer.json` and `ablation.safetensors` hold everything needed to reproduce the edit.", ""]
+    if edited.prepared.settings.trust_remote_code:
+        lines += [
+            "The architecture ships as code with the model: load it with `trust_remote_code=True`",
+            "(the study ran with `--trust-remote-code`).",
+            "",
+        ]
     return "\n".join(lines)
+
+
+FORMATS = ("hf", "gguf", "lora")
+
+
+def export_record(stored: StoredStudy, edited: EditedModel) -> dict:
+    """What `optimizer.json` holds beside every export: where the trial came from and the whole edit."""
+    study, settings, trial = stored.study, stored.settings, edited.trial
+    return {
+        "study": study.study_name,
+        "trial": trial.number,
+        "model": study.user_attrs.get("model"),
+        "model_fingerprint": study.user_attrs.get("model_fingerprint"),
+        "params": trial.params,
+        "trial_params": edited.params.to_json(),
+        "weights": {c: edited.plan.weights[c] for c in COMPONENTS},
+        "fallback_layers": edited.info.fallback_layers,
+        "scores": {"refusals": trial.user_attrs.get("refusals"), "kl_divergence": trial.values[1]},
+        "edit": "W <- (I - w r r^T) W and b <- (I - w r r^T) b on every tensor each block writes to the residual stream "
+        "with (attention output, MLP down projection, every expert's down projection); "
+        "directions per layer in ablation.safetensors",
+        "norm_preserving": settings.norm_preserving,
+        "response_prefix": settings.response_prefix,
+        "chat_template_kwargs": settings.template_kwargs(),
+        "projected_directions": settings.projected_directions,
+        "trust_remote_code": settings.trust_remote_code,
+        "sites": [list(row) for row in edited.prepared.loaded.discovery.table_rows()],
+    }
+
+
+def _check_options(fmt: str, save_dtype: str | None, gguf_type: str | None) -> None:
+    if fmt not in FORMATS:
+        raise UserError(f"--format takes {', '.join(FORMATS)}, got {fmt!r}")
+    if save_dtype is not None and (fmt != "hf" or save_dtype not in SAVE_DTYPES):
+        if fmt != "hf":
+            raise UserError(
+                f"--dtype applies to --format hf; for {fmt} leave it out" + (" (use --gguf-type)" if fmt == "gguf" else "")
+            )
+        raise UserError(f"--dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype!r}")
+    if gguf_type is not None and fmt != "gguf":
+        raise UserError(f"--gguf-type applies to --format gguf, not {fmt}; leave it out")
 
 
 def export_trial(
@@ -138,30 +185,45 @@ def export_trial(
     model: str | None = None,
     device: str | None = None,
     save_dtype: str | None = None,
+    fmt: str = "hf",
+    gguf_type: str | None = None,
 ) -> Path:
-    """Write trial `number` of the study as a model folder at `out`; refuses a non-empty `out`."""
-    study, settings = stored.study, stored.settings
-    _check_target(out)
-    finished_trial(study, number)  # refuse before loading anything
-    if save_dtype is not None and save_dtype not in SAVE_DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype!r}")
-    announce_memory(settings, model, console)
+    """Write trial `number` of the study at `out`: a Hugging Face folder (`hf`), a GGUF file (`gguf`)
+    or a PEFT LoRA adapter folder (`lora`); refuses an existing (non-empty) `out`."""
+    _check_options(fmt, save_dtype, gguf_type)
+    if fmt == "gguf":
+        if out.exists():
+            raise UserError(f"{out} exists; choose a new --out file name (e.g. model.gguf)")
+    else:
+        _check_target(out)
+    finished_trial(stored.study, number)  # refuse before loading anything
+    announce_memory(stored.settings, model, console)
     # bake in float32 for precision (a 4-bit study's model is loaded in full: the edit goes into
     # the original weights), then save in the requested (or the checkpoint's) dtype
-    edited = load_edited_model(
-        stored,
-        number,
-        console,
-        model=model,
-        device=device or "cpu",
-        dtype="float32",
-        full_precision=True,
-    )
-    loaded = edited.prepared.loaded
-    difference = bake_and_verify(edited)
-    console.print(
-        f"Baked the edit into the weights; logits of the exported weights vs the hooked model: max |diff| {difference:.2e}"
-    )
+    edited = load_edited_model(stored, number, console, model=model, device=device or "cpu", dtype="float32", full_precision=True)
+    if fmt == "lora":
+        from optimizer.lora_export import write_lora
+
+        write_lora(edited, out, console)
+    else:
+        difference = bake_and_verify(edited)
+        console.print(
+            f"Baked the edit into the weights; logits of the exported weights vs the hooked model: max |diff| {difference:.2e}"
+        )
+        if fmt == "gguf":
+            from optimizer.gguf_export import write_gguf
+
+            write_gguf(edited, out, gguf_type, console)
+        else:
+            _write_folder(stored, edited, out, save_dtype, console)
+    stored.annotate(edited.trial, "exported_to", str(out.resolve()))
+    console.print(f"Exported trial {number} to {out}")
+    return out
+
+
+def _write_folder(stored: StoredStudy, edited: EditedModel, out: Path, save_dtype: str | None, console: Console) -> None:
+    """The baked model as a Hugging Face folder, in the requested (or the checkpoint's) dtype."""
+    loaded, settings = edited.prepared.loaded, stored.settings
     target = SAVE_DTYPES[save_dtype] if save_dtype else loaded.checkpoint_dtype or torch.float32
     torch.nn.Module.to(loaded.model, target)  # (transformers' decorated `to` confuses type checkers)
     tmp = out.with_name(out.name + ".partial")
@@ -169,35 +231,13 @@ def export_trial(
     with console.status(f"Writing {out} ({str(target).removeprefix('torch.')})..."):
         loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
-        save_processor(loaded.source, tmp)
+        save_processor(loaded.source, tmp, settings.trust_remote_code)
         save_file(
             {f"{c}.directions": edited.plan.directions[c].detach().cpu().float().clone() for c in COMPONENTS},
             str(tmp / "ablation.safetensors"),
         )
-        record = {
-            "study": study.study_name,
-            "trial": number,
-            "model": study.user_attrs.get("model"),
-            "model_fingerprint": study.user_attrs.get("model_fingerprint"),
-            "params": edited.trial.params,
-            "trial_params": edited.params.to_json(),
-            "weights": {c: edited.plan.weights[c] for c in COMPONENTS},
-            "fallback_layers": edited.info.fallback_layers,
-            "scores": {"refusals": edited.trial.user_attrs.get("refusals"), "kl_divergence": edited.trial.values[1]},
-            "edit": "W <- (I - w r r^T) W and b <- (I - w r r^T) b on every tensor each block writes to the residual stream "
-            "with (attention output, MLP down projection, every expert's down projection); "
-            "directions per layer in ablation.safetensors",
-            "norm_preserving": settings.norm_preserving,
-            "response_prefix": settings.response_prefix,
-            "chat_template_kwargs": settings.template_kwargs(),
-            "projected_directions": settings.projected_directions,
-            "sites": [list(row) for row in loaded.discovery.table_rows()],
-        }
-        (tmp / "optimizer.json").write_text(json.dumps(record, indent=2))
-        (tmp / "README.md").write_text(model_card(edited, study.study_name))
+        (tmp / "optimizer.json").write_text(json.dumps(export_record(stored, edited), indent=2))
+        (tmp / "README.md").write_text(model_card(edited, stored.study.study_name))
     if out.exists():
         out.rmdir()  # empty, checked above
     tmp.replace(out)
-    stored.annotate(edited.trial, "exported_to", str(out.resolve()))
-    console.print(f"Exported trial {number} to {out}")
-    return out

@@ -63,24 +63,26 @@ def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
 DTYPE_FALLBACKS = {torch.float16: [torch.bfloat16, torch.float32], torch.bfloat16: [torch.float32], torch.float32: []}
 
 
-def locate(spec: str) -> tuple[str, dict, dict]:
-    """Where transformers should load from: (location, tokenizer/config kwargs, model kwargs)."""
+def locate(spec: str, trust_remote_code: bool = False) -> tuple[str, dict, dict]:
+    """Where transformers should load from: (location, tokenizer/config kwargs, model kwargs).
+    `trust_remote_code` lets transformers run an architecture that ships as code with the model."""
     path = Path(spec).expanduser()
+    code = {"trust_remote_code": trust_remote_code}
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise UserError(f"model file {spec} does not exist; check the --model path")
         from transformers import GgufConfig
 
-        return str(path.parent), {"gguf_file": path.name}, {"quantization_config": GgufConfig(dequantize=True)}
+        return str(path.parent), {"gguf_file": path.name, **code}, {"quantization_config": GgufConfig(dequantize=True)}
     if path.exists():
         if not (path / "config.json").exists():
             raise UserError(
                 f"{spec} is not a Hugging Face model folder (no config.json); pass a model folder, a .gguf file or a hub id"
             )
-        return str(path), {}, {}
+        return str(path), code, {}
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise UserError(f"model path {spec} does not exist; check the --model path")
-    return spec, {}, {}
+    return spec, code, {}
 
 
 def four_bit_config(device: torch.device, compute_dtype: torch.dtype):
@@ -151,6 +153,7 @@ def load_model(
     allow_missing_components: bool = False,
     quantization: str | None = None,
     console=None,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load the model and tokenizer; None loads the bundled default model (fetched on first use).
 
@@ -165,7 +168,7 @@ def load_model(
         spec = str(ensure_model_folder())
     torch_device = choose_device(device)
     torch_dtype = choose_dtype(dtype, torch_device)
-    location, kwargs, model_kwargs = locate(spec)
+    location, kwargs, model_kwargs = locate(spec, trust_remote_code)
     if quantization == "4bit":
         # quantized weights are placed on the device while loading, not moved afterwards
         model_kwargs.update(quantization_config=four_bit_config(torch_device, torch_dtype), device_map={"": torch_device})
@@ -174,6 +177,11 @@ def load_model(
         stored_dtype = getattr(AutoConfig.from_pretrained(location, **kwargs), "dtype", None)
         model = _from_pretrained(location, torch_dtype, torch_device, kwargs, model_kwargs)
     except ValueError as e:  # transformers' word for an architecture or GGUF layout it cannot load
+        if "trust_remote_code" in str(e):
+            raise UserError(
+                f"model {spec!r} ships its architecture as code, which runs only with --trust-remote-code; "
+                "pass it if you trust the model's source (the code runs on this machine)"
+            ) from None
         raise UserError(
             f"cannot load model {spec!r}: {str(e).splitlines()[0]}; use a supported architecture or convert it to a HF folder"
         ) from None

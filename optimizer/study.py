@@ -233,11 +233,12 @@ def _optimize(study: optuna.Study, scorer: Scorer, remaining: int) -> None:
 
 
 def _hide_interrupt_tracebacks() -> None:
-    """Ctrl-C is an expected way to stop: keep Optuna from logging it as a failure with a traceback."""
+    """Ctrl-C and SIGTERM are expected ways to stop: keep Optuna from logging them as failures with a traceback."""
 
     class NoInterrupts(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            return "KeyboardInterrupt" not in record.getMessage()
+            error = record.exc_info[1] if record.exc_info else None  # Ctrl-C, or SIGTERM (cli.Terminated)
+            return not isinstance(error, KeyboardInterrupt) and "KeyboardInterrupt" not in record.getMessage()
 
     for handler in logging.getLogger("optuna").handlers:
         if not any(isinstance(f, NoInterrupts) for f in handler.filters):

@@ -134,7 +134,7 @@ def resolve(settings: Settings, console: Console, portable: bool | None = None) 
     with console.status("Loading model..."):
         loaded = load_model(
             settings.model, settings.device, settings.dtype, settings.chat_template,
-            settings.allow_missing_components, settings.quantization, console,
+            settings.allow_missing_components, settings.quantization, console, settings.trust_remote_code,
         )  # fmt: skip
     print_discovery(loaded, console)
     fmt = lambda ps: format_chat(loaded.tokenizer, ps, settings.system_prompt, settings.template_kwargs())

@@ -82,6 +82,9 @@ def test_export_refuses_bad_input(finished_study, tmp_path, tiny_llama_bias_dir,
         (base + ["--trial", "99", "--out", str(tmp_path / "a")], "has no trial 99"),
         (base + ["--trial", str(number), "--out", str(tmp_path / "b"), "--model", str(tiny_llama_bias_dir)], "not the study's model"),
         (["export", "--study", "nope", "--studies-dir", str(finished_study), "--trial", "1", "--out", str(tmp_path / "c")], "no study file"),
+        (base + ["--trial", str(number), "--out", str(tmp_path / "d"), "--format", "lora", "--dtype", "float16"], "--dtype applies to --format hf"),
+        (base + ["--trial", str(number), "--out", str(tmp_path / "e"), "--gguf-type", "q8_0"], "--gguf-type applies to --format gguf"),
+        (base + ["--trial", str(number), "--out", str(full / "x"), "--format", "gguf"], "exists; choose a new --out file name"),
     ]
     for args, fragment in cases:
         assert main(args) == 2

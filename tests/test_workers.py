@@ -137,15 +137,16 @@ def test_killed_sqlite_worker_trial_is_failed_and_retried(tiny_dir, tmp_path):
     assert counted_trials(study) == 4 and "computing it now" not in out  # the cache survived the kill
 
 
-def test_ctrl_c_records_the_trial_and_says_how_to_resume(tiny_dir, tmp_path):
+@pytest.mark.parametrize(("sig", "code", "said"), [(signal.SIGINT, 130, "Interrupted."), (signal.SIGTERM, 143, "Terminated (SIGTERM).")])
+def test_ctrl_c_or_sigterm_records_the_trial_and_says_how_to_resume(tiny_dir, tmp_path, sig, code, said):
     studies = tmp_path / "studies"
     storage = f"sqlite:///{studies}/t.db"
     # many trials: on a loaded machine the poll may see a trial late, and the signal must arrive
     # before the study's last trial ends
-    proc, interrupted = signal_mid_trial(tiny_dir, studies, signal.SIGINT, trials=30)
+    proc, interrupted = signal_mid_trial(tiny_dir, studies, sig, trials=30)
     out = finish(proc)
-    assert proc.returncode == 130, out
-    assert "run the same command again to resume" in out and "Traceback" not in out
+    assert proc.returncode == code, out
+    assert said in out and "run the same command again to resume" in out and "Traceback" not in out
     study = optuna.load_study(study_name="t", storage=storage)
     trial = study.trials[interrupted]
     assert trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted")
