@@ -139,31 +139,6 @@ def model_card(edited: EditedModel, study_name: str) -> str:
 FORMATS = ("hf", "gguf", "lora")
 
 
-def export_record(stored: StoredStudy, edited: EditedModel) -> dict:
-    """What `optimizer.json` holds beside every export: where the trial came from and the whole edit."""
-    study, settings, trial = stored.study, stored.settings, edited.trial
-    return {
-        "study": study.study_name,
-        "trial": trial.number,
-        "model": study.user_attrs.get("model"),
-        "model_fingerprint": study.user_attrs.get("model_fingerprint"),
-        "params": trial.params,
-        "trial_params": edited.params.to_json(),
-        "weights": {c: edited.plan.weights[c] for c in COMPONENTS},
-        "fallback_layers": edited.info.fallback_layers,
-        "scores": {"refusals": trial.user_attrs.get("refusals"), "kl_divergence": trial.values[1]},
-        "edit": "W <- (I - w r r^T) W and b <- (I - w r r^T) b on every tensor each block writes to the residual stream "
-        "with (attention output, MLP down projection, every expert's down projection); "
-        "directions per layer in ablation.safetensors",
-        "norm_preserving": settings.norm_preserving,
-        "response_prefix": settings.response_prefix,
-        "chat_template_kwargs": settings.template_kwargs(),
-        "projected_directions": settings.projected_directions,
-        "trust_remote_code": settings.trust_remote_code,
-        "sites": [list(row) for row in edited.prepared.loaded.discovery.table_rows()],
-    }
-
-
 def _check_options(fmt: str, save_dtype: str | None, gguf_type: str | None) -> None:
     if fmt not in FORMATS:
         raise UserError(f"--format takes {', '.join(FORMATS)}, got {fmt!r}")
@@ -197,6 +172,10 @@ def export_trial(
     else:
         _check_target(out)
     finished_trial(stored.study, number)  # refuse before loading anything
+    if fmt == "lora":
+        from optimizer.lora_export import check_settings
+
+        check_settings(stored.settings)
     announce_memory(stored.settings, model, console)
     # bake in float32 for precision (a 4-bit study's model is loaded in full: the edit goes into
     # the original weights), then save in the requested (or the checkpoint's) dtype
@@ -236,7 +215,7 @@ def _write_folder(stored: StoredStudy, edited: EditedModel, out: Path, save_dtyp
             {f"{c}.directions": edited.plan.directions[c].detach().cpu().float().clone() for c in COMPONENTS},
             str(tmp / "ablation.safetensors"),
         )
-        (tmp / "optimizer.json").write_text(json.dumps(export_record(stored, edited), indent=2))
+        (tmp / "optimizer.json").write_text(json.dumps(edited.record(), indent=2))
         (tmp / "README.md").write_text(model_card(edited, stored.study.study_name))
     if out.exists():
         out.rmdir()  # empty, checked above

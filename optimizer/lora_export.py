@@ -5,15 +5,16 @@ The edit of a linear map y = W x + b that writes to the residual stream (see abl
     W' = (I - w r r^T) W = W + B A,  with B = -w r (d_out x 1) and A = r^T W (1 x d_in),
     b' = (I - w r r^T) b = b - w r (r . b),
 
-so every edited matrix takes one rank-1 LoRA pair, exactly: PEFT computes W x + b + s B (A x) with
-s = lora_alpha / r = 1 (rank 1, lora_alpha 1), which is W' x + b - b' + b'. A depends on W: the adapter
-is exact for the model the study ran on (the full-precision weights, for a 4-bit study), as any
-extracted LoRA is. Layers and components whose weight is 0 are left out of `target_modules`.
+so every edited matrix takes one rank-1 LoRA pair, exactly: PEFT computes W x + b' + s B (A x) with
+s = lora_alpha / r = 1 (rank 1, lora_alpha 1; b' replaces b on loading, below), which is W' x + b'.
+A depends on W: the adapter is exact for the model the study ran on (the full-precision weights, for
+a 4-bit study), as any extracted LoRA is. Layers and components whose weight is 0 are left out of
+`target_modules`.
 
-Biases. LoRA has no term that adds a constant to the output and that every PEFT loader merges:
-`lora_bias=True` puts a bias on B, but merging refuses a targeted layer without a bias, which
-mixed models have (e.g. llama with `attention_bias` only: a biased o_proj, a bias-free down_proj).
-So the adapter uses `bias="lora_only"`: the edited bias b' of every targeted module that has one is
+Biases. LoRA's own bias term (`lora_bias=True`: a bias on B, added to the output) would carry the
+change b' - b, but PEFT refuses to merge it into a targeted layer that has no bias, which mixed
+models have (llama with `attention_bias` only: a biased o_proj, a bias-free down_proj). So the
+adapter uses `bias="lora_only"`: the edited bias b' of every targeted module that has one is
 stored as `<module>.base_layer.bias`; `PeftModel.from_pretrained` loads it over the base layer's b,
 and `merge_and_unload()` keeps it. The biases therefore stay edited under `disable_adapter()` and
 after `unload()` (PEFT warns about this for any bias other than "none"). vLLM reads only the LoRA
@@ -48,7 +49,8 @@ from rich.console import Console
 from safetensors.torch import save_file
 from torch import nn
 
-from optimizer.components import COMPONENTS, Site
+from optimizer.components import Site
+from optimizer.config import Settings
 from optimizer.errors import UserError
 from optimizer.trials import EditedModel
 
@@ -115,15 +117,20 @@ def write_lora(edited: EditedModel, out: Path, console: Console) -> LoraReport:
     return LoraReport(out, size, len(targets), biases, difference, scale, agreement)
 
 
-def lora_targets(edited: EditedModel) -> list[_Target]:
-    """The nn.Linear modules the trial edits, with their direction and weight; a UserError naming
-    `--format hf` where a LoRA adapter cannot express the edit."""
-    settings, number = edited.prepared.settings, edited.trial.number
+def check_settings(settings: Settings) -> None:
+    """Refuse, before any model is loaded, a study whose edit no LoRA adapter can express."""
     if settings.norm_preserving:
         raise UserError(
             f"study {settings.study!r} was run with --norm-preserving, whose edit rescales every row of each edited matrix "
             f"to its old norm: not a low-rank update, so a LoRA adapter cannot express it; {ALTERNATIVE}"
         )
+
+
+def lora_targets(edited: EditedModel) -> list[_Target]:
+    """The nn.Linear modules the trial edits, with their direction and weight; a UserError naming
+    `--format hf` where a LoRA adapter cannot express the edit."""
+    settings, number = edited.prepared.settings, edited.trial.number
+    check_settings(settings)
     model = edited.prepared.loaded.model
     names = {id(m): n for n, m in model.named_modules()}
     targets: list[_Target] = []
@@ -152,7 +159,11 @@ def _linear_modules(site: Site, number: int) -> list[nn.Linear]:
                 f"a PEFT LoRA adapter targets 2-D nn.Linear weights only and cannot express this edit; {ALTERNATIVE}"
             )
         module = edit.module
-        if not isinstance(module, nn.Linear) or edit.name not in ("weight", "bias") or (edit.name == "weight" and edit.residual_axis != -2):
+        if (
+            not isinstance(module, nn.Linear)
+            or edit.name not in ("weight", "bias")
+            or (edit.name == "weight" and edit.residual_axis != -2)
+        ):
             raise UserError(
                 f"trial {number} edits {edit.path} ({type(module).__name__}, shape {tuple(tensor.shape)}), which is not the "
                 f"weight or bias of an nn.Linear: a PEFT LoRA adapter cannot express this edit; {ALTERNATIVE}"
@@ -190,6 +201,7 @@ def _write_adapter(edited: EditedModel, targets: list[_Target], folder: Path) ->
     )
     config.save_pretrained(str(folder))
     save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    shutil.copymode(folder / "adapter_config.json", folder / ADAPTER_WEIGHTS)  # safetensors writes it owner-only
     return biases
 
 
@@ -258,32 +270,20 @@ def _verify(edited: EditedModel, targets: list[_Target], folder: Path) -> tuple[
 
 
 def _record(edited: EditedModel, targets: list[_Target], biases: int) -> dict:
-    settings, trial = edited.prepared.settings, edited.trial
     return {
-        "study": settings.study,
-        "trial": trial.number,
-        "model": edited.prepared.loaded.source,
-        "model_fingerprint": edited.prepared.spec.identity.model,
+        **edited.record(),
         "format": "peft-lora",
-        "params": trial.params,
-        "trial_params": edited.params.to_json(),
-        "weights": {c: edited.plan.weights[c] for c in COMPONENTS},
-        "fallback_layers": edited.info.fallback_layers,
-        "scores": {"refusals": trial.user_attrs.get("refusals"), "kl_divergence": trial.values[1]},
         "edit": "W <- (I - w r r^T) W as the rank-1 LoRA pair B = -w r, A = r^T W (lora_alpha 1) on every nn.Linear each "
         "block writes to the residual stream with, where w != 0; biases b <- (I - w r r^T) b stored whole (bias='lora_only')",
         "modules": len(targets),
         "biases": biases,
-        "response_prefix": settings.response_prefix,
-        "chat_template_kwargs": settings.template_kwargs(),
-        "projected_directions": settings.projected_directions,
-        "sites": [list(row) for row in edited.prepared.loaded.discovery.table_rows()],
     }
 
 
 def _readme(edited: EditedModel, out: Path, modules: int, biases: int) -> str:
     base = _base_name(edited.prepared.loaded.source)
     trial = edited.trial
+    refusals = trial.user_attrs.get("refusals")
     gguf = base.endswith(".gguf")
     load = (
         f'AutoModelForCausalLM.from_pretrained("{Path(base).parent}", gguf_file="{Path(base).name}", dtype="auto")'
@@ -301,7 +301,7 @@ def _readme(edited: EditedModel, out: Path, modules: int, biases: int) -> str:
         "Made with `optimizer`: the refusal direction r is projected out of every matrix each block writes to the",
         "residual stream with, W <- (I - w r r^T) W, which is exactly a rank-1 LoRA pair per matrix:",
         f"B = -w r, A = r^T W, rank 1, lora_alpha 1 ({modules} modules; layers with weight 0 are left out).",
-        f"Refusals (scoring prompts): {trial.user_attrs.get('refusals')}; KL divergence from the original: {trial.values[1]:.4f}.",
+        f"Refusals (scoring prompts): {refusals}; KL divergence from the original: {trial.values[1]:.4f}.",
         "",
         "The adapter is exact only on its base model (A is computed from the base weights).",
         "",
@@ -312,6 +312,7 @@ def _readme(edited: EditedModel, out: Path, modules: int, biases: int) -> str:
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         f"base = {load}",
+        f'tokenizer = AutoTokenizer.from_pretrained("{Path(base).parent if gguf else base}")',
         f'model = PeftModel.from_pretrained(base, "{out}")',
         "model = model.merge_and_unload()  # optional: plain weights with the edit baked in",
         "```",
@@ -327,15 +328,15 @@ def _readme(edited: EditedModel, out: Path, modules: int, biases: int) -> str:
         "## vLLM",
         "",
         "```",
-        f"vllm serve {base} --enable-lora --lora-modules abliterated={out} --max-lora-rank 16",
+        f"vllm serve {base} --enable-lora --lora-modules abliterated={out}",
         "```",
         "",
-        "and ask for the model `abliterated`. vLLM's LoRA layers hold only the A and B matrices: "
+        "and ask for the model `abliterated`. vLLM's LoRA loader reads only the A and B matrices of an adapter "
         + (
-            "this adapter also carries biases, which vLLM does not load (recent releases refuse such an adapter), so "
+            "and current releases reject an adapter holding any other tensor, such as the biases this one carries: "
             "serve the full model from `optimizer export --format hf` with vLLM instead."
             if biases
-            else "that is all this adapter holds."
+            else "(current releases reject any other tensor): that is all this adapter holds."
         ),
         "",
         "`optimizer.json` records the study, the trial, its parameters and scores, and the per-layer weights.",

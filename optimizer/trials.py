@@ -11,6 +11,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
 from optimizer.ablation import AblationPlan
+from optimizer.components import COMPONENTS
 from optimizer.config import Settings, replace_checked, settings_from_record
 from optimizer.errors import UserError
 from optimizer.optuna_adapter import set_finished_trial_user_attr
@@ -66,6 +67,31 @@ class EditedModel:
     params: TrialParams
     plan: AblationPlan
     info: PlanInfo
+
+    def record(self) -> dict[str, Any]:
+        """What `optimizer.json` holds beside every export (folder, GGUF, adapter): where the trial
+        came from and the whole edit."""
+        settings, trial, loaded = self.prepared.settings, self.trial, self.prepared.loaded
+        return {
+            "study": settings.study,
+            "trial": trial.number,
+            "model": loaded.source,
+            "model_fingerprint": self.prepared.spec.identity.model,
+            "params": trial.params,
+            "trial_params": self.params.to_json(),
+            "weights": {c: self.plan.weights[c] for c in COMPONENTS},
+            "fallback_layers": self.info.fallback_layers,
+            "scores": {"refusals": trial.user_attrs.get("refusals"), "kl_divergence": trial.values[1]},
+            "edit": "W <- (I - w r r^T) W and b <- (I - w r r^T) b on every tensor each block writes to the residual "
+            "stream with (attention output, MLP down projection, every expert's down projection); "
+            "directions per layer in ablation.safetensors",
+            "norm_preserving": settings.norm_preserving,
+            "response_prefix": settings.response_prefix,
+            "chat_template_kwargs": settings.template_kwargs(),
+            "projected_directions": settings.projected_directions,
+            "trust_remote_code": settings.trust_remote_code,
+            "sites": [list(row) for row in loaded.discovery.table_rows()],
+        }
 
     def plan_of(self, trial: FrozenTrial) -> AblationPlan:
         """The ablation plan of another trial of the same study, on this model and statistics."""
