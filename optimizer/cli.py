@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     export.add_argument("--dtype", help="hf only: float32, bfloat16, float16 (default: the checkpoint's own)")
     export.add_argument(
-        "--gguf-type", choices=["f16", "bf16", "q8_0", "same"],
+        "--gguf-type", choices=["f16", "bf16", "q8_0", "f32", "same"],
         help="gguf only: encoding of the written tensors (default: same as a GGUF source's, else f16)",
     )  # fmt: skip
     evaluate = commands.add_parser("eval", help="lm-eval benchmarks or held-out refusals of trials, stored on the study")

@@ -192,7 +192,14 @@ def export_trial(
         if fmt == "gguf":
             from optimizer.gguf_export import write_gguf
 
-            write_gguf(edited, out, gguf_type, console)
+            report = write_gguf(edited, out, gguf_type, console)
+            check = {
+                "max_abs_logit_diff": report.max_abs_diff,
+                "top1_agreement": report.top1_agreement,
+                "tolerance": report.tolerance,
+            }
+            record = {**edited.record(), "format": "gguf", "gguf_type": report.gguf_type, "check": check}
+            Path(f"{out}.optimizer.json").write_text(json.dumps(record, indent=2))  # a GGUF's metadata stay the source's
         else:
             _write_folder(stored, edited, out, save_dtype, console)
     stored.annotate(edited.trial, "exported_to", str(out.resolve()))

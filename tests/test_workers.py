@@ -63,13 +63,24 @@ def wait_for_running_trial(storage: str, timeout: float = 120) -> int:
         if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
             time.sleep(0.05)
             continue
+        running = []
         try:
-            study = optuna.load_study(study_name="t", storage=storage)
-            running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if t.number > 0]
-            if running:
-                return running[0].number
-        except (KeyError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError):
-            pass  # the worker has not created the study (or its tables) yet
+            # one engine per poll, closed at once: engines left to the garbage collector keep their
+            # connections open, and a slow start could fill the server's connection slots
+            rdb = optuna.storages.RDBStorage(storage, skip_table_creation=True)
+        except (RuntimeError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError):
+            rdb = None  # the worker has not created the tables yet
+        if rdb is not None:
+            try:
+                study = optuna.load_study(study_name="t", storage=rdb)
+                running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if t.number > 0]
+            except (KeyError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError):
+                pass  # the worker has not created the study yet
+            finally:
+                rdb.remove_session()
+                rdb.engine.dispose()
+        if running:
+            return running[0].number
         time.sleep(0.05)
     raise AssertionError("no trial started")
 
