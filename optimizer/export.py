@@ -183,7 +183,14 @@ def export_trial(
     if fmt == "lora":
         from optimizer.lora_export import write_lora
 
-        write_lora(edited, out, console)
+        adapter = write_lora(edited, out, console)
+        loaded = edited.prepared.loaded
+        dtype = loaded.checkpoint_dtype or torch.float32
+        full = sum(p.numel() for p in loaded.model.parameters()) * dtype.itemsize
+        console.print(
+            f"Adapter {adapter.size_bytes / 2**20:.2f} MiB against {full / 2**20:.1f} MiB of weights in a full --format hf "
+            f"export ({str(dtype).removeprefix('torch.')})"
+        )
     else:
         difference = bake_and_verify(edited)
         console.print(

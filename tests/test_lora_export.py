@@ -217,3 +217,28 @@ def test_refuses_the_unedited_baseline(tiny_dir, study_of, tmp_path):
     stored = open_study("t", None, str(study_of(tiny_dir)))
     edited = load_edited_model(stored, 0, Console(file=io.StringIO()), device="cpu", dtype="float32", full_precision=True)
     assert_refused(edited, tmp_path / "out", r"trial 0 changes no weight .*pick an edited trial")
+
+
+def test_export_command_writes_the_adapter_and_refuses_norm_preserving_before_loading(
+    tiny_dir, tiny_llama_bias_dir, study_of, tmp_path, capsys
+):
+    studies = study_of(tiny_dir)
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{studies}/t.db")
+    number = next(t.number for t in study.trials if not t.user_attrs.get("baseline") and t.state.name == "COMPLETE")
+    out = tmp_path / "adapter"
+    args = ["export", "--study", "t", "--studies-dir", str(studies), "--trial", str(number), "--format", "lora"]
+    assert main([*args, "--out", str(out)]) == 0
+    printed = capsys.readouterr().err
+    assert "MiB against" in printed and "full --format hf export" in printed
+    assert (out / "adapter_config.json").exists() and json.loads((out / "optimizer.json").read_text())["trial"] == number
+    updated = optuna.load_study(study_name="t", storage=f"sqlite:///{studies}/t.db").trials[number]
+    assert updated.user_attrs["exported_to"] == str(out.resolve())
+
+    norm = study_of(tiny_llama_bias_dir, "--norm-preserving")
+    capsys.readouterr()  # the study's own output, when this test made it
+    args = ["export", "--study", "t", "--studies-dir", str(norm), "--trial", "1", "--format", "lora", "--out", str(tmp_path / "np")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "not a low-rank update" in err and "--format hf" in err
+    assert "Loading model" not in err and "Ablation sites" not in err  # refused before the model was loaded
+    assert not (tmp_path / "np").exists()
