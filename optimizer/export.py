@@ -11,6 +11,7 @@ from rich.console import Console
 from safetensors.torch import save_file
 
 from optimizer.ablation import bake_into_weights
+from optimizer.cache import WRITE_ERRORS, is_write_failure, write_error
 from optimizer.components import COMPONENTS
 from optimizer.config import Settings
 from optimizer.errors import UserError
@@ -180,6 +181,24 @@ def export_trial(
     # bake in float32 for precision (a 4-bit study's model is loaded in full: the edit goes into
     # the original weights), then save in the requested (or the checkpoint's) dtype
     edited = load_edited_model(stored, number, console, model=model, device=device or "cpu", dtype="float32", full_precision=True)
+    try:
+        _write(stored, edited, out, fmt, save_dtype, gguf_type, console)
+    except WRITE_ERRORS as e:
+        if not is_write_failure(e):
+            raise
+        raise UserError(
+            f"cannot write the export to {out} ({write_error(e)}); nothing was left there: "
+            f"free space in {out.parent} or choose another --out"
+        ) from None
+    stored.annotate(edited.trial, "exported_to", str(out.resolve()))
+    console.print(f"Exported trial {number} to {out}")
+    return out
+
+
+def _write(
+    stored: StoredStudy, edited: EditedModel, out: Path, fmt: str, save_dtype: str | None, gguf_type: str | None, console: Console
+) -> None:
+    """Write the trial in `fmt`; every writer leaves nothing at `out` (nor a temporary file) when it fails."""
     if fmt == "lora":
         from optimizer.lora_export import write_lora
 
@@ -209,9 +228,6 @@ def export_trial(
             Path(f"{out}.optimizer.json").write_text(json.dumps(record, indent=2))  # a GGUF's metadata stay the source's
         else:
             _write_folder(stored, edited, out, save_dtype, console)
-    stored.annotate(edited.trial, "exported_to", str(out.resolve()))
-    console.print(f"Exported trial {number} to {out}")
-    return out
 
 
 def _write_folder(stored: StoredStudy, edited: EditedModel, out: Path, save_dtype: str | None, console: Console) -> None:
@@ -221,16 +237,20 @@ def _write_folder(stored: StoredStudy, edited: EditedModel, out: Path, save_dtyp
     torch.nn.Module.to(loaded.model, target)  # (transformers' decorated `to` confuses type checkers)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    with console.status(f"Writing {out} ({str(target).removeprefix('torch.')})..."):
-        loaded.model.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
-        save_processor(loaded.source, tmp, settings.trust_remote_code)
-        save_file(
-            {f"{c}.directions": edited.plan.directions[c].detach().cpu().float().clone() for c in COMPONENTS},
-            str(tmp / "ablation.safetensors"),
-        )
-        (tmp / "optimizer.json").write_text(json.dumps(edited.record(), indent=2))
-        (tmp / "README.md").write_text(model_card(edited, stored.study.study_name))
-    if out.exists():
-        out.rmdir()  # empty, checked above
-    tmp.replace(out)
+    try:
+        with console.status(f"Writing {out} ({str(target).removeprefix('torch.')})..."):
+            loaded.model.save_pretrained(tmp)
+            loaded.tokenizer.save_pretrained(tmp)
+            save_processor(loaded.source, tmp, settings.trust_remote_code)
+            save_file(
+                {f"{c}.directions": edited.plan.directions[c].detach().cpu().float().clone() for c in COMPONENTS},
+                str(tmp / "ablation.safetensors"),
+            )
+            (tmp / "optimizer.json").write_text(json.dumps(edited.record(), indent=2))
+            (tmp / "README.md").write_text(model_card(edited, stored.study.study_name))
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.replace(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never a half-written model folder
+        raise
