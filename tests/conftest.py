@@ -130,3 +130,25 @@ def no_template_dir(tmp_path, tiny_dir) -> Path:
 
 def file_digest(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+# -- PostgreSQL (the multi-worker and storage tests) -------------------------------------------------
+
+PG_URL = os.environ.get("OPTIMIZER_TEST_PG_URL")
+needs_pg = pytest.mark.skipif(not PG_URL, reason="no PostgreSQL server: set OPTIMIZER_TEST_PG_URL (.ci/run starts one)")
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh database on the test server, dropped afterwards (with any connection left to it)."""
+    import uuid
+
+    import psycopg
+
+    assert PG_URL
+    name = f"optimizer_test_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_URL, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    yield PG_URL.rsplit("/", 1)[0] + f"/{name}"
+    with psycopg.connect(PG_URL, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")

@@ -12,8 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 
 import optuna
 import pytest
@@ -27,31 +25,15 @@ from optimizer.errors import UserError
 from optimizer.optuna_adapter import set_finished_trial_user_attr
 from optimizer.storage import (
     check_url,
+    connect,
     counted_trials,
     fail_stale_running_trials,
     is_interrupted,
-    connect,
     redacted,
     retried_numbers,
     wait_for_initialisation,
 )
-
-PG_URL = os.environ.get("OPTIMIZER_TEST_PG_URL")
-needs_pg = pytest.mark.skipif(not PG_URL, reason="no PostgreSQL server: set OPTIMIZER_TEST_PG_URL (.ci/run starts one)")
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh database on the test server, dropped afterwards."""
-    import psycopg
-
-    assert PG_URL
-    name = f"optimizer_test_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_URL, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    yield PG_URL.rsplit("/", 1)[0] + f"/{name}"
-    with psycopg.connect(PG_URL, autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+from tests.conftest import needs_pg
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=needs_pg)])

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import optuna
@@ -17,27 +16,13 @@ from optuna.trial import TrialState
 
 from optimizer.locks import file_lock
 from optimizer.storage import counted_trials, is_interrupted, retried_numbers, retry_callback
+from tests.conftest import needs_pg
 from tests.test_study import run_args
-
-PG_URL = os.environ.get("OPTIMIZER_TEST_PG_URL")
-needs_pg = pytest.mark.skipif(not PG_URL, reason="no PostgreSQL server: set OPTIMIZER_TEST_PG_URL (.ci/run starts one)")
 
 
 def retried(trial: optuna.trial.FrozenTrial) -> int | None:
     """The number of the trial that `trial` re-runs (Optuna's retry callback records it)."""
     return retry_callback().retried_trial_number(trial)
-
-
-@pytest.fixture
-def pg_url():
-    import psycopg
-
-    name = f"optimizer_test_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_URL, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    yield PG_URL.rsplit("/", 1)[0] + f"/{name}"
-    with psycopg.connect(PG_URL, autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
 def worker(model: Path, studies: Path, *extra: str) -> subprocess.Popen:
