@@ -143,11 +143,11 @@ FORMATS = ("hf", "gguf", "lora")
 def _check_options(fmt: str, save_dtype: str | None, gguf_type: str | None) -> None:
     if fmt not in FORMATS:
         raise UserError(f"--format takes {', '.join(FORMATS)}, got {fmt!r}")
-    if save_dtype is not None and (fmt != "hf" or save_dtype not in SAVE_DTYPES):
-        if fmt != "hf":
-            raise UserError(
-                f"--dtype applies to --format hf; for {fmt} leave it out" + (" (use --gguf-type)" if fmt == "gguf" else "")
-            )
+    if save_dtype is not None and fmt != "hf":
+        raise UserError(
+            f"--dtype applies to --format hf; for {fmt} leave it out" + (" (use --gguf-type)" if fmt == "gguf" else "")
+        )
+    if save_dtype is not None and save_dtype not in SAVE_DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype!r}")
     if gguf_type is not None and fmt != "gguf":
         raise UserError(f"--gguf-type applies to --format gguf, not {fmt}; leave it out")
