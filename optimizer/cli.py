@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         said, code = (
             ("Terminated (SIGTERM).", EXIT_TERMINATED) if isinstance(e, Terminated) else ("Interrupted.", EXIT_INTERRUPTED)
         )
-        console.print(f"\n[yellow]{said}[/] Finished trials are saved; run the same command again to resume.")
+        resume = " Finished trials are saved; run the same command again to resume." if args.command == "run" else ""
+        console.print(f"\n[yellow]{said}[/]{resume}")
         return code
     finally:
         signal.signal(signal.SIGTERM, previous)

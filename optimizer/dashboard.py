@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+import threading
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import optuna
 
@@ -23,13 +26,36 @@ def trial_note(trial: optuna.Trial, samples: list[tuple[str, str]], refusals: st
     save_note(trial, "\n".join(lines))
 
 
+class _Server(ThreadingMixIn, WSGIServer):
+    """A browser asks for several things at once; a slow one must not hold up the others."""
+
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # one line per request is noise here
+        pass
+
+
 def serve(storage_url: str, host: str = "127.0.0.1", port: int | None = None) -> None:
-    """Serve the dashboard until interrupted; prints the URL first."""
-    from optuna_dashboard import run_server
+    """Serve the dashboard until Ctrl-C or SIGTERM; prints the URL first.
+
+    The server runs in a thread and the main thread only waits for it: a signal's exception is
+    raised in the main thread, and wsgiref's request handler catches *every* exception of a request
+    (KeyboardInterrupt included) to answer it with an error page, so a Ctrl-C or SIGTERM that arrived
+    while a request was being answered used to be swallowed and the dashboard never stopped."""
+    from optuna_dashboard import wsgi
 
     from optimizer.storage import connect, redacted
 
-    storage = connect(storage_url)
-    port = port or free_port(host)
-    print(f"optuna-dashboard for {redacted(storage_url)}: http://{host}:{port}/dashboard/  (Ctrl-C stops it)", flush=True)
-    run_server(storage, host=host, port=port)
+    app = wsgi(connect(storage_url))
+    httpd = make_server(host, port or 0, app, server_class=_Server, handler_class=_QuietHandler)
+    url = f"http://{host}:{httpd.server_port}/dashboard/"
+    print(f"optuna-dashboard for {redacted(storage_url)}: {url}  (Ctrl-C stops it)", flush=True)
+    thread = threading.Thread(target=httpd.serve_forever, name="dashboard", daemon=True)
+    thread.start()
+    try:
+        thread.join()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

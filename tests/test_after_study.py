@@ -2,6 +2,7 @@
 
 import io
 import json
+import threading
 import time
 import urllib.request
 import subprocess
@@ -142,8 +143,28 @@ def test_dashboard_serves_the_study(finished_study):
         assert detail["objective_names"] == ["refusal_rate", "kl_divergence"]
         edited = [t for t in detail["trials"] if t["number"] == edited_trial(finished_study)][0]
         assert "Refusals" in edited["note"]["body"] and "sample_responses" in {a["key"] for a in edited["user_attrs"]}
-    finally:
+        # SIGTERM while requests are being answered stops it (wsgiref's handler catches every
+        # exception of a request, so a signal raised inside one used to be swallowed: it never stopped)
+        stop = threading.Event()
+
+        def ask_again_and_again() -> None:
+            while not stop.is_set():
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}", timeout=2).read()
+                except OSError:
+                    time.sleep(0.05)
+
+        askers = [threading.Thread(target=ask_again_and_again) for _ in range(3)]
+        for asker in askers:
+            asker.start()
+        time.sleep(2)
         proc.terminate()
+        assert proc.wait(timeout=10) == 143
+        stop.set()
+        for asker in askers:
+            asker.join()
+    finally:
+        proc.kill()
         proc.wait(timeout=10)
 
 
