@@ -124,6 +124,17 @@ class Settings:
     )
     batch_size: int = field(default=0, metadata={"help": "prompts per forward pass", "default_text": "0 = automatic"})
     seed: int | None = field(default=0, metadata={"help": "sampler seed"})
+    early_stop: bool = field(
+        default=True,
+        metadata={
+            "help": "stop counting a trial's refusals once it cannot reach the Pareto front (recorded as a lower bound; "
+            "the front is unchanged)"
+        },
+    )
+    kl_limit: float = field(
+        default=1.0,
+        metadata={"help": "with --early-stop, a trial whose KL is above this is not generated and counts as refusing all"},
+    )
     alpha_max: float = field(default=4.0, metadata={"help": "upper end of the contrastive strength alpha"})
     direction_methods: list[str] = field(
         default_factory=lambda: ["contrastive", "mean_diff"],
@@ -201,6 +212,8 @@ def _check(settings: Settings) -> Settings:
         raise UserError("--heartbeat-interval must be positive and --heartbeat-grace larger than it")
     if settings.startup_trials < 0 or settings.batch_size < 0:
         raise UserError("--startup-trials and --batch-size must not be negative")
+    if not settings.kl_limit > 0:
+        raise UserError(f"--kl-limit must be a positive KL divergence (e.g. 1.0), got {settings.kl_limit}")
     if settings.alpha_max < 0:
         raise UserError(f"--alpha-max must be >= 0, got {settings.alpha_max}")
     if settings.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -345,7 +358,7 @@ def add_setting_arguments(
         kind = TYPES[name]
         options: dict[str, Any] = {"default": None, "help": help.get(name, help_text(name)).replace("%", "%%")}
         if kind is bool:
-            options["action"] = "store_true"
+            options["action"] = argparse.BooleanOptionalAction if f.default else "store_true"
         elif kind is list:
             options["type"] = _comma_list
         elif kind in (int, float):

@@ -16,11 +16,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def trial_note(trial: optuna.Trial, samples: list[tuple[str, str]], refusals: str, kl: float) -> None:
-    """A Markdown note on the trial with its scores and sample responses (shown by the dashboard)."""
+def trial_note(trial: optuna.Trial, samples: list[tuple[str, str]], refusals: str, kl: float, stopped: str | None = None) -> None:
+    """A Markdown note on the trial with its scores, how it was stopped early if it was, and its
+    sample responses (shown by the dashboard)."""
     from optuna_dashboard import save_note
 
-    lines = [f"**Refusals {refusals}, KL {kl:.4f}**", ""]
+    lines = [f"**Refusals {refusals}, KL {kl:.4f}**", ""] + ([f"_{stopped}_", ""] if stopped else [])
     for prompt, response in samples:
         lines += [f"> {prompt}", "", "```", response.strip() or "(empty)", "```", ""]
     save_note(trial, "\n".join(lines))

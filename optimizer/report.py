@@ -28,6 +28,27 @@ def trial_line(trial: FrozenTrial, done: int, total: int) -> str:
     return f"[{done}/{total}] trial {trial.number}: refusals {refusals_text(trial)}, KL {trial.values[1]:.4f}, {seconds:.1f} s"
 
 
+def early_stop_line(study: optuna.Study) -> str | None:
+    """How many trials were stopped early and about how much generation that saved: each stopped
+    trial is credited the median generation time of the fully scored trials, less its own."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not t.user_attrs.get("baseline")]
+    stopped = [t for t in done if t.user_attrs.get("early_stop")]
+    timings = [t.user_attrs.get("timings", {}) for t in done if not t.user_attrs.get("early_stop")]
+    full = sorted(t["refusals_s"] for t in timings if "refusals_s" in t)
+    if not done:
+        return None
+    kinds = [t.user_attrs["early_stop"] for t in stopped]
+    line = (
+        f"Early stop: {len(stopped)} of {len(done)} trials stopped ({kinds.count('dominated')} dominated, "
+        f"{kinds.count('kl_limit')} above the KL limit)"
+    )
+    if stopped and full:
+        median = full[len(full) // 2]
+        saved = sum(max(0.0, median - t.user_attrs.get("timings", {}).get("refusals_s", 0.0)) for t in stopped)
+        line += f", about {saved:.0f} s of generation saved (median fully scored trial: {median:.1f} s)"
+    return line
+
+
 def best_tradeoff(study: optuna.Study) -> FrozenTrial | None:
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values[1] <= PROGRESS_KL_LIMIT]
     return min(done, key=lambda t: (t.values[0], t.values[1]), default=None)

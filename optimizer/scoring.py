@@ -59,9 +59,12 @@ def prefill(loaded: LoadedModel, prefix: list[int], suffixes: list[list[int]], p
     return output_logits(model, hidden[:, -1, :].contiguous()), cache, mask
 
 
-def by_length(suffixes: list[list[int]], batch_size: int) -> tuple[list[list[list[int]]], list[int]]:
-    """Batches of similar lengths (less padding) and the order that restores the input's."""
-    order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
+def by_length(
+    suffixes: list[list[int]], batch_size: int, first: frozenset[int] = frozenset()
+) -> tuple[list[list[list[int]]], list[int]]:
+    """Batches of similar lengths (less padding) and the order that restores the input's; the
+    inputs numbered in `first` go into the first batches."""
+    order = sorted(range(len(suffixes)), key=lambda i: (i not in first, len(suffixes[i])))
     chunks = [[suffixes[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)]
     restore = sorted(range(len(order)), key=order.__getitem__)
     return chunks, restore
@@ -99,6 +102,9 @@ class RefusalResult:
     refused: list[bool]
     responses: list[str]  # each up to the point where it was decided
     tokens_generated: int
+    # False when generation was given up once the count so far settled the question (`give_up`):
+    # then `refused` holds the refusals found by then, a lower bound on the full count
+    complete: bool = True
 
     @property
     def count(self) -> int:
@@ -134,6 +140,8 @@ def greedy_generate(
     stop: Callable[[list[int]], bool] | None = None,
     graph: GraphDecoder | None = None,
     packed: bool = False,
+    first: frozenset[int] = frozenset(),
+    until: Callable[[], bool] | None = None,
 ) -> tuple[list[list[int]], int]:
     """Greedy continuations of `texts` as token ids (end tokens left out), in the input's order, and
     the number of tokens generated.
@@ -142,13 +150,20 @@ def greedy_generate(
     `stop(its ids so far)` is true. Eager decoding drops finished rows from the batch, so that they
     cost nothing in later steps; with `graph` (CUDA), every step is one graph replay over fixed rows
     and decoding ends when all rows are finished. `packed`: prefill without padding (`prefill`).
+    The texts numbered in `first` are answered in the first batches. `until()` is asked after each
+    step: when it is true, decoding ends there, every sequence left as far as it got (those of later
+    batches empty).
     """
     eos_ids = set(_eos_ids(loaded))
     outputs: list[list[int]] = []
     total_tokens = 0
     prefix, suffixes = split_shared_prefix(loaded, texts)
-    chunks, restore = by_length(suffixes, graph.batch if graph is not None else batch_size)
+    chunks, restore = by_length(suffixes, graph.batch if graph is not None else batch_size, first)
+    given_up = False
     for chunk in chunks:
+        if given_up:
+            outputs.extend([] for _ in chunk)
+            continue
         logits, cache, mask = prefill(loaded, prefix, chunk, packed)
         next_ids = logits.argmax(dim=-1)
         if graph is not None:
@@ -169,7 +184,8 @@ def greedy_generate(
                 if stop is not None and stop(tokens[row]):
                     continue
                 keep.append(row)
-            if not keep or step == max_new_tokens - 1:
+            given_up = until is not None and until()
+            if given_up or not keep or step == max_new_tokens - 1:
                 break
             if graph is not None:
                 active, next_ids = keep, graph.step()
@@ -233,6 +249,8 @@ def generate_and_classify(
     answer_prefix: str = "",
     graph: GraphDecoder | None = None,
     packed: bool = False,
+    first: frozenset[int] = frozenset(),
+    give_up: Callable[[int], bool] | None = None,
 ) -> RefusalResult:
     """Greedy generation that drops a sequence from the batch as soon as it is decided.
 
@@ -241,12 +259,36 @@ def generate_and_classify(
     then looking for markers, because a marker found in a prefix is also in the full text.
     `answer_prefix` is the start of the answer that the texts already end with (a shared opening
     such as "I"): it is part of every response, so markers such as "i can't" are found across it.
+
+    `give_up(refusals found so far)` is asked after each decode step; when it is true, generation
+    stops there and the result is marked incomplete: its refusals are those found by then, a lower
+    bound on the full count, since a refusal once found stays one. `first`: texts to answer first
+    (those likeliest to be refused, so that the count settles early).
     """
     markers = [normalise(m) for m in markers]
     decode = lambda ids: answer_prefix + str(loaded.tokenizer.decode(ids, skip_special_tokens=True))
-    stop = (lambda ids: _decided(decode(ids), markers)) if stop_early else None
-    tokens, total_tokens = greedy_generate(loaded, texts, max_new_tokens, batch_size, stop, graph, packed)
+    found = 0
+
+    def stop(ids: list[int]) -> bool:
+        nonlocal found
+        decided = _decided(decode(ids), markers)
+        found += decided
+        return decided
+
+    gave_up = False
+
+    def until() -> bool:
+        nonlocal gave_up
+        gave_up = give_up is not None and give_up(found)
+        return gave_up
+
+    assert stop_early or give_up is None, "refusals are counted as they are found, which needs stop_early"
+    tokens, total_tokens = greedy_generate(
+        loaded, texts, max_new_tokens, batch_size, stop if stop_early else None, graph, packed, first, until
+    )
     responses = [decode(t) for t in tokens]
+    if gave_up:  # unfinished answers are not judged: an empty one was never given
+        return RefusalResult([_decided(r, markers) for r in responses], responses, total_tokens, complete=False)
     return RefusalResult([is_refusal(r, markers) for r in responses], responses, total_tokens)
 
 

@@ -21,9 +21,10 @@ from rich.console import Console
 from optimizer.config import Settings
 from optimizer.dashboard import trial_note
 from optimizer.errors import UserError
+from optimizer.front import Front
 from optimizer.locks import file_lock
 from optimizer.params import baseline_params, build_plan, suggest_params
-from optimizer.report import best_tradeoff, pareto_table, refusals_text, trial_line
+from optimizer.report import best_tradeoff, early_stop_line, pareto_table, refusals_text, trial_line
 from optimizer.storage import (
     check_url,
     connect,
@@ -36,6 +37,11 @@ from optimizer.storage import (
 from optimizer.workbench import RunSpec, Scorer, prepare_scoring, progress_bar, resolve
 
 OBJECTIVES = ("refusal_rate", "kl_divergence")
+STOP_NOTES = {
+    "dominated": "Stopped early: its refusals so far and its KL were already dominated by a finished trial, so it "
+    "cannot be on the Pareto front; its refusal rate is a lower bound.",
+    "kl_limit": "Not generated: its KL is above --kl-limit, so it is recorded as refusing every prompt.",
+}
 MAX_CONSECUTIVE_FAILURES = 3
 
 
@@ -96,9 +102,15 @@ def load_or_create_study(storage: optuna.storages.BaseStorage, spec: RunSpec) ->
     return study, created
 
 
+def finished_front(study: optuna.Study, n_harmful: int) -> Front:
+    """The trials finished so far (by any worker), for early stopping."""
+    return Front.of((t.values for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))), n_harmful)
+
+
 def make_objective(scorer: Scorer) -> Callable[[optuna.Trial], tuple[float, float]]:
     spec, stats = scorer.spec, scorer.prepared.stats
     settings = spec.settings
+    n_harmful = len(scorer.baseline_refusals.refused)
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         try:
@@ -106,13 +118,21 @@ def make_objective(scorer: Scorer) -> Callable[[optuna.Trial], tuple[float, floa
             params = suggest_params(trial, spec.loaded.n_layers, settings)
             plan, info = build_plan(params, stats, settings.projected_directions)
             directions_s = time.perf_counter() - start
-            scores = scorer.score(plan)
+            front = finished_front(trial.study, n_harmful) if settings.early_stop else None
+            scores = scorer.score(plan, front)
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
             raise
         timings = {"directions_s": round(directions_s, 4), **{k: round(v, 3) for k, v in scores.timings.items()}}
         timings["total_s"] = round(time.perf_counter() - start, 3)
-        trial.set_user_attr("refusals", f"{scores.refusals}/{scores.n_harmful}")
+        refusals = {
+            None: f"{scores.refusals}/{scores.n_harmful}",
+            "dominated": f">={scores.refusals}/{scores.n_harmful}",
+            "kl_limit": f"not counted (KL above --kl-limit {settings.kl_limit:g})",
+        }[scores.stopped]
+        trial.set_user_attr("refusals", refusals)
+        if scores.stopped:
+            trial.set_user_attr("early_stop", scores.stopped)
         trial.set_user_attr("kl_divergence", round(scores.kl, 6))
         trial.set_user_attr("alpha", params.alpha)
         trial.set_user_attr("direction", params.describe_direction())
@@ -120,7 +140,7 @@ def make_objective(scorer: Scorer) -> Callable[[optuna.Trial], tuple[float, floa
         trial.set_user_attr("timings", timings)
         trial.set_user_attr("scored_from_cache", scores.from_cache)
         trial.set_user_attr("sample_responses", [{"prompt": p, "response": r} for p, r in scores.responses])
-        trial_note(trial, scores.responses, f"{scores.refusals}/{scores.n_harmful}", scores.kl)
+        trial_note(trial, scores.responses, refusals, scores.kl, stopped=STOP_NOTES.get(scores.stopped or ""))
         return scores.refusal_rate, scores.kl
 
     return objective
@@ -208,6 +228,9 @@ def _run_in(spec: RunSpec, url: str) -> optuna.Study:
         console.print(f"Study already holds {done} finished trials (asked for {settings.trials}); nothing to run.")
     else:
         _optimize(study, scorer, remaining)
+    stops = early_stop_line(study) if settings.early_stop else None
+    if stops:
+        console.print(stops)
     console.print(pareto_table(study))
     return study
 

@@ -36,6 +36,7 @@ from optimizer.config import Settings
 from optimizer.cpu_linear import pack_linear_layers
 from optimizer.directions import ContrastiveStats, compute_stats, winsorize
 from optimizer.errors import UserError
+from optimizer.front import Front
 from optimizer.graph_decode import GraphDecoder, supports_graph_decoding
 from optimizer.identity import StudyIdentity
 from optimizer.locks import file_lock
@@ -384,24 +385,32 @@ def _checked_fast_path(spec: RunSpec, check: Callable[[], float], fallback: str,
 
 @dataclass(frozen=True)
 class TrialScores:
-    refusals: int
+    refusals: int  # with `stopped` "dominated" a lower bound, with "kl_limit" all (not counted): see front.py
     n_harmful: int
     kl: float
     responses: list[tuple[str, str]]  # (prompt, response) samples
     timings: dict[str, float] = field(default_factory=dict)
     from_cache: bool = False
+    stopped: str | None = None  # "dominated" or "kl_limit" when the trial was stopped early
 
     @property
     def refusal_rate(self) -> float:
         return self.refusals / self.n_harmful
 
 
-def refusals_of(spec: RunSpec, batch_size: int, paths: FastPaths) -> RefusalResult:
-    """Refusals of the model as it is now hooked, on the scoring prompts."""
+def refusals_of(
+    spec: RunSpec,
+    batch_size: int,
+    paths: FastPaths,
+    first: frozenset[int] = frozenset(),
+    give_up: Callable[[int], bool] | None = None,
+) -> RefusalResult:
+    """Refusals of the model as it is now hooked, on the scoring prompts (see generate_and_classify)."""
     s = spec.settings
     return generate_and_classify(
         spec.loaded, spec.texts.harmful, s.max_new_tokens, s.refusal_markers, batch_size,
         answer_prefix=answer_part(s.response_prefix or ""), graph=paths.graph, packed=paths.packed_prefill,
+        first=first, give_up=give_up,
     )  # fmt: skip
 
 
@@ -422,14 +431,26 @@ class Scorer:
     def hooks(self) -> AblationHooks:
         return self.prepared.hooks
 
-    def refusals(self) -> RefusalResult:
-        """Refusals of the model as it is now hooked."""
-        return refusals_of(self.spec, self.prepared.batch_size, self.paths)
+    @property
+    def refused_first(self) -> frozenset[int]:
+        """The scoring prompts the unedited model refused: a trial answers them first, so that a
+        trial which cannot reach the front is settled early (front.py). Always in this order, with or
+        without early stopping, so that both generate the same answers."""
+        return frozenset(i for i, refused in enumerate(self.baseline_refusals.refused) if refused)
 
-    def score(self, plan: AblationPlan) -> TrialScores:
-        """Refusals and KL of the model edited by `plan` (the unedited model's come from the cache)."""
+    def refusals(self, give_up: Callable[[int], bool] | None = None) -> RefusalResult:
+        """Refusals of the model as it is now hooked."""
+        return refusals_of(self.spec, self.prepared.batch_size, self.paths, self.refused_first, give_up)
+
+    def score(self, plan: AblationPlan, front: Front | None = None) -> TrialScores:
+        """Refusals and KL of the model edited by `plan` (the unedited model's come from the cache).
+
+        With `front` (the trials finished so far), a trial that cannot reach the Pareto front is
+        stopped as soon as that is certain, and one whose KL is past --kl-limit is not generated;
+        its scores say so (`stopped`; front.py has the rule and why results are unchanged)."""
         if plan.is_identity():
             return self._scores(self.baseline_refusals, 0.0, {}, from_cache=True)
+        n = len(self.baseline_refusals.refused)
         timings = {}
         start = time.perf_counter()
         self.hooks.apply(plan)
@@ -441,16 +462,21 @@ class Scorer:
             )
             kl = kl_divergence(self.baseline_logprobs, logprobs)
             timings["kl_s"] = time.perf_counter() - start
+            if front is not None and kl > self.spec.settings.kl_limit:
+                return TrialScores(n, n, kl, [], timings, stopped="kl_limit")
+            settle = front.refusals_that_settle(kl) if front is not None else None
             start = time.perf_counter()
-            refusals = self.refusals()
+            refusals = self.refusals(None if settle is None else lambda found: found >= settle)
             timings["refusals_s"] = time.perf_counter() - start
         finally:
             self.hooks.clear()
-        return self._scores(refusals, kl, timings)
+        return self._scores(refusals, kl, timings, stopped=None if refusals.complete else "dominated")
 
-    def _scores(self, refusals: RefusalResult, kl: float, timings: dict[str, float], from_cache: bool = False) -> TrialScores:
+    def _scores(
+        self, refusals: RefusalResult, kl: float, timings: dict[str, float], from_cache: bool = False, stopped: str | None = None
+    ) -> TrialScores:
         samples = list(zip(self.spec.texts.harmful_prompts, refusals.responses))[:SAMPLE_RESPONSES]
-        return TrialScores(refusals.count, len(refusals.refused), kl, samples, timings, from_cache)
+        return TrialScores(refusals.count, len(refusals.refused), kl, samples, timings, from_cache, stopped)
 
 
 def prepare_scoring(spec: RunSpec, cache_dir: Path) -> Scorer:
