@@ -166,6 +166,10 @@ class Settings:
     heartbeat_grace: int = field(
         default=120, metadata={"help": "seconds without heartbeat before a RUNNING trial is failed and retried"}
     )
+    db_retry_s: int = field(
+        default=120,
+        metadata={"help": "seconds a worker waits for a database server that went away (a restart) before it stops"},
+    )
     refusal_markers: list[str] = field(
         default_factory=lambda: list(DEFAULT_REFUSAL_MARKERS),
         metadata={
@@ -210,8 +214,8 @@ def _check(settings: Settings) -> Settings:
             raise UserError(f"{flag} must be positive, got {getattr(settings, name)}")
     if settings.heartbeat_interval <= 0 or settings.heartbeat_grace <= settings.heartbeat_interval:
         raise UserError("--heartbeat-interval must be positive and --heartbeat-grace larger than it")
-    if settings.startup_trials < 0 or settings.batch_size < 0:
-        raise UserError("--startup-trials and --batch-size must not be negative")
+    if settings.startup_trials < 0 or settings.batch_size < 0 or settings.db_retry_s < 0:
+        raise UserError("--startup-trials, --batch-size and --db-retry-s must not be negative")
     if not settings.kl_limit > 0:
         raise UserError(f"--kl-limit must be a positive KL divergence (e.g. 1.0), got {settings.kl_limit}")
     if settings.alpha_max < 0:

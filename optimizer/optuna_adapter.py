@@ -64,3 +64,114 @@ def set_finished_trial_user_attr(storage: RDBStorage, study_name: str, trial_num
             raise
         finally:
             session.close()
+
+
+# -- a storage that waits out a database restart ----------------------------------------------------
+#
+# Why it is here: besides BaseStorage's public methods it wraps protected ones that Optuna calls
+# directly: `_get_stale_trial_ids` (the heartbeat's, called by `optuna.storages.fail_stale_trials`) and
+# the four that Optuna's `_CachedStorage`, which every study puts in front of an RDBStorage, calls
+# on it (`_create_new_trial`, `_get_trials`, `_set_trial_param`, `_get_best_trial_id`); and it knows
+# which of Optuna's errors mean "this write was already made" (below).
+
+# every storage call Optuna makes while a study runs
+RETRIED_METHODS = (
+    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
+    "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
+    "get_all_studies", "create_new_trial", "set_trial_param", "get_trial_id_from_study_id_trial_number",
+    "get_trial_number_from_id", "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
+    "set_trial_user_attr", "set_trial_system_attr", "get_trial", "get_all_trials", "get_n_trials", "get_best_trial",
+    "get_trial_params", "get_trial_user_attrs", "get_trial_system_attrs", "record_heartbeat", "_get_stale_trial_ids",
+    "_create_new_trial", "_get_trials", "_set_trial_param", "_get_best_trial_id",
+)  # fmt: skip
+# writes to one trial: the first argument is its id
+TRIAL_WRITES = (
+    "set_trial_param", "_set_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
+    "set_trial_user_attr", "set_trial_system_attr",
+)  # fmt: skip
+
+
+class RetryingRDBStorage(RDBStorage):
+    """An RDBStorage whose every call goes through `retry(call, what)`, which repeats it while the
+    database is unreachable (storage.DatabaseRetry).
+
+    Two outcomes of a repeated write need care, and one of a write to a trial that another worker
+    has taken over:
+    - a write whose commit reached the database while its answer was lost in the outage: repeated,
+      Optuna refuses it (`UpdateFinishedTrialError` when a trial's state and values were set,
+      `IntegrityError` when a parameter was). When the stored trial already holds what the write
+      asked for, the write is done and the refusal is not an error;
+    - a trial whose heartbeats stopped during a long outage is failed by another worker and queued
+      again (storage's module docstring): its later writes are refused. They are dropped with a
+      message: the trial is re-run, and what this worker had of it is not a result any more.
+    """
+
+    def __init__(self, url: str, retry: Any, **kwargs: Any):
+        self._retry = retry
+        super().__init__(url, **kwargs)
+
+    def _call(self, name: str, args: tuple, kwargs: dict) -> Any:
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
+
+        method = getattr(RDBStorage, name)
+        try:
+            return self._retry(lambda: method(self, *args, **kwargs), name)
+        except Exception as e:
+            if name not in TRIAL_WRITES or not isinstance(e, (UpdateFinishedTrialError, *_integrity_errors())):
+                raise
+            trial = RDBStorage.get_trial(self, args[0])
+            if name == "set_trial_state_values" and trial.state == args[1] and _same(trial.values, _arg(args, kwargs, 2)):
+                return True  # our own write, made before the outage hid its answer
+            if name in ("set_trial_param", "_set_trial_param") and trial.params.get(args[1]) is not None:
+                return None  # the same
+            if trial.state == TrialState.FAIL:
+                self._retry.taken_over(trial.number)
+                return False if name == "set_trial_state_values" else None
+            raise
+
+
+def is_told_elsewhere(error: BaseException) -> bool:
+    """Whether `error` is Optuna refusing to tell a trial that is already finished. `study.optimize`
+    raises it (out of the loop, whatever `catch` says) when another worker failed this worker's trial
+    meanwhile because its heartbeat went stale, e.g. during a database outage longer than the grace
+    period. Optuna's message is the only sign, and Optuna 4 raises an AssertionError ("Should not
+    reach.") while handling it, so the refusal is looked for along the chain: tests/test_db_retry.py
+    pins both."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ValueError) and str(seen).startswith("Cannot tell a "):
+            return True
+        seen = seen.__context__
+    return False
+
+
+def _integrity_errors() -> tuple[type[BaseException], ...]:
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.exc import IntegrityError
+
+    return (IntegrityError, StorageInternalError)
+
+
+def _arg(args: tuple, kwargs: dict, index: int) -> Any:
+    """set_trial_state_values' `values`, given by position or by name."""
+    return args[index] if len(args) > index else kwargs.get("values")
+
+
+def _same(stored: Any, asked: Any) -> bool:
+    if stored is None or asked is None:
+        return stored is None and asked is None
+    return list(stored) == [float(v) for v in asked]
+
+
+def _retried(name: str) -> Any:
+    def call(self: RetryingRDBStorage, *args: Any, **kwargs: Any) -> Any:
+        return self._call(name, args, kwargs)
+
+    call.__name__ = name
+    call.__doc__ = getattr(RDBStorage, name).__doc__
+    return call
+
+
+for _name in RETRIED_METHODS:
+    setattr(RetryingRDBStorage, _name, _retried(_name))

@@ -29,6 +29,16 @@ What counts toward the budget
       Optuna's callback (those also carry ``interrupted`` on the failed trial).
     A trial that failed on an ordinary error counts: repeating it would most likely fail again.
 
+A database that goes away
+    A server database restarts (maintenance, a failover) while workers run. Every storage call of a
+    worker on a server then waits for it: `DatabaseRetry` repeats a call that failed on the
+    connection, with growing pauses, for up to `--db-retry-s` seconds from the first failure (one
+    clock for all calls of the process, the heartbeat thread's included), says so once when it
+    starts waiting and once when the database is back. Optuna's own calls go through it
+    (optuna_adapter.RetryingRDBStorage), so a trial being suggested, heartbeating or told simply
+    goes on. Past the bound the worker stops with an error (exit 2); the trial it was running stays
+    RUNNING without heartbeats, so another worker, or the next run, fails it and runs it again.
+    Errors that waiting cannot fix (a wrong password, a missing database) are raised at once.
 Credentials
     A storage URL may hold a password. Every URL in a message or in printed output goes through
     `redacted`, which masks the password (also when the URL does not parse), and the first line of a
@@ -38,9 +48,11 @@ Credentials
 from __future__ import annotations
 
 import re
+import sys
+import threading
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +63,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
 from optimizer.errors import UserError
+from optimizer.optuna_adapter import RetryingRDBStorage
 
 SUPPORTED_SCHEMES = ("sqlite", "postgresql", "mysql")
 # how long a worker waits for the study's creator (another worker) to write the study's attributes
@@ -139,9 +152,121 @@ def retry_callback() -> RetryHeartbeatStaleTrialCallback:
         return RetryHeartbeatStaleTrialCallback()
 
 
-def connect(url: str, heartbeat_interval: int = 30, heartbeat_grace: int = 120) -> RDBStorage:
+# driver messages of connection errors that waiting does not fix
+_PERMANENT = re.compile(
+    r"authentication failed|does not exist|no pg_hba\.conf entry|permission denied|access denied", re.IGNORECASE
+)
+
+
+def connection_error(error: BaseException) -> BaseException | None:
+    """The lost or refused connection to a database server that `error` is, or was raised from
+    (Optuna wraps it in StorageInternalError): something a server restart causes, and waiting
+    cures. None for any other error."""
+    from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OperationalError | InterfaceError | DisconnectionError):
+            return None if _PERMANENT.search(str(seen)) else seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+class DatabaseUnreachable(UserError):
+    """The database server stayed unreachable for longer than --db-retry-s."""
+
+
+class DatabaseRetry:
+    """Repeats storage calls that fail on the connection until the database answers again, for at
+    most `limit_s` seconds from the first failure of an outage (module docstring)."""
+
+    FIRST_PAUSE_S, LONGEST_PAUSE_S = 0.5, 8.0
+
+    def __init__(self, url: str, limit_s: float, say: Callable[[str], None] | None = None):
+        self.url, self.shown = url, redacted(url)
+        self.limit_s = limit_s
+        self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._lock = threading.Lock()
+        self._outage_since: float | None = None
+        self.last_error = ""
+        self._gave_up = False
+        self._taken_over: set[int] = set()
+
+    def __call__(self, call: Callable[[], Any], what: str = "") -> Any:
+        pause = self.FIRST_PAUSE_S
+        while True:
+            if self._gave_up:
+                raise self._unreachable()
+            try:
+                result = call()
+            except Exception as e:
+                lost = connection_error(e)
+                if lost is None:
+                    raise
+                left = self._failed(lost)
+                if left <= 0:
+                    raise self._unreachable() from None
+                time.sleep(min(pause, left))
+                pause = min(2 * pause, self.LONGEST_PAUSE_S)
+                continue
+            if self._outage_since is not None:
+                self._recovered()
+            return result
+
+    def taken_over(self, number: int) -> None:
+        """Say (once per trial) that a write to trial `number` was dropped: another worker failed it."""
+        with self._lock:
+            if number in self._taken_over:
+                return
+            self._taken_over.add(number)
+        self.say(
+            f"Trial {number} was failed by another worker while this one could not reach the database (no heartbeat); "
+            "it is run again from its parameters, and this worker's result for it is dropped."
+        )
+
+    def _failed(self, error: BaseException) -> float:
+        """Note a failed call; the seconds left to wait."""
+        now = time.monotonic()
+        with self._lock:
+            first = self._outage_since is None
+            if first:
+                self._outage_since = now
+            self.last_error = _without_password(_first_line(error), self.url)
+            since = self._outage_since
+        assert since is not None
+        if first:
+            self.say(
+                f"Database {self.shown} unreachable ({self.last_error}); waiting up to {self.limit_s:g} s for it "
+                "(--db-retry-s), trials in progress go on"
+            )
+        return since + self.limit_s - now
+
+    def _recovered(self) -> None:
+        with self._lock:
+            if self._outage_since is None:
+                return
+            lasted = time.monotonic() - self._outage_since
+            self._outage_since = None
+        self.say(f"Database {self.shown} reachable again after {lasted:.1f} s; going on.")
+
+    def _unreachable(self) -> DatabaseUnreachable:
+        self._gave_up = True
+        return DatabaseUnreachable(
+            f"database {self.shown} unreachable for {self.limit_s:g} s ({self.last_error}); the trial in progress is "
+            "run again by another worker or the next run: check the server, then run the same command again "
+            "(--db-retry-s sets how long to wait)"
+        )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(getattr(error, "orig", None) or error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def connect(url: str, heartbeat_interval: int = 30, heartbeat_grace: int = 120, db_retry_s: float = 120) -> RDBStorage:
     """RDB storage; on server databases with heartbeats, so that a killed worker's trial is failed
-    (and retried) by the others instead of staying RUNNING forever."""
+    (and retried) by the others instead of staying RUNNING forever, and with every call waiting up
+    to `db_retry_s` for a server that went away (module docstring)."""
     check_url(url)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     kwargs: dict[str, Any] = {"engine_kwargs": engine_kwargs}
@@ -156,9 +281,18 @@ def connect(url: str, heartbeat_interval: int = 30, heartbeat_grace: int = 120) 
     from sqlalchemy.exc import IntegrityError
 
     shown = redacted(url)
+    retry = None if url.startswith("sqlite") else DatabaseRetry(url, db_retry_s)
     for attempt in range(3):
         try:
-            return RDBStorage(url, **kwargs)
+            if retry is None:
+                return RDBStorage(url, **kwargs)
+            return retry(lambda: RetryingRDBStorage(url, retry, **kwargs), "connect")
+        except DatabaseUnreachable:
+            assert retry is not None
+            raise UserError(
+                f"cannot open storage {shown}: {retry.last_error} (waited {db_retry_s:g} s, --db-retry-s); "
+                "check the URL and that the server is running"
+            ) from None
         except IntegrityError:  # another worker was creating the tables at the same moment
             time.sleep(1 + attempt)
         except Exception as e:  # noqa: BLE001 (sqlalchemy and the drivers raise many types for unreachable servers)

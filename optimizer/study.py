@@ -23,6 +23,7 @@ from optimizer.dashboard import trial_note
 from optimizer.errors import UserError
 from optimizer.front import Front
 from optimizer.locks import file_lock
+from optimizer.optuna_adapter import is_told_elsewhere
 from optimizer.params import baseline_params, build_plan, suggest_params
 from optimizer.report import best_tradeoff, early_stop_line, pareto_table, refusals_text, trial_line
 from optimizer.storage import (
@@ -30,7 +31,9 @@ from optimizer.storage import (
     connect,
     counted_trials,
     fail_stale_running_trials,
+    is_interrupted,
     redacted,
+    retried_numbers,
     sqlite_path,
     wait_for_initialisation,
 )
@@ -55,7 +58,7 @@ def run_record(settings: Settings) -> dict:
 
 
 def _connect(settings: Settings) -> optuna.storages.RDBStorage:
-    return connect(settings.storage_url(), settings.heartbeat_interval, settings.heartbeat_grace)
+    return connect(settings.storage_url(), settings.heartbeat_interval, settings.heartbeat_grace, settings.db_retry_s)
 
 
 def _existing_attrs(storage: optuna.storages.BaseStorage, name: str) -> dict | None:
@@ -154,7 +157,9 @@ class StopAtBudget:
         self.failures_in_a_row = 0
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.failures_in_a_row = self.failures_in_a_row + 1 if trial.state == TrialState.FAIL else 0
+        # a trial cut off (taken over by another worker, interrupted) says nothing about the setup
+        failed = trial.state == TrialState.FAIL and not is_interrupted(trial, retried_numbers(study.get_trials(deepcopy=False)))
+        self.failures_in_a_row = self.failures_in_a_row + 1 if failed else 0
         if counted_trials(study) >= self.total:
             study.stop()
         elif self.failures_in_a_row >= MAX_CONSECUTIVE_FAILURES:
@@ -252,7 +257,34 @@ def _optimize(study: optuna.Study, scorer: Scorer, remaining: int) -> None:
             if not console.is_terminal:  # a log file gets no live bar: one line per trial instead
                 console.print(trial_line(trial, done, total))
 
-        study.optimize(make_objective(scorer), n_trials=remaining, callbacks=[StopAtBudget(total), show], catch=(Exception,))
+        optimize_until_done(study, make_objective(scorer), remaining, [StopAtBudget(total), show], total, console.print)
+
+
+def optimize_until_done(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], tuple[float, float]],
+    n_trials: int,
+    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]],
+    total: int,
+    say: Callable[[str], None],
+) -> None:
+    """`study.optimize`, started again when Optuna stops it because another worker failed this
+    worker's trial meanwhile (its heartbeat went stale: a database outage longer than the grace
+    period, a stalled machine). That trial is run again from its parameters by the other worker;
+    this one goes on with the next, until the study holds `total` counted trials."""
+    while True:
+        try:
+            study.optimize(objective, n_trials=n_trials, callbacks=callbacks, catch=(Exception,))
+            return
+        except (ValueError, AssertionError) as e:
+            if not is_told_elsewhere(e):
+                raise
+        say(
+            "[yellow]A trial of this worker was failed by another worker (no heartbeat from here for longer than "
+            "--heartbeat-grace); it is run again from its parameters. Going on.[/]"
+        )
+        if counted_trials(study) >= total:
+            return
 
 
 def _hide_interrupt_tracebacks() -> None:
