@@ -110,18 +110,48 @@ class RetryingRDBStorage(RDBStorage):
         self._retry = retry
         super().__init__(url, **kwargs)
 
+    def _stale_without_heartbeat(self, study_id: int) -> list[int]:
+        """RUNNING trials that never recorded a heartbeat, started longer than the grace period ago.
+        Optuna's rule only looks at recorded heartbeats, so a worker killed between creating a trial
+        and its first heartbeat (or a trial created twice, when the answer to the first creation was
+        lost in an outage) would leave it RUNNING for ever."""
+        from datetime import datetime, timedelta
+
+        from optuna.storages._rdb import models
+        from optuna.trial import TrialState
+
+        grace = timedelta(seconds=self.grace_period or 2 * (self.heartbeat_interval or 0))
+        running = RDBStorage.get_all_trials(self, study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        old = [t for t in running if t.datetime_start is not None and datetime.now() - t.datetime_start > grace]
+        if not old:
+            return []
+        session = self.scoped_session()
+        try:
+            beaten = {
+                row.trial_id
+                for row in session.query(models.TrialHeartbeatModel).filter(
+                    models.TrialHeartbeatModel.trial_id.in_([t._trial_id for t in old])
+                )
+            }
+        finally:
+            session.close()
+        return [t._trial_id for t in old if t._trial_id not in beaten]
+
     def _call(self, name: str, args: tuple, kwargs: dict) -> Any:
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
         method = getattr(RDBStorage, name)
+        if name == "_get_stale_trial_ids":
+            ids = self._retry(lambda: method(self, *args, **kwargs), name)
+            return ids + [i for i in self._retry(lambda: self._stale_without_heartbeat(*args), name) if i not in ids]
         try:
             return self._retry(lambda: method(self, *args, **kwargs), name)
         except Exception as e:
             if name not in TRIAL_WRITES or not isinstance(e, (UpdateFinishedTrialError, *_integrity_errors())):
                 raise
             trial = RDBStorage.get_trial(self, args[0])
-            if name == "set_trial_state_values" and trial.state == args[1] and _same(trial.values, _arg(args, kwargs, 2)):
+            if name == "set_trial_state_values" and _already_holds(trial, args, kwargs):
                 return True  # our own write, made before the outage hid its answer
             if name in ("set_trial_param", "_set_trial_param") and trial.params.get(args[1]) is not None:
                 return None  # the same
@@ -153,9 +183,12 @@ def _integrity_errors() -> tuple[type[BaseException], ...]:
     return (IntegrityError, StorageInternalError)
 
 
-def _arg(args: tuple, kwargs: dict, index: int) -> Any:
-    """set_trial_state_values' `values`, given by position or by name."""
-    return args[index] if len(args) > index else kwargs.get("values")
+def _already_holds(trial: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether `trial` holds the state and values that set_trial_state_values(*args, **kwargs) asks for
+    (Optuna passes them by position or by name)."""
+    state = args[1] if len(args) > 1 else kwargs.get("state")
+    values = args[2] if len(args) > 2 else kwargs.get("values")
+    return trial.state == state and _same(trial.values, values)
 
 
 def _same(stored: Any, asked: Any) -> bool:

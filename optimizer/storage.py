@@ -278,7 +278,7 @@ def connect(url: str, heartbeat_interval: int = 30, heartbeat_grace: int = 120, 
         kwargs.update(
             heartbeat_interval=heartbeat_interval, grace_period=heartbeat_grace, heartbeat_stale_trial_callback=retry_callback()
         )
-    from sqlalchemy.exc import IntegrityError
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
 
     shown = redacted(url)
     retry = None if url.startswith("sqlite") else DatabaseRetry(url, db_retry_s)
@@ -293,14 +293,20 @@ def connect(url: str, heartbeat_interval: int = 30, heartbeat_grace: int = 120, 
                 f"cannot open storage {shown}: {retry.last_error} (waited {db_retry_s:g} s, --db-retry-s); "
                 "check the URL and that the server is running"
             ) from None
-        except IntegrityError:  # another worker was creating the tables at the same moment
+        except (IntegrityError, ProgrammingError) as e:  # another worker was creating the tables at the same moment
+            if isinstance(e, ProgrammingError) and "already exists" not in str(e):
+                raise _cannot_open(e, url) from None
             time.sleep(1 + attempt)
         except Exception as e:  # noqa: BLE001 (sqlalchemy and the drivers raise many types for unreachable servers)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(
-                f"cannot open storage {shown}: {_without_password(first, url)}; check the URL and that the server is running"
-            ) from None
+            raise _cannot_open(e, url) from None
     raise UserError(f"cannot open storage {shown}: its tables could not be created; try again")
+
+
+def _cannot_open(error: BaseException, url: str) -> UserError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return UserError(
+        f"cannot open storage {redacted(url)}: {_without_password(first, url)}; check the URL and that the server is running"
+    )
 
 
 def wait_for_initialisation(storage: optuna.storages.BaseStorage, study_id: int) -> dict[str, Any]:

@@ -118,3 +118,18 @@ def test_errors_that_waiting_cannot_fix_are_raised_at_once(server):
     with pytest.raises(UserError) as missing:
         connect(server.database_url("no_such_database"), db_retry_s=30)
     assert time.monotonic() - start < 10 and "does not exist" in str(missing.value)
+
+
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_run_again(server):
+    """Optuna fails only trials whose recorded heartbeat is stale; a worker killed between creating
+    a trial and its first heartbeat left it RUNNING for ever."""
+    url = server.create_database("nobeat")
+    new_study(url, "s", grace=2).ask({"x": optuna.distributions.FloatDistribution(0, 1)})  # no heartbeat, ever
+    other = new_study(url, "s", grace=2)
+    optuna.storages.fail_stale_trials(other)
+    assert other.get_trials(deepcopy=False)[0].state == TrialState.RUNNING  # not before the grace period
+    time.sleep(3)
+    optuna.storages.fail_stale_trials(other)
+    trials = other.get_trials(deepcopy=False)
+    assert trials[0].state == TrialState.FAIL and trials[0].number in retried_numbers(trials)
+    assert trials[1].state == TrialState.WAITING and trials[1].params == trials[0].params
