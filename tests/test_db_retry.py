@@ -74,7 +74,7 @@ def test_past_the_bound_the_worker_stops_and_its_trial_is_run_again(server, capf
         assert "unreachable for 2 s" in str(gone.value) and "run the same command again" in str(gone.value)
         again = time.monotonic()
         with pytest.raises(DatabaseUnreachable):  # once given up, at once: no second wait on the way out
-            study.trials
+            _ = study.trials
         assert time.monotonic() - again < 1
     finally:
         resume(server)

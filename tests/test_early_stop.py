@@ -52,7 +52,8 @@ def test_generation_given_up_keeps_a_lower_bound_and_the_same_answers(varied):
     assert full.complete and 2 <= full.count < len(texts)  # the markers decide some answers, not all
     first = frozenset(i for i, refused in enumerate(full.refused) if refused)
     for threshold in range(1, full.count + 1):
-        cut = generate_and_classify(loaded, texts, 8, markers, batch_size=5, first=first, give_up=lambda found: found >= threshold)
+        settled = lambda found, threshold=threshold: found >= threshold
+        cut = generate_and_classify(loaded, texts, 8, markers, batch_size=5, first=first, give_up=settled)
         assert not cut.complete and threshold <= cut.count <= full.count
         assert cut.tokens_generated < full.tokens_generated
         for refused, answer, full_answer, full_refused in zip(cut.refused, cut.responses, full.responses, full.refused):
