@@ -116,16 +116,20 @@ def make_objective(scorer: Scorer) -> Callable[[optuna.Trial], tuple[float, floa
     n_harmful = len(scorer.baseline_refusals.refused)
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
+        # Ctrl-C or SIGTERM anywhere in the trial, the writes of its results included: not counted, re-run
         try:
-            start = time.perf_counter()
-            params = suggest_params(trial, spec.loaded.n_layers, settings)
-            plan, info = build_plan(params, stats, settings.projected_directions)
-            directions_s = time.perf_counter() - start
-            front = finished_front(trial.study, n_harmful) if settings.early_stop else None
-            scores = scorer.score(plan, front)
+            return score_and_record(trial)
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
             raise
+
+    def score_and_record(trial: optuna.Trial) -> tuple[float, float]:
+        start = time.perf_counter()
+        params = suggest_params(trial, spec.loaded.n_layers, settings)
+        plan, info = build_plan(params, stats, settings.projected_directions)
+        directions_s = time.perf_counter() - start
+        front = finished_front(trial.study, n_harmful) if settings.early_stop else None
+        scores = scorer.score(plan, front)
         timings = {"directions_s": round(directions_s, 4), **{k: round(v, 3) for k, v in scores.timings.items()}}
         timings["total_s"] = round(time.perf_counter() - start, 3)
         refusals = {
