@@ -103,7 +103,9 @@ class RetryingRDBStorage(RDBStorage):
       asked for, the write is done and the refusal is not an error;
     - a trial whose heartbeats stopped during a long outage is failed by another worker and queued
       again (storage's module docstring): its later writes are refused. They are dropped with a
-      message: the trial is re-run, and what this worker had of it is not a result any more.
+      message: the trial is re-run, and what this worker had of it is not a result any more;
+    - two workers failing the same stale trial: the second is told "not set" (False), as Optuna's
+      `fail_stale_trials` expects, so that only the first queues its retry.
     """
 
     def __init__(self, url: str, retry: Any, **kwargs: Any):
@@ -145,20 +147,29 @@ class RetryingRDBStorage(RDBStorage):
         if name == "_get_stale_trial_ids":
             ids = self._retry(lambda: method(self, *args, **kwargs), name)
             return ids + [i for i in self._retry(lambda: self._stale_without_heartbeat(*args), name) if i not in ids]
+        attempts = 0
+
+        def attempt() -> Any:
+            nonlocal attempts
+            attempts += 1
+            return method(self, *args, **kwargs)
+
         try:
-            return self._retry(lambda: method(self, *args, **kwargs), name)
+            return self._retry(attempt, name)
         except Exception as e:
             if name not in TRIAL_WRITES or not isinstance(e, (UpdateFinishedTrialError, *_integrity_errors())):
                 raise
             trial = RDBStorage.get_trial(self, args[0])
-            if name == "set_trial_state_values" and _already_holds(trial, args, kwargs):
+            if attempts > 1 and name == "set_trial_state_values" and _already_holds(trial, args, kwargs):
                 return True  # our own write, made before the outage hid its answer
-            if name in ("set_trial_param", "_set_trial_param") and trial.params.get(args[1]) is not None:
+            if attempts > 1 and name in ("set_trial_param", "_set_trial_param") and trial.params.get(args[1]) is not None:
                 return None  # the same
-            if trial.state == TrialState.FAIL:
-                self._retry.taken_over(trial.number)
-                return False if name == "set_trial_state_values" else None
-            raise
+            if trial.state != TrialState.FAIL:
+                raise
+            if name == "set_trial_state_values" and _requested(args, kwargs)[0] == TrialState.FAIL:
+                return False  # another worker failed it first (two failing one stale trial): Optuna's "not set"
+            self._retry.taken_over(trial.number)
+            return False if name == "set_trial_state_values" else None
 
 
 def is_told_elsewhere(error: BaseException) -> bool:
@@ -183,11 +194,16 @@ def _integrity_errors() -> tuple[type[BaseException], ...]:
     return (IntegrityError, StorageInternalError)
 
 
-def _already_holds(trial: Any, args: tuple, kwargs: dict) -> bool:
-    """Whether `trial` holds the state and values that set_trial_state_values(*args, **kwargs) asks for
-    (Optuna passes them by position or by name)."""
+def _requested(args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    """The state and values that set_trial_state_values(*args, **kwargs) asks for (Optuna passes
+    them by position or by name)."""
     state = args[1] if len(args) > 1 else kwargs.get("state")
     values = args[2] if len(args) > 2 else kwargs.get("values")
+    return state, values
+
+
+def _already_holds(trial: Any, args: tuple, kwargs: dict) -> bool:
+    state, values = _requested(args, kwargs)
     return trial.state == state and _same(trial.values, values)
 
 
