@@ -280,7 +280,14 @@ def optimize_until_done(
         try:
             study.optimize(objective, n_trials=n_trials, callbacks=callbacks, catch=(Exception,))
             return
-        except (ValueError, AssertionError) as e:
+        except Exception as e:
+            # a Ctrl-C or SIGTERM while Optuna tells a trial surfaces as Optuna's own error (an
+            # UnboundLocalError in its cleanup): stop as for the interrupt itself
+            cause: BaseException | None = e
+            while cause is not None and not isinstance(cause, KeyboardInterrupt):
+                cause = cause.__context__
+            if cause is not None:
+                raise cause from None
             if not is_told_elsewhere(e):
                 raise
         say(
