@@ -68,6 +68,8 @@ from optimizer.optuna_adapter import RetryingRDBStorage
 SUPPORTED_SCHEMES = ("sqlite", "postgresql", "mysql")
 # how long a worker waits for the study's creator (another worker) to write the study's attributes
 STUDY_INIT_WAIT_S = 120
+# how long a starting worker waits for a database server that refuses connections (a restart takes seconds)
+OPEN_WAIT_S = 15
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 # the password of a URL that SQLAlchemy cannot parse: anything between "://user:" and the last "@"
@@ -175,6 +177,10 @@ def connection_error(error: BaseException) -> BaseException | None:
 class DatabaseUnreachable(UserError):
     """The database server stayed unreachable for longer than --db-retry-s."""
 
+    def __init__(self, message: str, last_error: str = ""):
+        super().__init__(message)
+        self.last_error = last_error
+
 
 class DatabaseRetry:
     """Repeats storage calls that fail on the connection until the database answers again, for at
@@ -254,7 +260,8 @@ class DatabaseRetry:
         return DatabaseUnreachable(
             f"database {self.shown} unreachable for {self.limit_s:g} s ({self.last_error}); the trial in progress is "
             "run again by another worker or the next run: check the server, then run the same command again "
-            "(--db-retry-s sets how long to wait)"
+            "(--db-retry-s sets how long to wait)",
+            self.last_error,
         )
 
 
@@ -286,11 +293,12 @@ def connect(url: str, heartbeat_interval: int = 30, heartbeat_grace: int = 120, 
         try:
             if retry is None:
                 return RDBStorage(url, **kwargs)
-            return retry(lambda: RetryingRDBStorage(url, retry, **kwargs), "connect")
-        except DatabaseUnreachable:
-            assert retry is not None
+            # at start, a refused connection is more often a wrong URL than a restart (seconds): wait less
+            opening = DatabaseRetry(url, min(db_retry_s, OPEN_WAIT_S))
+            return opening(lambda: RetryingRDBStorage(url, retry, **kwargs), "connect")
+        except DatabaseUnreachable as e:
             raise UserError(
-                f"cannot open storage {shown}: {retry.last_error} (waited {db_retry_s:g} s, --db-retry-s); "
+                f"cannot open storage {shown}: {e.last_error} (waited {min(db_retry_s, OPEN_WAIT_S):g} s); "
                 "check the URL and that the server is running"
             ) from None
         except (IntegrityError, ProgrammingError) as e:  # another worker was creating the tables at the same moment
