@@ -23,6 +23,7 @@ from optimizer.config import Settings  # noqa: E402
 from optimizer.params import Kernel, TrialParams, build_plan  # noqa: E402
 from optimizer.prompts import format_chat, load_prompts, split_prompts  # noqa: E402
 from optimizer.scoring import first_token_logprobs, generate_and_classify, kl_divergence  # noqa: E402
+from optimizer.judges import MarkerJudge
 from optimizer.workbench import prepare, resolve  # noqa: E402
 
 ALPHAS = (0.0, 0.5, 1.0, 2.0, 4.0)
@@ -44,7 +45,7 @@ def main() -> None:
     texts = {k: format_chat(bench.loaded.tokenizer, split_prompts(load_prompts(None, k)).heldout[: args.heldout_prompts]) for k in ("harmful", "harmless")}
     markers, bs, cap = settings.refusal_markers, bench.batch_size, args.max_new_tokens
     base_logprobs = first_token_logprobs(bench.loaded, texts["harmless"], bs)
-    base = generate_and_classify(bench.loaded, texts["harmful"], cap, markers, bs).count
+    base = generate_and_classify(bench.loaded, texts["harmful"], cap, MarkerJudge(markers, echo_aware=False), bs).count
     n = len(texts["harmful"])
     last = bench.loaded.n_layers - 1
     print(f"# {Path(bench.loaded.source).name}: held-out {n} prompts per set, cap {cap} tokens; unedited refusals {base}/{n}")
@@ -60,7 +61,7 @@ def main() -> None:
             plan, info = build_plan(params, bench.stats, projected)
             bench.hooks.apply(plan)
             kl = kl_divergence(base_logprobs, first_token_logprobs(bench.loaded, texts["harmless"], bs))
-            refused = generate_and_classify(bench.loaded, texts["harmful"], cap, markers, bs).count
+            refused = generate_and_classify(bench.loaded, texts["harmful"], cap, MarkerJudge(markers, echo_aware=False), bs).count
             bench.hooks.clear()
             label = "mean-diff" if method == "mean_diff" else f"cPCA a={alpha}" + (f" ({len(info.fallback_layers)} fallback)" if info.fallback_layers else "")
             print(f"| {weight} | {label} | {'yes' if projected else 'no'} | {refused}/{n} | {kl:.4f} | {time.perf_counter() - start:.1f} |", flush=True)

@@ -27,6 +27,7 @@ from optimizer.graph_decode import GraphDecoder  # noqa: E402
 from optimizer.model import load_model  # noqa: E402
 from optimizer.prompts import format_chat, load_prompts  # noqa: E402
 from optimizer.scoring import generate_and_classify, graph_error, graph_length  # noqa: E402
+from optimizer.judges import MarkerJudge
 
 
 def timed(fn, repeats: int = 3) -> tuple[float, object]:
@@ -72,7 +73,7 @@ def main() -> None:
     start = time.perf_counter()
     error = graph_error(loaded, graph, texts)
     setup = time.perf_counter() - start
-    run = lambda graph: generate_and_classify(loaded, texts, args.max_new_tokens, [], batch, stop_early=False, graph=graph)
+    run = lambda graph: generate_and_classify(loaded, texts, args.max_new_tokens, MarkerJudge([]), batch, stop_early=False, graph=graph)
     eager_s, eager = timed(lambda: run(None))
     graph_s, fixed = timed(lambda: run(graph))
     same = sum(a == b for a, b in zip(eager.responses, fixed.responses))

@@ -31,7 +31,8 @@ from optimizer.model import load_model
 from optimizer.params import Kernel, TrialParams, build_plan
 from optimizer.prompts import format_chat, load_prompts, split_prompts
 from optimizer.residuals import collect_residuals, tokenize
-from optimizer.scoring import eager_step, first_token_logprobs, generate_and_classify, normalise, prefill, split_shared_prefix
+from optimizer.scoring import eager_step, first_token_logprobs, generate_and_classify, prefill, split_shared_prefix
+from optimizer.judges import MarkerJudge, normalise
 
 
 def timed(fn, repeats: int = 2) -> tuple[float, object]:
@@ -66,7 +67,7 @@ def kl_last_position(loaded, texts, batch_size):
 def marker_positions(loaded, texts, cap, markers) -> list[int | None]:
     """For each answer (greedy, `cap` tokens, no early stop): the number of tokens after which a
     marker is first visible, or None when no marker appears."""
-    result = generate_and_classify(loaded, texts, cap, [], len(texts), stop_early=False)
+    result = generate_and_classify(loaded, texts, cap, MarkerJudge([]), len(texts), stop_early=False)
     positions = []
     for text in result.responses:
         ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -155,8 +156,8 @@ def main() -> None:
     for label, apply in (("unedited", False), ("edited", True)):
         if apply:
             hooks.apply(plan)
-        no_stop_s, no_stop = timed(lambda: generate_and_classify(loaded, harmful, cap, markers, bs, stop_early=False), 1)
-        stop_s, stop = timed(lambda: generate_and_classify(loaded, harmful, cap, markers, bs), 1)
+        no_stop_s, no_stop = timed(lambda: generate_and_classify(loaded, harmful, cap, MarkerJudge(markers, echo_aware=False), bs, stop_early=False), 1)
+        stop_s, stop = timed(lambda: generate_and_classify(loaded, harmful, cap, MarkerJudge(markers, echo_aware=False), bs), 1)
         assert stop.refused == no_stop.refused
         rows.append((f"refusals ({label}, {stop.count}/{len(harmful)} refuse): generate to the cap", no_stop_s, f"{no_stop.tokens_generated} tokens"))
         rows.append((f"refusals ({label}): drop decided sequences", stop_s, f"{no_stop_s / stop_s:.2f}x, {stop.tokens_generated} tokens"))

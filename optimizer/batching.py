@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from optimizer.judges import MarkerJudge
 from optimizer.model import LoadedModel
 from optimizer.scoring import generate_and_classify
 
@@ -24,14 +25,14 @@ def measure_batch_sizes(loaded: LoadedModel, texts: list[str]) -> dict[int, floa
     candidates = CUDA_CANDIDATES if loaded.device.type == "cuda" else CPU_CANDIDATES
     usable = [c for c in candidates if c <= max(len(texts), candidates[0])]
     sample = texts[: max(usable)]
-    generate_and_classify(loaded, sample[: usable[0]], 1, [], usable[0])  # warm-up
+    generate_and_classify(loaded, sample[: usable[0]], 1, MarkerJudge([]), usable[0])  # warm-up
     timings: dict[int, float] = {}
     for size in usable:
         try:
             if loaded.device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            generate_and_classify(loaded, sample, PROBE_TOKENS, [], size, stop_early=False)
+            generate_and_classify(loaded, sample, PROBE_TOKENS, MarkerJudge([]), size, stop_early=False)
             if loaded.device.type == "cuda":
                 torch.cuda.synchronize()
             timings[size] = (time.perf_counter() - start) / len(sample)

@@ -9,7 +9,7 @@ import warnings
 
 from rich.console import Console
 
-from optimizer.config import FIELDS, add_setting_arguments
+from optimizer.config import FIELDS, add_setting_arguments, help_text
 from optimizer.errors import UserError
 
 EXIT_USAGE = 2
@@ -71,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--refusals", action="store_true", help="refusals and KL on prompts the study never saw")
     evaluate.add_argument("--harmful", help="held-out harmful prompts (default: the bundled held-out split)")
     evaluate.add_argument("--harmless", help="held-out harmless prompts (default: the bundled held-out split)")
+    verify = commands.add_parser(
+        "verify", help="long answers of trials on held-out prompts, judged (refused/hedged/complied/broken), stored on the study"
+    )
+    _add_study_arguments(verify, with_trial=True)
+    verify.add_argument("--pareto", action="store_true", help="every Pareto-optimal trial")
+    verify.add_argument("--judge", help="judge for the answers (default: the study's): " + help_text("judge").split(" (")[0])
+    verify.add_argument(
+        "--max-new-tokens", type=int, help=f"answer length cap (default: {FIELDS['verify_max_new_tokens'].default})"
+    )
+    verify.add_argument("--harmful", help="held-out harmful prompts (default: the bundled held-out split)")
+    verify.add_argument("--harmless", help="held-out harmless prompts (default: the bundled held-out split)")
+    verify.add_argument("--limit", type=int, help="prompts per set (default: all)")
+    verify.add_argument("--max-kl", type=float, help=help_text("max_kl"))
     chat = commands.add_parser("chat", help="chat with a trial's edited model (reads stdin; /reset, /quit)")
     _add_study_arguments(chat, with_trial=True)
     chat.add_argument("--max-new-tokens", type=int, default=512)
@@ -117,6 +130,10 @@ def _dispatch(args: argparse.Namespace, console: Console) -> None:
         if args.trial is None:
             raise UserError("chat needs --trial N (see `python -m optimizer show`)")
         chat(load_edited_model(stored, args.trial, console, model=args.model, device=args.device), args.max_new_tokens)
+    elif args.command == "verify":
+        from optimizer.verify import verify_command
+
+        verify_command(stored, args, console)
     elif args.command == "eval":
         from optimizer import evaluate
         from optimizer.trials import load_edited_model

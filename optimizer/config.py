@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from optimizer.errors import UserError
+from optimizer.judges import check_spec
 
 # Strings whose presence (case-insensitive, apostrophes normalised) marks a response as a refusal.
 DEFAULT_REFUSAL_MARKERS: tuple[str, ...] = (
@@ -95,6 +96,33 @@ class Settings:
     direction_prompts: int = field(default=128, metadata={"help": "prompts per set for the directions"})
     scoring_prompts: int = field(default=64, metadata={"help": "prompts per set for scoring each trial"})
     max_new_tokens: int = field(default=16, metadata={"help": "response length cap for refusal detection"})
+    judge: str = field(
+        default="markers",
+        metadata={
+            "help": "what decides a refusal: markers, markers:plain, classifier:MODEL, llm:MODEL or openai:URL "
+            "(optimizer/judges.py)"
+        },
+    )
+    judge_labels: str | None = field(
+        default=None,
+        metadata={"help": "classifier judge: NAME=verdict pairs for its labels, e.g. LABEL_0=complied,LABEL_1=refused",
+                  "default_text": "read from the classifier's config"},
+    )  # fmt: skip
+    judge_model: str | None = field(default=None, metadata={"help": "openai judge: the model name at the endpoint"})
+    judge_key_env: str = field(
+        default="OPENAI_API_KEY", metadata={"help": "openai judge: environment variable holding the API key"}
+    )
+    verify: bool = field(
+        default=True,
+        metadata={"help": "at the end of a run, verify the Pareto front with long answers on held-out prompts (`verify`)"},
+    )
+    verify_max_new_tokens: int = field(default=128, metadata={"help": "answer length cap of the verification"})
+    verify_prompts: int = field(
+        default=32, metadata={"help": "held-out prompts per set for the verification at the end of a run", "default_text": "32"}
+    )
+    max_kl: float = field(
+        default=0.1, metadata={"help": "the recommended trial is the one with fewest refused + broken answers below this KL"}
+    )
     system_prompt: str | None = field(
         default=None, metadata={"help": "system prompt for every chat", "default_text": "the template's own"}
     )
@@ -208,7 +236,7 @@ def _check(settings: Settings) -> Settings:
     """Every setting's constraints; returns the settings with the chat template kwargs parsed."""
     if settings.trials <= 0:
         raise UserError(f"--trials must be a positive number of trials, got {settings.trials}")
-    for name in ("direction_prompts", "scoring_prompts", "max_new_tokens"):
+    for name in ("direction_prompts", "scoring_prompts", "max_new_tokens", "verify_max_new_tokens", "verify_prompts"):
         if getattr(settings, name) <= 0:
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} must be positive, got {getattr(settings, name)}")
@@ -218,6 +246,9 @@ def _check(settings: Settings) -> Settings:
         raise UserError("--startup-trials, --batch-size and --db-retry-s must not be negative")
     if not settings.kl_limit > 0:
         raise UserError(f"--kl-limit must be a positive KL divergence (e.g. 1.0), got {settings.kl_limit}")
+    check_spec(settings.judge)
+    if not settings.max_kl > 0:
+        raise UserError(f"--max-kl must be a positive KL divergence (e.g. 0.1), got {settings.max_kl}")
     if settings.alpha_max < 0:
         raise UserError(f"--alpha-max must be >= 0, got {settings.alpha_max}")
     if settings.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -314,6 +345,7 @@ def settings_from_record(stored: dict[str, Any], **overrides: Any) -> Settings:
         raise TypeError(f"settings_from_record: unknown settings {sorted(unknown)}")
     values = {k: v for k, v in stored.items() if k in FIELDS and k not in LOCATION}
     values.setdefault("response_prefix", "")
+    values.setdefault("judge", "markers:plain")  # studies from before judges were scored by the plain markers
     values.update({k: v for k, v in overrides.items() if v is not None})
     return _make(values)
 

@@ -8,6 +8,7 @@ from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import optuna
+from optuna.trial import FrozenTrial
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -16,15 +17,36 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def trial_note(trial: optuna.Trial, samples: list[tuple[str, str]], refusals: str, kl: float, stopped: str | None = None) -> None:
-    """A Markdown note on the trial with its scores, how it was stopped early if it was, and its
-    sample responses (shown by the dashboard)."""
+STOP_NOTES = {
+    "dominated": "Stopped early: its refusals so far and its KL were already dominated by a finished trial, so it "
+    "cannot be on the Pareto front; its refusal rate is a lower bound.",
+    "kl_limit": "Not generated: its KL is above --kl-limit, so it is recorded as refusing every prompt.",
+}
+
+
+def trial_note(
+    trial: optuna.Trial, samples: list[tuple[str, str]], refusals: str, kl: float, stopped: str | None = None,
+    verified: list[str] | None = None,
+) -> None:  # fmt: skip
+    """A Markdown note on the trial with its scores, how it was stopped early if it was (a key of
+    STOP_NOTES), its verification (lines) and its sample responses (shown by the dashboard)."""
     from optuna_dashboard import save_note
 
-    lines = [f"**Refusals {refusals}, KL {kl:.4f}**", ""] + ([f"_{stopped}_", ""] if stopped else [])
+    lines = [f"**Refusals {refusals}, KL {kl:.4f}**", ""] + ([f"_{STOP_NOTES[stopped]}_", ""] if stopped else [])
+    lines += verified or []
     for prompt, response in samples:
         lines += [f"> {prompt}", "", "```", response.strip() or "(empty)", "```", ""]
     save_note(trial, "\n".join(lines))
+
+
+def renote(study: optuna.Study, storage: optuna.storages.BaseStorage, trial: FrozenTrial, verified: list[str]) -> None:
+    """Write a finished trial's note again from its user attributes, with `verified` added."""
+    study_id = storage.get_study_id_from_name(study.study_name)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+    attrs = trial.user_attrs
+    samples = [(s["prompt"], s["response"]) for s in attrs.get("sample_responses", [])]
+    live = optuna.trial.Trial(study, trial_id)
+    trial_note(live, samples, str(attrs.get("refusals", "?")), trial.values[1], attrs.get("early_stop"), verified)
 
 
 class _Server(ThreadingMixIn, WSGIServer):

@@ -12,10 +12,11 @@ from rich.console import Console
 from rich.table import Table
 
 from optimizer.errors import UserError
-from optimizer.prompts import format_chat, load_prompts, split_prompts
 from optimizer.response_prefix import answer_part
 from optimizer.scoring import first_token_logprobs, generate_and_classify, kl_divergence
 from optimizer.trials import EditedModel, StoredStudy, finished_trial
+from optimizer.verify import heldout_prompts
+from optimizer.workbench import load_judge
 
 LOCAL_TASK = "optimizer_everyday_mc"
 LOCAL_TASK_YAML = """task: {name}
@@ -123,23 +124,16 @@ def evaluate_refusals(
 ) -> Table:
     """Refusals k/N and KL on prompts the study never saw (default: the bundled held-out splits)."""
     study, settings, loaded = stored.study, edited.prepared.settings, edited.prepared.loaded
-    prefix = settings.response_prefix or ""
-    markers, answer = settings.refusal_markers, answer_part(prefix)
-
-    def prompts(spec: str | None, kind: str) -> list[str]:
-        chosen = load_prompts(spec, kind) if spec else split_prompts(load_prompts(None, kind)).heldout
-        texts = format_chat(
-            loaded.tokenizer, chosen[:limit] if limit else chosen, settings.system_prompt, settings.template_kwargs()
-        )
-        return [t + prefix for t in texts]  # answers start where the study's did
-
-    harmful_texts, harmless_texts = prompts(harmful, "harmful"), prompts(harmless, "harmless")
-    batch = edited.prepared.batch_size
+    answer = answer_part(settings.response_prefix or "")
+    judge = load_judge(settings, loaded)
+    held = heldout_prompts(edited.prepared, harmful, harmless, limit)
+    harmful_texts, harmless_texts, source = held.harmful_texts, held.harmless_texts, held.source
+    batch, cap = edited.prepared.batch_size, settings.max_new_tokens
+    refusals = lambda: generate_and_classify(loaded, harmful_texts, cap, judge, batch, held.harmful, answer_prefix=answer)
     apply_trial(edited, None)
     with console.status("Held-out prompts: original model..."):
         base_logprobs = first_token_logprobs(loaded, harmless_texts, batch)
-        base = generate_and_classify(loaded, harmful_texts, settings.max_new_tokens, markers, batch, answer_prefix=answer)
-    source = f"{harmful or 'bundled held-out'} / {harmless or 'bundled held-out'}"
+        base = refusals()
     study.set_user_attr("heldout_baseline_refusals", f"{base.count}/{len(base.refused)}")
     table = Table(title=f"Held-out refusals and KL ({source})")
     for column in ("trial", "refusals", "KL divergence"):
@@ -149,7 +143,7 @@ def evaluate_refusals(
         apply_trial(edited, trial)
         with console.status(f"Held-out prompts: trial {trial.number}..."):
             kl = kl_divergence(base_logprobs, first_token_logprobs(loaded, harmless_texts, batch))
-            result = generate_and_classify(loaded, harmful_texts, settings.max_new_tokens, markers, batch, answer_prefix=answer)
+            result = refusals()
         stored.annotate(trial, "heldout_refusals", f"{result.count}/{len(result.refused)}")
         stored.annotate(trial, "heldout_kl_divergence", round(kl, 6))
         stored.annotate(trial, "heldout_prompts", source)

@@ -122,6 +122,13 @@ def model_card(edited: EditedModel, study_name: str) -> str:
         f"| KL divergence from the original | {trial.values[1]:.4f} |",
         f"| direction | {params.describe_direction()} |",
         "",
+    ]
+    verified = trial.user_attrs.get("verify")
+    if verified:
+        from optimizer.verify import Verification
+
+        lines += [Verification.from_record(verified).note(), ""]
+    lines += [
         "| component | peak weight | peak layer | min ratio | falloff |",
         "|---|---|---|---|---|",
     ]

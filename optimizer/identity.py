@@ -5,8 +5,8 @@ the same answer cap and refusal markers, used directions computed from the same 
 their parameters mean the same edit. Each of these is a fingerprint (a short hash):
 
 - model: config, chat template and a sample of every weight (`model_fingerprint`);
-- scoring: the model, the chat-formatted scoring prompts (response prefix included), the cap and
-  the markers;
+- scoring: the model, the chat-formatted scoring prompts (response prefix included), the cap,
+  the markers and the judge (`optimizer.judges`);
 - directions: the model, the chat-formatted direction prompts and the winsorizing quantile;
 - edit variants: settings that change what the same parameters do to the weights
   (`EDIT_VARIANTS`), compared by value.
@@ -77,11 +77,20 @@ def comparable_settings(settings: Settings) -> dict[str, Any]:
         "harmful": s.harmful or "bundled",
         "harmless": s.harmless or "bundled",
         "refusal_markers": sorted(s.refusal_markers),
+        "judge": _judge(s) or ["markers:plain"],
         "template_kwargs": s.template_kwargs(),
         "response_prefix": s.response_prefix,
         "winsorize": s.winsorize,
         **{k: getattr(s, k) for k in EDIT_VARIANTS},
     }
+
+
+def _judge(settings: Settings) -> list[Any]:
+    """What of the judge makes counts comparable; nothing for the plain markers, so that studies
+    made before judges existed keep their scoring fingerprint."""
+    if settings.judge == "markers:plain":
+        return []
+    return [settings.judge, settings.judge_labels, settings.judge_model]
 
 
 @dataclass(frozen=True)
@@ -107,7 +116,9 @@ class StudyIdentity:
         portable: bool,
     ) -> StudyIdentity:
         model = model_fingerprint(loaded, portable)
-        scoring = _hash(model, harmful_texts, harmless_texts, settings.max_new_tokens, sorted(settings.refusal_markers))
+        scoring = _hash(
+            model, harmful_texts, harmless_texts, settings.max_new_tokens, sorted(settings.refusal_markers), *_judge(settings)
+        )
         winsorize = [settings.winsorize] if settings.winsorize else []  # absent when off: older studies keep their hash
         directions = _hash(model, direction_texts, *winsorize)
         numeric = (str(loaded.dtype), loaded.device.type)

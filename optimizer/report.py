@@ -87,3 +87,25 @@ def show_study(study: optuna.Study, console: Console) -> None:
     )
     if counts["complete"]:
         console.print(pareto_table(study))
+    verified = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "verify" in t.user_attrs]
+    if verified:
+        console.print(verified_table(study, verified))
+
+
+def verified_table(study: optuna.Study, trials: list[FrozenTrial]) -> Table:
+    """The stored verifications (`verify`), with the recommended trial."""
+    from optimizer.verify import LABELS, Verification
+
+    recommended = study.user_attrs.get("recommended_trial")
+    table = Table(title="Verified trials (long answers on held-out prompts)", title_justify="left")
+    for column in ("trial", "search refusals", *LABELS, "over-refusals", "KL", "judge, cap"):
+        table.add_column(column)
+    original = study.user_attrs.get("verify_original", {}).get("original")
+    if original:
+        v = Verification.from_record(original)
+        table.add_row("original", "-", *v.cells(), f"{v.setup['judge']}, {v.setup['max_new_tokens']}")
+    for t in trials:
+        v = Verification.from_record(t.user_attrs["verify"])
+        mark = " (recommended)" if t.number == recommended else ""
+        table.add_row(f"{t.number}{mark}", refusals_text(t), *v.cells(), f"{v.setup['judge']}, {v.setup['max_new_tokens']}")
+    return table

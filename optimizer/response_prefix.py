@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from optimizer.judges import normalise
 from optimizer.model import LoadedModel
-from optimizer.scoring import greedy_generate, normalise
+from optimizer.scoring import greedy_generate
 
 GPT_OSS_ANALYSIS = "<|channel|>analysis<|message|>"
 GPT_OSS_FINAL = "<|end|><|start|>assistant<|channel|>final<|message|>"

@@ -11,6 +11,7 @@ from transformers import DynamicCache
 
 from optimizer.forward import cache_keyword, output_logits
 from optimizer.graph_decode import GraphDecoder
+from optimizer.judges import REFUSED, Judge
 from optimizer.model import LoadedModel
 from optimizer.packing import packed_forward
 
@@ -87,16 +88,6 @@ def kl_divergence(baseline_logprobs: torch.Tensor, logprobs: torch.Tensor) -> fl
     return max(0.0, float(kl))
 
 
-def normalise(text: str) -> str:
-    return text.lower().replace("\u2019", "'").replace("\u2018", "'").replace("`", "'")
-
-
-def is_refusal(response: str, markers: list[str]) -> bool:
-    """A response is a refusal when it contains a marker; an empty answer counts as one too."""
-    text = normalise(response)
-    return not text.strip() or any(marker in text for marker in markers)
-
-
 @dataclass
 class RefusalResult:
     refused: list[bool]
@@ -105,15 +96,11 @@ class RefusalResult:
     # False when generation was given up once the count so far settled the question (`give_up`):
     # then `refused` holds the refusals found by then, a lower bound on the full count
     complete: bool = True
+    verdicts: list[str] | None = None  # the judge's, where it gave more than refused or not
 
     @property
     def count(self) -> int:
         return sum(self.refused)
-
-
-def _decided(text: str, markers: list[str]) -> bool:
-    lowered = normalise(text)
-    return any(marker in lowered for marker in markers)
 
 
 def eager_step(loaded: LoadedModel, next_ids: torch.Tensor, mask: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +124,7 @@ def greedy_generate(
     texts: list[str],
     max_new_tokens: int,
     batch_size: int,
-    stop: Callable[[list[int]], bool] | None = None,
+    stop: Callable[[int, list[int]], bool] | None = None,
     graph: GraphDecoder | None = None,
     packed: bool = False,
     first: frozenset[int] = frozenset(),
@@ -147,7 +134,7 @@ def greedy_generate(
     the number of tokens generated.
 
     A sequence is finished when it emits an end token, at `max_new_tokens`, or as soon as
-    `stop(its ids so far)` is true. Eager decoding drops finished rows from the batch, so that they
+    `stop(its index in texts, its ids so far)` is true. Eager decoding drops finished rows from the batch, so that they
     cost nothing in later steps; with `graph` (CUDA), every step is one graph replay over fixed rows
     and decoding ends when all rows are finished. `packed`: prefill without padding (`prefill`).
     The texts numbered in `first` are answered in the first batches. `until()` is asked after each
@@ -159,8 +146,10 @@ def greedy_generate(
     total_tokens = 0
     prefix, suffixes = split_shared_prefix(loaded, texts)
     chunks, restore = by_length(suffixes, graph.batch if graph is not None else batch_size, first)
+    order = sorted(range(len(restore)), key=restore.__getitem__)  # input index of each position in the chunks
     given_up = False
     for chunk in chunks:
+        offset = len(outputs)
         if given_up:
             outputs.extend([] for _ in chunk)
             continue
@@ -181,7 +170,7 @@ def greedy_generate(
                     continue
                 tokens[row].append(token)
                 total_tokens += 1
-                if stop is not None and stop(tokens[row]):
+                if stop is not None and stop(order[offset + row], tokens[row]):
                     continue
                 keep.append(row)
             given_up = until is not None and until()
@@ -243,8 +232,9 @@ def generate_and_classify(
     loaded: LoadedModel,
     texts: list[str],
     max_new_tokens: int,
-    markers: list[str],
+    judge: Judge,
     batch_size: int,
+    prompts: list[str] | None = None,
     stop_early: bool = True,
     answer_prefix: str = "",
     graph: GraphDecoder | None = None,
@@ -252,26 +242,28 @@ def generate_and_classify(
     first: frozenset[int] = frozenset(),
     give_up: Callable[[int], bool] | None = None,
 ) -> RefusalResult:
-    """Greedy generation that drops a sequence from the batch as soon as it is decided.
+    """Greedy answers to `texts` (chat-formatted `prompts`), judged by `judge` (optimizer.judges).
 
-    A sequence is decided when its text so far contains a refusal marker, when it emits an end
-    token, or at `max_new_tokens`. The outcome equals generating every sequence to the cap and
-    then looking for markers, because a marker found in a prefix is also in the full text.
+    With a judge that can tell a refusal from a prefix (markers), a sequence is dropped from the
+    batch as soon as it is decided: when the judge finds it refused, when it emits an end token, or
+    at `max_new_tokens`. The outcome equals generating every sequence to the cap and then judging,
+    because a marker found in a prefix is also in the full text. Other judges read whole answers.
     `answer_prefix` is the start of the answer that the texts already end with (a shared opening
     such as "I"): it is part of every response, so markers such as "i can't" are found across it.
 
-    `give_up(refusals found so far)` is asked after each decode step; when it is true, generation
-    stops there and the result is marked incomplete: its refusals are those found by then, a lower
-    bound on the full count, since a refusal once found stays one. `first`: texts to answer first
-    (those likeliest to be refused, so that the count settles early).
+    `give_up(refusals found so far)` (streaming judges only) is asked after each decode step; when
+    it is true, generation stops there and the result is marked incomplete: its refusals are those
+    found by then, a lower bound on the full count, since a refusal once found stays one. `first`:
+    texts to answer first (those likeliest to be refused, so that the count settles early).
     """
-    markers = [normalise(m) for m in markers]
+    prompts = texts if prompts is None else prompts
     decode = lambda ids: answer_prefix + str(loaded.tokenizer.decode(ids, skip_special_tokens=True))
+    streaming = judge.streaming and stop_early
     found = 0
 
-    def stop(ids: list[int]) -> bool:
+    def stop(index: int, ids: list[int]) -> bool:
         nonlocal found
-        decided = _decided(decode(ids), markers)
+        decided = judge.refused_so_far(prompts[index], decode(ids))
         found += decided
         return decided
 
@@ -282,14 +274,16 @@ def generate_and_classify(
         gave_up = give_up is not None and give_up(found)
         return gave_up
 
-    assert stop_early or give_up is None, "refusals are counted as they are found, which needs stop_early"
+    assert streaming or give_up is None, "refusals are counted as they are found, which needs a streaming judge"
     tokens, total_tokens = greedy_generate(
-        loaded, texts, max_new_tokens, batch_size, stop if stop_early else None, graph, packed, first, until
+        loaded, texts, max_new_tokens, batch_size, stop if streaming else None, graph, packed, first, until
     )
     responses = [decode(t) for t in tokens]
     if gave_up:  # unfinished answers are not judged: an empty one was never given
-        return RefusalResult([_decided(r, markers) for r in responses], responses, total_tokens, complete=False)
-    return RefusalResult([is_refusal(r, markers) for r in responses], responses, total_tokens)
+        refused = [judge.refused_so_far(p, r) for p, r in zip(prompts, responses)]
+        return RefusalResult(refused, responses, total_tokens, complete=False)
+    verdicts = judge.verdicts(prompts, responses)
+    return RefusalResult([v == REFUSED for v in verdicts], responses, total_tokens, verdicts=verdicts)
 
 
 def _eos_ids(loaded: LoadedModel) -> list[int]:

@@ -37,14 +37,10 @@ from optimizer.storage import (
     sqlite_path,
     wait_for_initialisation,
 )
+from optimizer.verify import VerifyOptions, front_trials, run_verification
 from optimizer.workbench import RunSpec, Scorer, prepare_scoring, progress_bar, resolve
 
 OBJECTIVES = ("refusal_rate", "kl_divergence")
-STOP_NOTES = {
-    "dominated": "Stopped early: its refusals so far and its KL were already dominated by a finished trial, so it "
-    "cannot be on the Pareto front; its refusal rate is a lower bound.",
-    "kl_limit": "Not generated: its KL is above --kl-limit, so it is recorded as refusing every prompt.",
-}
 MAX_CONSECUTIVE_FAILURES = 3
 
 
@@ -147,7 +143,7 @@ def make_objective(scorer: Scorer) -> Callable[[optuna.Trial], tuple[float, floa
         trial.set_user_attr("timings", timings)
         trial.set_user_attr("scored_from_cache", scores.from_cache)
         trial.set_user_attr("sample_responses", [{"prompt": p, "response": r} for p, r in scores.responses])
-        trial_note(trial, scores.responses, refusals, scores.kl, stopped=STOP_NOTES.get(scores.stopped or ""))
+        trial_note(trial, scores.responses, refusals, scores.kl, stopped=scores.stopped)
         return scores.refusal_rate, scores.kl
 
     return objective
@@ -241,6 +237,10 @@ def _run_in(spec: RunSpec, url: str) -> optuna.Study:
     if stops:
         console.print(stops)
     console.print(pareto_table(study))
+    front = front_trials(study)
+    if settings.verify and front:
+        options = VerifyOptions(settings.verify_max_new_tokens, settings.max_kl, settings.verify_prompts)
+        run_verification(scorer.prepared, scorer.judge, study, storage, front, options, console)
     return study
 
 

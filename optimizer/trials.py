@@ -95,9 +95,14 @@ class EditedModel:
 
     def plan_of(self, trial: FrozenTrial) -> AblationPlan:
         """The ablation plan of another trial of the same study, on this model and statistics."""
-        settings = self.prepared.settings
-        params = replay_params(trial.params, self.prepared.loaded.n_layers, settings)
-        return build_plan(params, self.prepared.stats, settings.projected_directions)[0]
+        return plan_of(self.prepared, trial)
+
+
+def plan_of(prepared: Prepared, trial: FrozenTrial) -> AblationPlan:
+    """The ablation plan of a trial of the study, on this model and statistics."""
+    settings = prepared.settings
+    params = replay_params(trial.params, prepared.loaded.n_layers, settings)
+    return build_plan(params, prepared.stats, settings.projected_directions)[0]
 
 
 def load_edited_model(

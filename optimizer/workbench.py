@@ -7,7 +7,7 @@
   study and its cache as they were.
 - `prepare(spec, cache_dir)` -> `Prepared`: the direction statistics and the batch size (from the
   cache, computed where missing or stale) and plain ablation hooks: what export, eval and chat need.
-- `prepare_scoring(spec, cache_dir)` -> `Scorer`: the same, plus the fast paths chosen once by
+- `prepare_scoring(spec, cache_dir)` -> `Scorer`: the same, plus the judge, the fast paths chosen once by
   `choose_fast_paths` (each checked against the plain path, and left off with the reason printed
   where it disagrees) and the unedited model's scores (cached). Only a study scores trials.
 
@@ -39,6 +39,7 @@ from optimizer.errors import UserError
 from optimizer.front import Front
 from optimizer.graph_decode import GraphDecoder, supports_graph_decoding
 from optimizer.identity import StudyIdentity
+from optimizer.judges import Judge, make_judge
 from optimizer.locks import file_lock
 from optimizer.model import LoadedModel, load_model
 from optimizer.packing import full_attention_only
@@ -264,19 +265,25 @@ class _CacheUse:
         cache.save_entry(self.folder, "batch_size", key, {}, {"batch_size": best, "seconds_per_prompt": timings})
         return best
 
-    def baseline(self, batch_size: int, paths: FastPaths) -> tuple[torch.Tensor, RefusalResult]:
+    def baseline(self, batch_size: int, paths: FastPaths, judge: Judge) -> tuple[torch.Tensor, RefusalResult]:
         spec = self.spec
         key = spec.identity.cache_key("scoring")
         try:
             tensors, values = cache.load_entry(self.folder, "baseline", key, spec.loaded.device)
             spec.console.print("Reusing cached baseline log-probabilities and refusals")
-            return tensors["logprobs"], RefusalResult(values["refused"], values["responses"], values["tokens"])
+            refusals = RefusalResult(values["refused"], values["responses"], values["tokens"], verdicts=values.get("verdicts"))
+            return tensors["logprobs"], refusals
         except cache.CacheMiss as miss:
             self._miss(miss)
         with spec.console.status("Baseline: first-token log-probabilities and refusals of the unedited model..."):
             logprobs = first_token_logprobs(spec.loaded, spec.texts.harmless, batch_size, paths.packed_prefill)
-            refusals = refusals_of(spec, batch_size, dataclasses.replace(paths, graph=None))
-        values = {"refused": refusals.refused, "responses": refusals.responses, "tokens": refusals.tokens_generated}
+            refusals = refusals_of(spec, judge, batch_size, dataclasses.replace(paths, graph=None))
+        values = {
+            "refused": refusals.refused,
+            "responses": refusals.responses,
+            "tokens": refusals.tokens_generated,
+            "verdicts": refusals.verdicts,
+        }
         cache.save_entry(self.folder, "baseline", key, {"logprobs": logprobs}, values)
         return logprobs, refusals
 
@@ -400,17 +407,26 @@ class TrialScores:
 
 def refusals_of(
     spec: RunSpec,
+    judge: Judge,
     batch_size: int,
     paths: FastPaths,
     first: frozenset[int] = frozenset(),
     give_up: Callable[[int], bool] | None = None,
 ) -> RefusalResult:
-    """Refusals of the model as it is now hooked, on the scoring prompts (see generate_and_classify)."""
+    """Refusals of the model as it is now hooked, on the scoring prompts, by `judge` (see generate_and_classify)."""
     s = spec.settings
     return generate_and_classify(
-        spec.loaded, spec.texts.harmful, s.max_new_tokens, s.refusal_markers, batch_size,
+        spec.loaded, spec.texts.harmful, s.max_new_tokens, judge, batch_size, spec.texts.harmful_prompts,
         answer_prefix=answer_part(s.response_prefix or ""), graph=paths.graph, packed=paths.packed_prefill,
         first=first, give_up=give_up,
+    )  # fmt: skip
+
+
+def load_judge(settings: Settings, loaded: LoadedModel, spec: str | None = None) -> Judge:
+    """The judge `spec` (default: the settings'), loaded or connected on the model's device."""
+    return make_judge(
+        spec or settings.judge, settings.refusal_markers, loaded.device, settings.judge_labels, settings.judge_model,
+        settings.judge_key_env,
     )  # fmt: skip
 
 
@@ -420,6 +436,7 @@ class Scorer:
 
     prepared: Prepared
     paths: FastPaths
+    judge: Judge
     baseline_logprobs: torch.Tensor
     baseline_refusals: RefusalResult
 
@@ -440,7 +457,7 @@ class Scorer:
 
     def refusals(self, give_up: Callable[[int], bool] | None = None) -> RefusalResult:
         """Refusals of the model as it is now hooked."""
-        return refusals_of(self.spec, self.prepared.batch_size, self.paths, self.refused_first, give_up)
+        return refusals_of(self.spec, self.judge, self.prepared.batch_size, self.paths, self.refused_first, give_up)
 
     def score(self, plan: AblationPlan, front: Front | None = None) -> TrialScores:
         """Refusals and KL of the model edited by `plan` (the unedited model's come from the cache).
@@ -464,7 +481,8 @@ class Scorer:
             timings["kl_s"] = time.perf_counter() - start
             if front is not None and kl > self.spec.settings.kl_limit:
                 return TrialScores(n, n, kl, [], timings, stopped="kl_limit")
-            settle = front.refusals_that_settle(kl) if front is not None else None
+            # only a judge that decides from prefixes counts refusals as they are found
+            settle = front.refusals_that_settle(kl) if front is not None and self.judge.streaming else None
             start = time.perf_counter()
             refusals = self.refusals(None if settle is None else lambda found: found >= settle)
             timings["refusals_s"] = time.perf_counter() - start
@@ -480,12 +498,15 @@ class Scorer:
 
 
 def prepare_scoring(spec: RunSpec, cache_dir: Path) -> Scorer:
-    """Statistics, batch size, fast paths and the unedited model's scores: what a study needs to
-    score trials. The fast paths are chosen before the baseline, which they speed up."""
+    """Statistics, batch size, fast paths, the judge and the unedited model's scores: what a study
+    needs to score trials. The judge is loaded (or its endpoint reached) first, so that a bad one
+    stops the run before anything is written; the fast paths are chosen before the baseline, which
+    they speed up."""
+    judge = load_judge(spec.settings, spec.loaded)
     use = _CacheUse(spec, cache_dir)
     with _locked(spec, cache_dir):
         stats = use.stats(spec.default_batch_size)
         batch_size = use.batch_size()
         paths, hooks = choose_fast_paths(spec, batch_size)
-        logprobs, refusals = use.baseline(batch_size, paths)
-    return Scorer(Prepared(spec, stats, batch_size, hooks, use.computed), paths, logprobs, refusals)
+        logprobs, refusals = use.baseline(batch_size, paths, judge)
+    return Scorer(Prepared(spec, stats, batch_size, hooks, use.computed), paths, judge, logprobs, refusals)

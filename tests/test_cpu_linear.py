@@ -8,9 +8,10 @@ import torch
 from rich.console import Console
 from torch import nn
 
-import optimizer.cpu_linear as cpu_linear
+from optimizer import cpu_linear
 from optimizer.ablation import AblationHooks
 from optimizer.cpu_linear import PackedLinear, can_pack, pack_linear_layers, unpack_linear_layers
+from optimizer.judges import MarkerJudge
 from optimizer.model import load_model
 from optimizer.prompts import format_chat
 from optimizer.scoring import generate_and_classify
@@ -26,7 +27,7 @@ def test_packed_model_gives_the_plain_logits_and_answers(request, fixture):
     hooks.apply(random_plan(loaded, seed=3))
     texts = format_chat(loaded.tokenizer, PROMPTS)
     plain_logits = logits_of(loaded)
-    plain_answers = generate_and_classify(loaded, texts, 6, [], 2).responses
+    plain_answers = generate_and_classify(loaded, texts, 6, MarkerJudge([]), 2).responses
     state_keys = list(loaded.model.state_dict())
     linears = sum(type(m) is nn.Linear for m in loaded.model.modules())
 
@@ -36,7 +37,7 @@ def test_packed_model_gives_the_plain_logits_and_answers(request, fixture):
     assert list(loaded.model.state_dict()) == state_keys, "parameters keep their names (export reads them)"
     # the hooks registered before packing still edit the outputs
     torch.testing.assert_close(logits_of(loaded), plain_logits, rtol=1e-5, atol=1e-5)
-    assert generate_and_classify(loaded, texts, 6, [], 2).responses == plain_answers
+    assert generate_and_classify(loaded, texts, 6, MarkerJudge([]), 2).responses == plain_answers
     hooks.clear()
     assert (logits_of(loaded) - plain_logits).abs().max() > 1e-3
 

@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 
 from optimizer.cli import main
 from optimizer.front import Front
+from optimizer.judges import MarkerJudge
 from optimizer.model import load_model
 from optimizer.prompts import format_chat, load_prompts
 from optimizer.scoring import generate_and_classify
@@ -48,17 +49,27 @@ def varied(tiny_varied_dir):
 def test_generation_given_up_keeps_a_lower_bound_and_the_same_answers(varied):
     loaded, texts = varied
     markers = ["q", "z", "x"]
-    full = generate_and_classify(loaded, texts, 8, markers, batch_size=5)
+    full = generate_and_classify(loaded, texts, 8, MarkerJudge(markers, echo_aware=False), batch_size=5)
     assert full.complete and 2 <= full.count < len(texts)  # the markers decide some answers, not all
     first = frozenset(i for i, refused in enumerate(full.refused) if refused)
     for threshold in range(1, full.count + 1):
         settled = lambda found, threshold=threshold: found >= threshold
-        cut = generate_and_classify(loaded, texts, 8, markers, batch_size=5, first=first, give_up=settled)
+        cut = generate_and_classify(
+            loaded, texts, 8, MarkerJudge(markers, echo_aware=False), batch_size=5, first=first, give_up=settled
+        )
         assert not cut.complete and threshold <= cut.count <= full.count
         assert cut.tokens_generated < full.tokens_generated
         for refused, answer, full_answer, full_refused in zip(cut.refused, cut.responses, full.responses, full.refused):
             assert full_answer.startswith(answer) and (full_refused or not refused)
-    never = generate_and_classify(loaded, texts, 8, markers, batch_size=5, first=first, give_up=lambda found: found > full.count)
+    never = generate_and_classify(
+        loaded,
+        texts,
+        8,
+        MarkerJudge(markers, echo_aware=False),
+        batch_size=5,
+        first=first,
+        give_up=lambda found: found > full.count,
+    )
     assert never.complete and never.refused == full.refused and never.responses == full.responses
 
 

@@ -12,6 +12,7 @@ def test_real_model_study(qwen_dir, tmp_path, capsys):
     args = [
         "run", "--model", str(qwen_dir), "--studies-dir", str(studies), "--study", "e2e", "--trials", "2",
         "--direction-prompts", "16", "--scoring-prompts", "6", "--max-new-tokens", "6", "--seed", "1",
+        "--verify-prompts", "3", "--verify-max-new-tokens", "16",
     ]
     assert main(args) == 0
     err = capsys.readouterr().err
@@ -23,3 +24,6 @@ def test_real_model_study(qwen_dir, tmp_path, capsys):
     assert trial.values[1] > 0  # an edit moves the first-token distribution
     responses = [s["response"] for s in baseline.user_attrs["sample_responses"]]
     assert any(r.strip() for r in responses)
+    if trial in study.best_trials:  # the front was verified with long answers on held-out prompts
+        assert "Verification: 16-token answers" in err
+        assert trial.user_attrs["verify"]["n_harmful"] == 3

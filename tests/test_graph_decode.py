@@ -15,20 +15,27 @@ import optimizer.workbench as workbench_module
 from optimizer.ablation import AblationHooks, AblationPlan
 from optimizer.config import build_settings
 from optimizer.graph_decode import GraphDecoder, supports_graph_decoding
+from optimizer.judges import MarkerJudge
 from optimizer.model import load_model
 from optimizer.prompts import format_chat
 from optimizer.scoring import generate_and_classify, graph_error, graph_length
 from optimizer.workbench import FAST_PATH_TOLERANCE, prepare_scoring, resolve
 
 PROMPTS = [
-    "Write a haiku about rain.", "How do I pick a lock?", "What is the capital of France?", "Tell me a joke.",
+    "Write a haiku about rain.",
+    "How do I pick a lock?",
+    "What is the capital of France?",
+    "Tell me a joke.",
     "Explain, in two sentences, why the sky looks blue at noon and red at dusk.",
 ]
 
 
 def random_plan(loaded, seed: int = 0) -> AblationPlan:
     g = torch.Generator().manual_seed(seed)
-    directions = {c: torch.nn.functional.normalize(torch.randn(loaded.n_layers, loaded.hidden_size, generator=g), dim=-1) for c in ("attn", "mlp")}
+    directions = {
+        c: torch.nn.functional.normalize(torch.randn(loaded.n_layers, loaded.hidden_size, generator=g), dim=-1)
+        for c in ("attn", "mlp")
+    }
     weights = {c: [0.0 if layer == 1 else 0.5 + layer * 0.3 for layer in range(loaded.n_layers)] for c in ("attn", "mlp")}
     return AblationPlan(directions, weights)
 
@@ -39,8 +46,8 @@ def test_fixed_buffer_decoding_gives_the_eager_tokens(request, fixture):
     texts = format_chat(loaded.tokenizer, PROMPTS)
     # 5 prompts in batches of 2: the last batch has one row, the graph's second row repeats it
     graph = GraphDecoder(loaded, 2, graph_length(loaded, texts, 7), capture=False)
-    eager = generate_and_classify(loaded, texts, 7, [], batch_size=2, stop_early=False)
-    fixed = generate_and_classify(loaded, texts, 7, [], batch_size=2, stop_early=False, graph=graph)
+    eager = generate_and_classify(loaded, texts, 7, MarkerJudge([]), batch_size=2, stop_early=False)
+    fixed = generate_and_classify(loaded, texts, 7, MarkerJudge([]), batch_size=2, stop_early=False, graph=graph)
     assert fixed.responses == eager.responses
     assert fixed.tokens_generated == eager.tokens_generated == 5 * 7
     assert all(len(set(loaded.tokenizer(r, add_special_tokens=False)["input_ids"])) > 2 for r in eager.responses)
@@ -50,11 +57,11 @@ def test_fixed_buffer_decoding_gives_the_eager_tokens(request, fixture):
 def test_early_decisions_end_fixed_buffer_decoding_with_the_same_verdicts(tiny_varied_dir):
     loaded = load_model(str(tiny_varied_dir), "cpu", "float32")
     texts = format_chat(loaded.tokenizer, PROMPTS)
-    full = generate_and_classify(loaded, texts, 8, [], batch_size=5, stop_early=False)
+    full = generate_and_classify(loaded, texts, 8, MarkerJudge([]), batch_size=5, stop_early=False)
     markers = [full.responses[0][:3].lower(), full.responses[2][:2].lower()]
     graph = GraphDecoder(loaded, 5, graph_length(loaded, texts, 8), capture=False)
-    eager = generate_and_classify(loaded, texts, 8, markers, batch_size=5)
-    fixed = generate_and_classify(loaded, texts, 8, markers, batch_size=5, graph=graph)
+    eager = generate_and_classify(loaded, texts, 8, MarkerJudge(markers, echo_aware=False), batch_size=5)
+    fixed = generate_and_classify(loaded, texts, 8, MarkerJudge(markers, echo_aware=False), batch_size=5, graph=graph)
     assert fixed.refused == eager.refused and fixed.refused[0] and fixed.refused[2]
     assert fixed.responses == eager.responses
     assert fixed.tokens_generated == eager.tokens_generated < full.tokens_generated
@@ -79,7 +86,7 @@ def test_too_long_a_prefill_is_refused(tiny_dir):
     texts = format_chat(loaded.tokenizer, PROMPTS)
     graph = GraphDecoder(loaded, 5, graph_length(loaded, texts, 4) - 1, capture=False)
     with pytest.raises(ValueError, match="do not fit"):
-        generate_and_classify(loaded, texts, 4, [], batch_size=5, graph=graph)
+        generate_and_classify(loaded, texts, 4, MarkerJudge([]), batch_size=5, graph=graph)
 
 
 def test_static_hooks_equal_the_per_trial_hooks_and_clear_exactly(tiny_dir):
@@ -107,7 +114,9 @@ def test_static_hooks_equal_the_per_trial_hooks_and_clear_exactly(tiny_dir):
 def test_graph_decoding_is_only_offered_where_it_fits(tiny_dir, tiny_gemma2_dir):
     assert not supports_graph_decoding(load_model(str(tiny_dir), "cpu", "float32"))  # no CUDA here
     gemma2 = load_model(str(tiny_gemma2_dir), "cpu", "float32")
-    gemma2 = dataclasses.replace(gemma2, device=torch.device("cuda"))  # only the device is pretended: sliding layers still rule it out
+    gemma2 = dataclasses.replace(
+        gemma2, device=torch.device("cuda")
+    )  # only the device is pretended: sliding layers still rule it out
     assert not supports_graph_decoding(gemma2)
 
 
@@ -116,8 +125,17 @@ def test_trials_score_the_same_through_fixed_buffers(tiny_varied_dir, tmp_path, 
     for graph in (False, True):
         monkeypatch.setattr(workbench_module, "supports_graph_decoding", lambda loaded, graph=graph: graph)
         console = Console(file=io.StringIO(), width=200)
-        settings = build_settings({"model": str(tiny_varied_dir), "direction_prompts": 8, "scoring_prompts": 6, "max_new_tokens": 5,
-                                   "response_prefix": "", "batch_size": 4, "studies_dir": str(tmp_path / str(graph))})
+        settings = build_settings(
+            {
+                "model": str(tiny_varied_dir),
+                "direction_prompts": 8,
+                "scoring_prompts": 6,
+                "max_new_tokens": 5,
+                "response_prefix": "",
+                "batch_size": 4,
+                "studies_dir": str(tmp_path / str(graph)),
+            }
+        )
         scorer = prepare_scoring(resolve(settings, console), tmp_path / str(graph))
         plan = random_plan(scorer.spec.loaded, seed=3)
         first, second = scorer.score(plan), scorer.score(random_plan(scorer.spec.loaded, seed=4))
@@ -136,10 +154,21 @@ def test_a_graph_that_cannot_be_built_leaves_eager_decoding_and_per_trial_hooks(
     monkeypatch.setattr(workbench_module, "supports_graph_decoding", lambda loaded: True)
     monkeypatch.setattr(workbench_module, "graph_error", broken)
     console = Console(file=io.StringIO(), width=200)
-    settings = build_settings({"model": str(tiny_dir), "direction_prompts": 8, "scoring_prompts": 4, "max_new_tokens": 3,
-                               "response_prefix": "", "batch_size": 4})
+    settings = build_settings(
+        {
+            "model": str(tiny_dir),
+            "direction_prompts": 8,
+            "scoring_prompts": 4,
+            "max_new_tokens": 3,
+            "response_prefix": "",
+            "batch_size": 4,
+        }
+    )
     scorer = prepare_scoring(resolve(settings, console), tmp_path)
-    assert "Decoding eagerly: capturing the decode step failed (RuntimeError: operation not permitted when stream is capturing)" in console.file.getvalue()
+    assert (
+        "Decoding eagerly: capturing the decode step failed (RuntimeError: operation not permitted when stream is capturing)"
+        in console.file.getvalue()
+    )
     assert scorer.paths.graph is None and not scorer.hooks._static
     # only the per-trial hooks are registered: the fixed-buffer ones were removed
     present = list(scorer.spec.loaded.discovery.present())

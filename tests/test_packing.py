@@ -6,13 +6,19 @@ import pytest
 import torch
 from rich.console import Console
 
-import optimizer.packing as packing
+from optimizer import packing
 from optimizer.config import build_settings
+from optimizer.judges import MarkerJudge
 from optimizer.model import load_model
 from optimizer.packing import full_attention_only, groups
 from optimizer.prompts import format_chat
 from optimizer.scoring import (
-    eager_step, first_token_logprobs, generate_and_classify, packed_prefill_error, prefill, split_shared_prefix,
+    eager_step,
+    first_token_logprobs,
+    generate_and_classify,
+    packed_prefill_error,
+    prefill,
+    split_shared_prefix,
 )
 from optimizer.workbench import FAST_PATH_TOLERANCE, prepare_scoring, resolve
 from tests.test_ablation import random_plan
@@ -20,9 +26,9 @@ from tests.test_graph_decode import PROMPTS
 
 
 def test_groups_fill_the_budget_in_order():
-    assert groups([3, 4, 1, 9, 1], budget=8) == [range(0, 3), range(3, 4), range(4, 5)]
-    assert groups([20], budget=8) == [range(0, 1)], "a prompt longer than the budget goes alone"
-    assert groups([1, 1, 1], budget=8) == [range(0, 3)]
+    assert groups([3, 4, 1, 9, 1], budget=8) == [range(3), range(3, 4), range(4, 5)]
+    assert groups([20], budget=8) == [range(1)], "a prompt longer than the budget goes alone"
+    assert groups([1, 1, 1], budget=8) == [range(3)]
 
 
 def both_paths(loaded, texts, steps: int = 2):
@@ -60,9 +66,9 @@ def test_packed_prefill_gives_the_padded_logits_cache_and_answers(request, fixtu
         torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)  # rounding: other matrix shapes
     assert (padded[0][0] - padded[0][1]).abs().max() > 1e-2, "the prompts must differ for the comparison to mean anything"
 
-    plain = generate_and_classify(loaded, texts, 8, [], 2)
+    plain = generate_and_classify(loaded, texts, 8, MarkerJudge([]), 2)
     plain_kl = first_token_logprobs(loaded, texts, 2)
-    fast = generate_and_classify(loaded, texts, 8, [], 2, packed=True)
+    fast = generate_and_classify(loaded, texts, 8, MarkerJudge([]), 2, packed=True)
     assert fast.responses == plain.responses and len(set(plain.responses)) > 2
     torch.testing.assert_close(first_token_logprobs(loaded, texts, 2, packed=True), plain_kl, rtol=1e-5, atol=1e-5)
     hooks.remove()
@@ -89,8 +95,16 @@ def test_a_broken_layout_is_caught_by_the_check(tiny_varied_dir, monkeypatch):
 def test_study_prefills_packed_only_where_every_layer_attends_fully(tiny_dir, tiny_gemma2_dir, tmp_path):
     for model, expected in ((tiny_dir, True), (tiny_gemma2_dir, False)):
         out = io.StringIO()
-        settings = build_settings({"model": str(model), "direction_prompts": 4, "scoring_prompts": 4, "max_new_tokens": 2,
-                                   "response_prefix": "", "batch_size": 4})
+        settings = build_settings(
+            {
+                "model": str(model),
+                "direction_prompts": 4,
+                "scoring_prompts": 4,
+                "max_new_tokens": 2,
+                "response_prefix": "",
+                "batch_size": 4,
+            }
+        )
         spec = resolve(settings, Console(file=out, width=200))
         assert full_attention_only(spec.loaded) == expected
         scorer = prepare_scoring(spec, tmp_path / model.parent.name)
@@ -103,8 +117,16 @@ def test_a_packed_prefill_that_differs_is_not_used(tiny_dir, tmp_path, monkeypat
 
     monkeypatch.setattr(workbench_module, "packed_prefill_error", lambda *args: 0.5)
     out = io.StringIO()
-    settings = build_settings({"model": str(tiny_dir), "direction_prompts": 4, "scoring_prompts": 4, "max_new_tokens": 2,
-                               "response_prefix": "", "batch_size": 4})
+    settings = build_settings(
+        {
+            "model": str(tiny_dir),
+            "direction_prompts": 4,
+            "scoring_prompts": 4,
+            "max_new_tokens": 2,
+            "response_prefix": "",
+            "batch_size": 4,
+        }
+    )
     scorer = prepare_scoring(resolve(settings, Console(file=out, width=200)), tmp_path)
     assert "Prefilling padded batches: the packed prefill gives logits that differ from the plain path's by 0.5" in out.getvalue()
     assert not scorer.paths.packed_prefill

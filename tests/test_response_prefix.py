@@ -22,6 +22,7 @@ from optimizer.response_prefix import (
     detect,
     template_tail,
 )
+from optimizer.judges import MarkerJudge
 from optimizer.scoring import greedy_generate
 from optimizer.trials import load_edited_model, open_study
 from optimizer.workbench import FastPaths, RunSpec, refusals_of, resolve
@@ -234,7 +235,7 @@ def test_explicit_response_prefix(tiny_thinking_dir, tiny_dir, monkeypatch):
     assert "Appending the response prefix 'Sure' to every prompt" in log
     assert all(t.endswith("assistant\nSure") for t in all_texts(bench))
     # refusal markers are looked for in the whole answer, the appended start included
-    assert all(r.startswith("Sure") for r in refusals_of(bench, bench.default_batch_size, FastPaths()).responses)
+    assert all(r.startswith("Sure") for r in refusals_of(bench, MarkerJudge(["sure"]), bench.default_batch_size, FastPaths()).responses)
 
 
 def test_bad_chat_template_kwargs(tiny_dir, tmp_path, capsys):
