@@ -37,20 +37,27 @@ def main() -> None:
     search = [t.values[0] for t in trials]
     verified = [t.user_attrs["verify"]["counts"]["refused"] + t.user_attrs["verify"]["counts"]["broken"] for t in trials]
     by_search, by_verify = ranks(search), ranks([float(v) for v in verified])
-    print("| trial | search refusals | KL | verified refused+broken | rank (search) | rank (verified) |")
-    print("|---|---|---|---|---|---|")
+    print("| trial | search refusals | search KL | verified refused+broken | held-out KL | rank (search) | rank (verified) |")
+    print("|---|---|---|---|---|---|---|")
     for t, v, a, b in zip(trials, verified, by_search, by_verify):
-        n = t.user_attrs["verify"]["n_harmful"]
-        print(f"| {t.number} | {t.user_attrs.get('refusals')} | {t.values[1]:.4f} | {v}/{n} | {a} | {b} |")
+        n, kl = t.user_attrs["verify"]["n_harmful"], t.user_attrs["verify"]["kl"]
+        print(f"| {t.number} | {t.user_attrs.get('refusals')} | {t.values[1]:.4f} | {v}/{n} | {kl:.4f} | {a} | {b} |")
     moved = sum(a != b for a, b in zip(by_search, by_verify))
     swapped = sum(
         (search[i] - search[j]) * (verified[i] - verified[j]) < 0 for i in range(len(trials)) for j in range(i + 1, len(trials))
     )
     pairs = len(trials) * (len(trials) - 1) // 2
+    # on the verified scores (refused + broken, held-out KL), which trials does another one dominate?
+    points = [(v, t.user_attrs["verify"]["kl"]) for t, v in zip(trials, verified)]
+    dominated = [
+        t.number for t, p in zip(trials, points)
+        if any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in points)
+    ]  # fmt: skip
     recommended = study.user_attrs.get("recommended_trial")
     print(f"{moved} of {len(trials)} trials change rank; {swapped} of {pairs} pairs are ordered the other way round; "
-          f"recommended trial {recommended}")  # fmt: skip
-    print(f"rank_changes={moved} swapped_pairs={swapped} pairs={pairs} verified={len(trials)} recommended={recommended}")
+          f"dominated on the verified scores: {dominated or 'none'}; recommended trial {recommended}")  # fmt: skip
+    print(f"rank_changes={moved} swapped_pairs={swapped} pairs={pairs} dominated_when_verified={len(dominated)} "
+          f"verified={len(trials)} recommended={recommended}")  # fmt: skip
 
 
 if __name__ == "__main__":

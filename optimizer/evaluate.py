@@ -15,7 +15,7 @@ from optimizer.errors import UserError
 from optimizer.response_prefix import answer_part
 from optimizer.scoring import first_token_logprobs, generate_and_classify, kl_divergence
 from optimizer.trials import EditedModel, StoredStudy, finished_trial
-from optimizer.verify import heldout_prompts
+from optimizer.verify import front_trials, heldout_prompts
 from optimizer.workbench import load_judge
 
 LOCAL_TASK = "optimizer_everyday_mc"
@@ -154,10 +154,10 @@ def evaluate_refusals(
 
 def select_trials(study: optuna.Study, number: int | None, pareto: bool) -> list[FrozenTrial]:
     if pareto:
-        trials = [t for t in study.best_trials if not t.user_attrs.get("baseline")]
+        trials = front_trials(study)
         if not trials:
             raise UserError("the study has no Pareto-optimal edited trials yet; run more trials first")
-        return sorted(trials, key=lambda t: t.number)
+        return trials
     if number is None:
         raise UserError("give --trial N or --pareto")
     return [finished_trial(study, number)]

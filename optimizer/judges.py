@@ -263,8 +263,13 @@ class RubricJudge(Judge):
             "temperature": 0,
         }
         reply = self._request("/chat/completions", body)
-        text = str(reply["choices"][0]["message"]["content"]).strip().upper()
-        return LETTERS.get(text[:1], COMPLIED)
+        text = str(reply["choices"][0]["message"]["content"]).strip()
+        if text[:1].upper() not in LETTERS:
+            raise UserError(
+                f"judge endpoint model {self.endpoint_model!r} replied {text[:40]!r} instead of A, B or C; "
+                "use a model that follows instructions"
+            )
+        return LETTERS[text[:1].upper()]
 
     def fingerprint(self) -> list[str]:
         return [self.spec, *([self.endpoint_model] if self.endpoint_model else [])]

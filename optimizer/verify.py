@@ -195,28 +195,27 @@ def recommend(results: dict[int, Verification], max_kl: float) -> int | None:
 def verify_trials(
     verifier: Verifier,
     trials: list[FrozenTrial],
+    current: Callable[[FrozenTrial], FrozenTrial],
     record: Callable[[FrozenTrial, Verification], None],
     max_kl: float,
 ) -> tuple[dict[int, Verification], int | None]:
-    """Verify `trials` (reusing stored results with the same setup), `record` each new result, and
-    pick the recommended one; shows a progress bar with ETA."""
+    """Verify `trials`, `record` each new result, and pick the recommended one; shows a progress
+    bar with ETA. A trial whose stored result (`current(trial)` reads it afresh: another worker of
+    the study may have verified it meanwhile) has the same setup is not verified again."""
     from optimizer.workbench import progress_bar
 
     results: dict[int, Verification] = {}
-    todo = []
-    for trial in trials:
-        stored = stored_verification(trial, verifier.setup)
-        if stored is not None:
-            results[trial.number] = stored
-        else:
-            todo.append(trial)
+    todo = [t for t in trials if stored_verification(t, verifier.setup) is None]
     with progress_bar(verifier.console) as progress:
         task = progress.add_task("Verifying trials", total=len(todo))
-        for trial in todo:
-            result = verifier.verify(plan_of(verifier.prepared, trial))
-            record(trial, result)
-            results[trial.number] = result
-            progress.advance(task)
+        for trial in trials:
+            stored = stored_verification(current(trial) if trial in todo else trial, verifier.setup)
+            if stored is None:
+                stored = verifier.verify(plan_of(verifier.prepared, trial))
+                record(trial, stored)
+            results[trial.number] = stored
+            if trial in todo:
+                progress.advance(task)
     return results, recommend(results, max_kl)
 
 
@@ -263,7 +262,10 @@ def run_verification(
         set_finished_trial_user_attr(storage, study.study_name, trial.number, "verify", result.record())
         renote(study, storage, trial, [result.note(), ""])
 
-    results, recommended = verify_trials(verifier, trials, record, options.max_kl)
+    def current(trial: FrozenTrial) -> FrozenTrial:  # a fresh load: a study object keeps finished trials as first read
+        return optuna.load_study(study_name=study.study_name, storage=storage).trials[trial.number]
+
+    results, recommended = verify_trials(verifier, trials, current, record, options.max_kl)
     study.set_user_attr("recommended_trial", recommended)
     console.print(verify_table(verifier, results, trials, recommended, options.max_kl))
     if recommended is not None:

@@ -104,7 +104,9 @@ def test_study_created_with_other_scoring_settings(tiny_dir, tmp_path, capsys):
 
 def test_postgres_unreachable(tiny_dir, tmp_path, capsys):
     studies = tmp_path / "s"
-    expect_refusal(run_args(tiny_dir, studies, "--storage", "postgresql://nobody@127.0.0.1:1/none"), studies, capsys, "cannot open storage", "server is running")
+    # --db-retry-s 1: the refused port is retried for a second instead of the 15 s a starting worker waits
+    args = run_args(tiny_dir, studies, "--storage", "postgresql://nobody@127.0.0.1:1/none", "--db-retry-s", "1")
+    expect_refusal(args, studies, capsys, "cannot open storage", "server is running", "waited 1 s")
 
 
 def test_gguf_of_unsupported_architecture(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Judges (markers, classifier, llm), the coherence guard and `verify`, against independent references."""
 
 import json
+import shutil
 
 import optuna
 import pytest
@@ -38,8 +39,21 @@ def build_classifier(folder, tokenizer_dir, labels: dict[int, str]):
     return folder
 
 
-def test_classifier_judge_reads_labels_and_matches_one_answer_at_a_time(tmp_path, qwen_dir):
-    folder = build_classifier(tmp_path / "clf", qwen_dir, {0: "NORMAL", 1: "REJECTION"})
+@pytest.fixture(scope="module")
+def classifiers(tmp_path_factory, qwen_dir):
+    """The same tiny classifier twice: with label names that say what they mean, and with anonymous ones."""
+    base = tmp_path_factory.mktemp("classifiers")
+    named = build_classifier(base / "named", qwen_dir, {0: "NORMAL", 1: "REJECTION"})
+    anonymous = base / "anonymous"
+    shutil.copytree(named, anonymous)
+    config = json.loads((anonymous / "config.json").read_text())
+    config.update(id2label={"0": "LABEL_0", "1": "LABEL_1"}, label2id={"LABEL_0": 0, "LABEL_1": 1})
+    (anonymous / "config.json").write_text(json.dumps(config))
+    return named, anonymous
+
+
+def test_classifier_judge_reads_labels_and_matches_one_answer_at_a_time(classifiers):
+    folder = classifiers[0]
     judge = make_judge(f"classifier:{folder}", [], CPU)
     verdicts = judge.verdicts(PROMPTS, ANSWERS)  # one padded batch
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
@@ -53,8 +67,8 @@ def test_classifier_judge_reads_labels_and_matches_one_answer_at_a_time(tmp_path
     assert len(set(verdicts)) == 2, "the reference must tell answers apart for the test to mean something"
 
 
-def test_classifier_labels_that_cannot_be_mapped(tmp_path, qwen_dir):
-    folder = build_classifier(tmp_path / "clf", qwen_dir, {0: "LABEL_0", 1: "LABEL_1"})
+def test_classifier_labels_that_cannot_be_mapped(classifiers):
+    folder = classifiers[1]
     with pytest.raises(UserError, match="--judge-labels LABEL_0=complied,LABEL_1=refused"):
         make_judge(f"classifier:{folder}", [], CPU)
     judge = make_judge(f"classifier:{folder}", [], CPU, labels="LABEL_0=complied,LABEL_1=refused")
@@ -128,6 +142,12 @@ def test_bad_judges(tiny_dir, tmp_path, capsys, extra, fragments):
     expect_refusal(run_args(tiny_dir, studies, *extra), studies, capsys, *fragments)
 
 
+def test_run_with_a_classifier_whose_labels_cannot_be_mapped(tiny_dir, classifiers, tmp_path, capsys):
+    studies = tmp_path / "s"
+    args = run_args(tiny_dir, studies, "--judge", f"classifier:{classifiers[1]}")
+    expect_refusal(args, studies, capsys, "cannot map the labels", "--judge-labels")
+
+
 def test_judge_model_without_chat_template(tiny_dir, no_template_dir, tmp_path, capsys):
     studies = tmp_path / "s"
     args = run_args(tiny_dir, studies, "--judge", f"llm:{no_template_dir}")
@@ -146,7 +166,7 @@ def test_llm_judged_study_then_verify_show_and_card(tiny_varied_dir, tmp_path, c
     of the run; `verify` again reuses the stored results; `show` and the model card show them."""
     studies = tmp_path / "s"
     args = run_args(
-        tiny_varied_dir, studies, "--trials", "3", "--judge", f"llm:{tiny_varied_dir}", "--verify-prompts", "3",
+        tiny_varied_dir, studies, "--trials", "3", "--judge", f"llm:{tiny_varied_dir}", "--verify", "--verify-prompts", "3",
         "--verify-max-new-tokens", "10", "--max-kl", "10",
     )  # fmt: skip
     assert main(args) == 0

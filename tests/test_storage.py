@@ -166,7 +166,7 @@ def test_redacted_masks_passwords_and_keeps_other_urls():
 
 def test_error_messages_hide_the_password():
     with pytest.raises(UserError) as unreachable:
-        connect("postgresql://u:secret@127.0.0.1:1/db")
+        connect("postgresql://u:secret@127.0.0.1:1/db", db_retry_s=1)  # a refused port: no need to wait 15 s
     message = str(unreachable.value)
     assert "secret" not in message
     assert "cannot open storage postgresql://u:***@127.0.0.1:1/db" in message and "server is running" in message

@@ -14,7 +14,7 @@ from optimizer.storage import counted_trials
 def run_args(model: Path, studies: Path, *extra: str) -> list[str]:
     return [
         "run", "--model", str(model), "--studies-dir", str(studies), "--study", "t",
-        "--direction-prompts", "8", "--scoring-prompts", "4", "--max-new-tokens", "4", "--startup-trials", "2", *extra,
+        "--direction-prompts", "8", "--scoring-prompts", "4", "--max-new-tokens", "4", "--startup-trials", "2", "--no-verify", *extra,
     ]
 
 

@@ -70,7 +70,9 @@ def wait_for_running_trial(storage: str, timeout: float = 120) -> int:
     raise AssertionError("no trial started")
 
 
-SLOW = ("--scoring-prompts", "12", "--max-new-tokens", "24")  # trials of about a second on the tiny model
+# trials of about a second on the tiny model; early stop off, since it can end a dominated trial in milliseconds,
+# before a signal meant to land mid-trial
+SLOW = ("--scoring-prompts", "12", "--max-new-tokens", "24", "--no-early-stop")
 
 
 @needs_pg
