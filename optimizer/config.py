@@ -164,6 +164,7 @@ class Settings:
         metadata={"help": "with --early-stop, a trial whose KL is above this is not generated and counts as refusing all"},
     )
     alpha_max: float = field(default=4.0, metadata={"help": "upper end of the contrastive strength alpha"})
+    max_weight: float = field(default=1.5, metadata={"help": "upper end of the per-component peak ablation weight"})
     direction_methods: list[str] = field(
         default_factory=lambda: ["contrastive", "mean_diff"],
         metadata={"help": "comma-separated: contrastive,mean_diff", "default_text": "both"},
@@ -249,6 +250,8 @@ def _check(settings: Settings) -> Settings:
     check_spec(settings.judge)
     if not settings.max_kl > 0:
         raise UserError(f"--max-kl must be a positive KL divergence (e.g. 0.1), got {settings.max_kl}")
+    if not settings.max_weight > 0:
+        raise UserError(f"--max-weight must be positive (e.g. 1.5), got {settings.max_weight}")
     if settings.alpha_max < 0:
         raise UserError(f"--alpha-max must be >= 0, got {settings.alpha_max}")
     if settings.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -102,7 +102,7 @@ def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Setti
     index = trial.suggest_float("direction_index", 0.2 * last, 0.9 * last) if scope == "global" else None
     kernels = {
         c: Kernel(
-            peak_weight=trial.suggest_float(f"{c}_peak_weight", 0.0, 1.5),
+            peak_weight=trial.suggest_float(f"{c}_peak_weight", 0.0, settings.max_weight),
             peak_layer=trial.suggest_float(f"{c}_peak_layer", 0.3 * last, last),
             min_ratio=trial.suggest_float(f"{c}_min_ratio", 0.0, 1.0),
             falloff=trial.suggest_float(f"{c}_falloff", 1.0, max(1.0, 0.6 * last)),
@@ -110,6 +110,12 @@ def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Setti
         for c in COMPONENTS
     }
     return TrialParams(method, alpha, index, kernels)
+
+
+# Upper bounds of the space that a setting moves, by parameter name (suffix): where front trials crowd
+# against one, the end of a run says which flag widens it (`report.bound_warnings`). The other
+# bounds are the ends of what a parameter can mean (a weight of 0, the last layer, a ratio of 1).
+WIDENED_BY = {"peak_weight": "--max-weight", "alpha": "--alpha-max"}  # upper bounds
 
 
 def replay_params(params: dict, n_layers: int, settings: Settings) -> TrialParams:

@@ -13,7 +13,7 @@ from optimizer.components import COMPONENTS
 PROGRESS_KL_LIMIT = 1.0
 SHOWN_SETTINGS = (
     "trials", "direction_prompts", "scoring_prompts", "max_new_tokens", "system_prompt", "response_prefix", "seed",
-    "direction_methods", "alpha_max",
+    "direction_methods", "alpha_max", "max_weight",
 )  # fmt: skip
 
 
@@ -47,6 +47,36 @@ def early_stop_line(study: optuna.Study) -> str | None:
         saved = sum(max(0.0, median - t.user_attrs.get("timings", {}).get("refusals_s", 0.0)) for t in stopped)
         line += f", about {saved:.0f} s of generation saved (median fully scored trial: {median:.1f} s)"
     return line
+
+
+EDGE = 0.02  # a value within this share of its range from a bound sits at that bound
+
+
+def bound_warnings(study: optuna.Study) -> list[str]:
+    """For each upper bound that a setting moves (`params.WIDENED_BY`), a line when at least half of
+    the front's edited trials that use the parameter (and at least two) sit at it: the best
+    trade-offs may lie beyond it."""
+    from optimizer.params import WIDENED_BY
+
+    front = [t for t in study.best_trials if not t.user_attrs.get("baseline")]
+    lines = []
+    for name in sorted({n for t in front for n in t.params}):
+        flag = next((f for suffix, f in WIDENED_BY.items() if name.endswith(suffix)), None)
+        using = [t for t in front if name in t.params]
+        if flag is None:
+            continue
+        ranges = {t.number: (t.distributions[name].low, t.distributions[name].high) for t in using}  # type: ignore[attr-defined]
+        at_edge = [
+            t.number for t in using if ranges[t.number][1] - t.params[name] <= EDGE * (ranges[t.number][1] - ranges[t.number][0])
+        ]
+        if len(at_edge) >= 2 and 2 * len(at_edge) >= len(using):
+            bound = max(high for _, high in ranges.values())
+            lines.append(
+                f"{len(at_edge)} of {len(using)} Pareto-optimal trials have {name} at its upper bound {bound:g} "
+                f"(trials {', '.join(map(str, at_edge))}): better trade-offs may lie beyond it; widen it with "
+                f"{flag} (e.g. {flag} {2 * bound:g}) in a new study"
+            )
+    return lines
 
 
 def best_tradeoff(study: optuna.Study) -> FrozenTrial | None:

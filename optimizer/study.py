@@ -25,7 +25,7 @@ from optimizer.front import Front
 from optimizer.locks import file_lock
 from optimizer.optuna_adapter import is_told_elsewhere
 from optimizer.params import baseline_params, build_plan, suggest_params
-from optimizer.report import best_tradeoff, early_stop_line, pareto_table, refusals_text, trial_line
+from optimizer.report import best_tradeoff, bound_warnings, early_stop_line, pareto_table, refusals_text, trial_line
 from optimizer.storage import (
     check_url,
     connect,
@@ -237,6 +237,8 @@ def _run_in(spec: RunSpec, url: str) -> optuna.Study:
     if stops:
         console.print(stops)
     console.print(pareto_table(study))
+    for line in bound_warnings(study):
+        console.print(f"[yellow]{line}[/]", highlight=False)
     front = front_trials(study)
     if settings.verify and front:
         options = VerifyOptions(settings.verify_max_new_tokens, settings.max_kl, settings.verify_prompts)

@@ -91,3 +91,47 @@ def test_toml_config_and_cli_override(tiny_dir, tmp_path):
     study = load(studies)
     assert len(study.trials) == 2
     assert study.trials[1].user_attrs["refusals"].endswith("/6")
+
+
+def test_front_crowding_an_upper_bound_is_reported_with_the_flag_that_widens_it():
+    from optuna.distributions import FloatDistribution
+
+    from optimizer.report import bound_warnings
+
+    weight, alpha = FloatDistribution(0.0, 1.5), FloatDistribution(0.0, 4.0)
+
+    def trial(w: float, a: float, values: tuple[float, float], **attrs) -> optuna.trial.FrozenTrial:
+        return optuna.trial.create_trial(
+            params={"attn_peak_weight": w, "alpha": a}, distributions={"attn_peak_weight": weight, "alpha": alpha},
+            values=list(values), user_attrs=attrs,
+        )  # fmt: skip
+
+    def study_of(*trials) -> optuna.Study:
+        study = optuna.create_study(directions=["minimize", "minimize"])
+        for t in trials:
+            study.add_trial(t)
+        return study
+
+    crowded = study_of(
+        trial(0.0, 0.0, (0.9, 0.0), baseline=True), trial(1.5, 1.0, (0.1, 0.3)), trial(1.49, 2.0, (0.2, 0.2)),
+        trial(0.7, 3.0, (0.5, 0.1)), trial(1.5, 3.9, (0.95, 0.5)),  # the last is dominated: not on the front
+    )  # fmt: skip
+    (line,) = bound_warnings(crowded)
+    assert "2 of 3 Pareto-optimal trials have attn_peak_weight at its upper bound 1.5" in line
+    assert "--max-weight" in line and "(trials 1, 2)" in line
+    # one trial at the bound is not a crowd; alpha near but not at 4.0 is not at its bound
+    assert bound_warnings(study_of(trial(1.5, 3.5, (0.1, 0.3)), trial(0.7, 3.6, (0.2, 0.2)))) == []
+
+
+def test_max_weight_sets_the_peak_weight_range(tiny_dir, tmp_path, capsys):
+    from optimizer.config import build_settings
+    from optimizer.params import replay_params
+
+    settings = build_settings({"max_weight": 3.0})
+    params = {"direction_scope": "per_layer", "direction_method": "mean_diff"}
+    for c in ("attn", "mlp"):
+        params.update({f"{c}_peak_weight": 2.5, f"{c}_peak_layer": 3.0, f"{c}_min_ratio": 0.5, f"{c}_falloff": 1.0})
+    assert replay_params(params, 4, settings).kernels["attn"].peak_weight == 2.5
+    studies = tmp_path / "s"
+    assert main(run_args(tiny_dir, studies, "--max-weight", "0")) == 2
+    assert "--max-weight must be positive" in capsys.readouterr().err
