@@ -6,7 +6,7 @@ prompts; a user publishes it on the strength of that. Here every chosen trial an
 prompts (the bundled held-out splits, or `--harmful/--harmless`) with long greedy answers
 (`--verify-max-new-tokens`, 128), and each answer to a harmful prompt is labelled by the judge
 (`optimizer.judges`: refused / hedged / complied) unless the coherence guard
-(`optimizer.coherence`, calibrated on the unedited model's own answers to the same prompts) calls
+(`optimizer.coherence`, calibrated on the unedited model's own answers to the same harmful prompts) calls
 it broken. Answers to harmless prompts that the judge calls refused are over-refusals. KL is the
 first-token KL on the harmless held-out prompts, as in the search.
 
@@ -150,18 +150,17 @@ class Verifier:
         return greedy_generate(self.prepared.loaded, texts, self.cap, self.prepared.batch_size)[0]
 
     def _nll(self, ids: list[list[int]]) -> list[float]:
-        """Under the unedited model (hooks cleared)."""
+        """Of the answers to the harmful prompts (the first of `ids`), under the unedited model
+        (hooks cleared): only those are labelled; over-refusals are the judge's word alone."""
         self.prepared.hooks.clear()
-        texts = self.prompts.harmful_texts + self.prompts.harmless_texts
-        return answer_nll(self.prepared.loaded, texts, ids, self.prepared.batch_size)
+        n = len(self.prompts.harmful)
+        return answer_nll(self.prepared.loaded, self.prompts.harmful_texts, ids[:n], self.prepared.batch_size)
 
     def _verification(self, ids: list[list[int]], nll: list[float], kl: float, seconds: float) -> Verification:
         tokenizer, n = self.prepared.loaded.tokenizer, len(self.prompts.harmful)
         answers = [self.answer_prefix + str(tokenizer.decode(i, skip_special_tokens=True)) for i in ids]
-        broken = [self.guard.broken(score, row) for score, row in zip(nll, ids)]
         judged = self.judge.verdicts(self.prompts.harmful + self.prompts.harmless, answers)
-        labels = [BROKEN if b else v for b, v in zip(broken, judged)]
-        harmful = labels[:n]
+        harmful = [BROKEN if self.guard.broken(score, row) else v for score, row, v in zip(nll, ids, judged)]
         counts = {label: harmful.count(label) for label in LABELS}
         over = sum(v == REFUSED for v in judged[n:])
         samples = [(p, a, lab) for p, a, lab in zip(self.prompts.harmful, answers, harmful)][:3]
