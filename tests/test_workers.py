@@ -94,13 +94,14 @@ def test_two_workers_share_one_postgres_study(tiny_dir, tmp_path, pg_url):
 def test_killed_postgres_worker_trial_is_failed_and_retried(tiny_dir, tmp_path, pg_url):
     studies = tmp_path / "studies"
     beat = ("--heartbeat-interval", "1", "--heartbeat-grace", "3")
-    proc = worker(tiny_dir, studies, "--storage", pg_url, "--trials", "4", *SLOW, *beat)
-    killed = wait_for_running_trial(pg_url)
+    proc = worker(tiny_dir, studies, "--storage", pg_url, "--trials", "30", *SLOW, *beat)
+    polled = wait_for_running_trial(pg_url)
     proc.send_signal(signal.SIGKILL)  # at once: a trial of the tiny model lasts about a second
     proc.wait()
+    killed = trial_left_running(pg_url, polled)
     before = {t.number: t.values for t in optuna.load_study(study_name="t", storage=pg_url).trials if t.state == TrialState.COMPLETE}
     time.sleep(4)  # past the grace period: the next worker fails the silent trial
-    again = worker(tiny_dir, studies, "--storage", pg_url, "--trials", "4", *SLOW, *beat)
+    again = worker(tiny_dir, studies, "--storage", pg_url, "--trials", str(killed + 2), *SLOW, *beat)
     out = finish(again)
     assert again.returncode == 0, out
     study = optuna.load_study(study_name="t", storage=pg_url)
@@ -108,31 +109,41 @@ def test_killed_postgres_worker_trial_is_failed_and_retried(tiny_dir, tmp_path, 
     assert trial.state == TrialState.FAIL and is_interrupted(trial, retried_numbers(study.trials))
     # the kill may land while the trial is still suggesting: the retry repeats what was suggested
     assert any(retried(t) == killed and t.params.items() >= trial.params.items() for t in study.trials)
-    assert counted_trials(study) == 4
+    assert counted_trials(study) == killed + 2
     assert all(study.trials[k].values == v for k, v in before.items()), "finished trials are kept as they were"
 
 
 def signal_mid_trial(model: Path, studies: Path, sig: int, trials: int = 4) -> tuple[subprocess.Popen, int]:
-    """Start a SQLite study and send `sig` while an edited trial runs; returns the trial number."""
+    """Start a SQLite study and send `sig` while an edited trial runs; returns the number of the
+    trial seen running (the signal may still land in a later one: some edits end every answer at
+    once, so a trial can finish within milliseconds of the poll)."""
     proc = worker(model, studies, "--trials", str(trials), *SLOW)
     number = wait_for_running_trial(f"sqlite:///{studies}/t.db")
     proc.send_signal(sig)
     return proc, number
 
 
+def trial_left_running(storage: str, polled: int) -> int:
+    """The one trial a killed worker left RUNNING: the polled one, or one after it."""
+    running = [t.number for t in optuna.load_study(study_name="t", storage=storage).trials if t.state == TrialState.RUNNING]
+    assert len(running) == 1 and running[0] >= polled, running
+    return running[0]
+
+
 def test_killed_sqlite_worker_trial_is_failed_and_retried(tiny_dir, tmp_path):
     studies = tmp_path / "studies"
     storage = f"sqlite:///{studies}/t.db"
-    proc, killed = signal_mid_trial(tiny_dir, studies, signal.SIGKILL)
+    proc, polled = signal_mid_trial(tiny_dir, studies, signal.SIGKILL, trials=30)
     proc.wait()
-    again = worker(tiny_dir, studies, "--trials", "4", *SLOW)
+    killed = trial_left_running(storage, polled)
+    again = worker(tiny_dir, studies, "--trials", str(killed + 2), *SLOW)
     out = finish(again)
     assert again.returncode == 0, out
     assert "left RUNNING by a process that died" in out
     study = optuna.load_study(study_name="t", storage=storage)
     assert study.trials[killed].state == TrialState.FAIL
     assert any(retried(t) == killed for t in study.trials)
-    assert counted_trials(study) == 4 and "computing it now" not in out  # the cache survived the kill
+    assert counted_trials(study) == killed + 2 and "computing it now" not in out  # the cache survived the kill
 
 
 @pytest.mark.parametrize(("sig", "code", "said"), [(signal.SIGINT, 130, "Interrupted."), (signal.SIGTERM, 143, "Terminated (SIGTERM).")])
@@ -141,13 +152,14 @@ def test_ctrl_c_or_sigterm_records_the_trial_and_says_how_to_resume(tiny_dir, tm
     storage = f"sqlite:///{studies}/t.db"
     # many trials: on a loaded machine the poll may see a trial late, and the signal must arrive
     # before the study's last trial ends
-    proc, interrupted = signal_mid_trial(tiny_dir, studies, sig, trials=30)
+    proc, polled = signal_mid_trial(tiny_dir, studies, sig, trials=30)
     out = finish(proc)
     assert proc.returncode == code, out
     assert said in out and "run the same command again to resume" in out and "Traceback" not in out
     study = optuna.load_study(study_name="t", storage=storage)
-    trial = study.trials[interrupted]
-    assert trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted")
+    (trial,) = [t for t in study.trials if t.state != TrialState.COMPLETE]  # the one the signal landed in
+    interrupted = trial.number
+    assert interrupted >= polled and trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted")
     assert counted_trials(study) == interrupted  # the interrupted trial does not count
     again = worker(tiny_dir, studies, "--trials", str(interrupted + 2), *SLOW)
     assert again.wait(timeout=300) == 0
