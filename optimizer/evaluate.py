@@ -12,10 +12,11 @@ from rich.console import Console
 from rich.table import Table
 
 from optimizer.errors import UserError
+from optimizer.report import front_trials
 from optimizer.response_prefix import answer_part
 from optimizer.scoring import first_token_logprobs, generate_and_classify, kl_divergence
 from optimizer.trials import EditedModel, StoredStudy, finished_trial
-from optimizer.verify import front_trials, heldout_prompts
+from optimizer.verify import heldout_prompts
 from optimizer.workbench import load_judge
 
 LOCAL_TASK = "optimizer_everyday_mc"

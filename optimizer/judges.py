@@ -36,7 +36,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from optimizer.errors import UserError
+from optimizer.errors import UserError, first_line
 
 if TYPE_CHECKING:  # torch is imported where a model judge runs: settings checks stay light
     import torch
@@ -86,10 +86,6 @@ class Judge(ABC):
         """Whether the answer is already a refusal at this prefix (only streaming judges can tell)."""
         raise NotImplementedError(f"judge {self.spec} reads whole answers")
 
-    def fingerprint(self) -> list[str]:
-        """What makes two studies' counts comparable (part of the scoring fingerprint)."""
-        return [self.spec]
-
 
 @dataclass
 class MarkerJudge(Judge):
@@ -119,9 +115,6 @@ class MarkerJudge(Judge):
             REFUSED if not answer.strip() or self.refused_so_far(prompt, answer) else COMPLIED
             for prompt, answer in zip(prompts, answers)
         ]
-
-    def fingerprint(self) -> list[str]:
-        return [self.spec, *sorted(self.markers)]
 
 
 def verdict_of_label(name: str) -> str | None:
@@ -182,7 +175,7 @@ def load_classifier(name: str, spec: str, label_text: str | None, device: torch.
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForSequenceClassification.from_pretrained(name).to(device).eval()
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load judge classifier {name!r}: {_first_line(e)}; give a hub id or a local folder") from None
+        raise UserError(f"cannot load judge classifier {name!r}: {first_line(e)}; give a hub id or a local folder") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -271,9 +264,6 @@ class RubricJudge(Judge):
             )
         return LETTERS[text[:1].upper()]
 
-    def fingerprint(self) -> list[str]:
-        return [self.spec, *([self.endpoint_model] if self.endpoint_model else [])]
-
 
 def load_llm(name: str, spec: str, device: torch.device) -> RubricJudge:
     import torch
@@ -282,7 +272,7 @@ def load_llm(name: str, spec: str, device: torch.device) -> RubricJudge:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load judge model {name!r}: {_first_line(e)}; give a hub id or a local folder") from None
+        raise UserError(f"cannot load judge model {name!r}: {first_line(e)}; give a hub id or a local folder") from None
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"judge model {name!r} has no chat template; use an instruct (chat) model as the judge")
     model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
@@ -338,8 +328,3 @@ def make_judge(
     if kind == "llm":
         return load_llm(argument, spec, device)
     return connect_endpoint(argument, spec, model, key_env)
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -49,6 +49,11 @@ def early_stop_line(study: optuna.Study) -> str | None:
     return line
 
 
+def front_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The Pareto-optimal edited trials (the baseline left out), by number."""
+    return sorted((t for t in study.best_trials if not t.user_attrs.get("baseline")), key=lambda t: t.number)
+
+
 EDGE = 0.02  # a value within this share of its range from a bound sits at that bound
 
 
@@ -58,13 +63,13 @@ def bound_warnings(study: optuna.Study) -> list[str]:
     trade-offs may lie beyond it."""
     from optimizer.params import WIDENED_BY
 
-    front = [t for t in study.best_trials if not t.user_attrs.get("baseline")]
+    front = front_trials(study)
     lines = []
     for name in sorted({n for t in front for n in t.params}):
         flag = next((f for suffix, f in WIDENED_BY.items() if name.endswith(suffix)), None)
-        using = [t for t in front if name in t.params]
         if flag is None:
             continue
+        using = [t for t in front if name in t.params]
         ranges = {t.number: (t.distributions[name].low, t.distributions[name].high) for t in using}  # type: ignore[attr-defined]
         at_edge = [
             t.number for t in using if ranges[t.number][1] - t.params[name] <= EDGE * (ranges[t.number][1] - ranges[t.number][0])

@@ -96,7 +96,6 @@ class RefusalResult:
     # False when generation was given up once the count so far settled the question (`give_up`):
     # then `refused` holds the refusals found by then, a lower bound on the full count
     complete: bool = True
-    verdicts: list[str] | None = None  # the judge's, where it gave more than refused or not
 
     @property
     def count(self) -> int:
@@ -282,8 +281,7 @@ def generate_and_classify(
     if gave_up:  # unfinished answers are not judged: an empty one was never given
         refused = [judge.refused_so_far(p, r) for p, r in zip(prompts, responses)]
         return RefusalResult(refused, responses, total_tokens, complete=False)
-    verdicts = judge.verdicts(prompts, responses)
-    return RefusalResult([v == REFUSED for v in verdicts], responses, total_tokens, verdicts=verdicts)
+    return RefusalResult([v == REFUSED for v in judge.verdicts(prompts, responses)], responses, total_tokens)
 
 
 def _eos_ids(loaded: LoadedModel) -> list[int]:

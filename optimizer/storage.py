@@ -62,7 +62,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
-from optimizer.errors import UserError
+from optimizer.errors import UserError, first_line
 from optimizer.optuna_adapter import RetryingRDBStorage
 
 SUPPORTED_SCHEMES = ("sqlite", "postgresql", "mysql")
@@ -237,7 +237,7 @@ class DatabaseRetry:
             first = self._outage_since is None
             if first:
                 self._outage_since = now
-            self.last_error = _without_password(_first_line(error), self.url)
+            self.last_error = _without_password(first_line(getattr(error, "orig", None) or error), self.url)
             since = self._outage_since
         assert since is not None
         if first:
@@ -263,11 +263,6 @@ class DatabaseRetry:
             "(--db-retry-s sets how long to wait)",
             self.last_error,
         )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(getattr(error, "orig", None) or error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def connect(url: str, heartbeat_interval: int = 30, heartbeat_grace: int = 120, db_retry_s: float = 120) -> RDBStorage:
@@ -311,9 +306,9 @@ def connect(url: str, heartbeat_interval: int = 30, heartbeat_grace: int = 120, 
 
 
 def _cannot_open(error: BaseException, url: str) -> UserError:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return UserError(
-        f"cannot open storage {redacted(url)}: {_without_password(first, url)}; check the URL and that the server is running"
+        f"cannot open storage {redacted(url)}: {_without_password(first_line(error), url)}; "
+        "check the URL and that the server is running"
     )
 
 

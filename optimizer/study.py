@@ -25,7 +25,7 @@ from optimizer.front import Front
 from optimizer.locks import file_lock
 from optimizer.optuna_adapter import is_told_elsewhere
 from optimizer.params import baseline_params, build_plan, suggest_params
-from optimizer.report import best_tradeoff, bound_warnings, early_stop_line, pareto_table, refusals_text, trial_line
+from optimizer.report import best_tradeoff, bound_warnings, early_stop_line, front_trials, pareto_table, refusals_text, trial_line
 from optimizer.storage import (
     check_url,
     connect,
@@ -37,7 +37,7 @@ from optimizer.storage import (
     sqlite_path,
     wait_for_initialisation,
 )
-from optimizer.verify import VerifyOptions, front_trials, run_verification
+from optimizer.verify import VerifyOptions, run_verification
 from optimizer.workbench import RunSpec, Scorer, prepare_scoring, progress_bar, resolve
 
 OBJECTIVES = ("refusal_rate", "kl_divergence")

@@ -204,17 +204,22 @@ def verify_trials(
     from optimizer.workbench import progress_bar
 
     results: dict[int, Verification] = {}
-    todo = [t for t in trials if stored_verification(t, verifier.setup) is None]
+    todo = []
+    for trial in trials:
+        stored = stored_verification(trial, verifier.setup)
+        if stored is None:
+            todo.append(trial)
+        else:
+            results[trial.number] = stored
     with progress_bar(verifier.console) as progress:
         task = progress.add_task("Verifying trials", total=len(todo))
-        for trial in trials:
-            stored = stored_verification(current(trial) if trial in todo else trial, verifier.setup)
-            if stored is None:
-                stored = verifier.verify(plan_of(verifier.prepared, trial))
-                record(trial, stored)
-            results[trial.number] = stored
-            if trial in todo:
-                progress.advance(task)
+        for trial in todo:
+            result = stored_verification(current(trial), verifier.setup)  # another worker's, made meanwhile
+            if result is None:
+                result = verifier.verify(plan_of(verifier.prepared, trial))
+                record(trial, result)
+            results[trial.number] = result
+            progress.advance(task)
     return results, recommend(results, max_kl)
 
 
@@ -283,10 +288,6 @@ class VerifyOptions:
     limit: int | None = None
     harmful: str | None = None
     harmless: str | None = None
-
-
-def front_trials(study: optuna.Study) -> list[FrozenTrial]:
-    return sorted((t for t in study.best_trials if not t.user_attrs.get("baseline")), key=lambda t: t.number)
 
 
 def verify_command(stored: StoredStudy, args: argparse.Namespace, console: Console) -> None:

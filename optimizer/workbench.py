@@ -271,19 +271,13 @@ class _CacheUse:
         try:
             tensors, values = cache.load_entry(self.folder, "baseline", key, spec.loaded.device)
             spec.console.print("Reusing cached baseline log-probabilities and refusals")
-            refusals = RefusalResult(values["refused"], values["responses"], values["tokens"], verdicts=values.get("verdicts"))
-            return tensors["logprobs"], refusals
+            return tensors["logprobs"], RefusalResult(values["refused"], values["responses"], values["tokens"])
         except cache.CacheMiss as miss:
             self._miss(miss)
         with spec.console.status("Baseline: first-token log-probabilities and refusals of the unedited model..."):
             logprobs = first_token_logprobs(spec.loaded, spec.texts.harmless, batch_size, paths.packed_prefill)
             refusals = refusals_of(spec, judge, batch_size, dataclasses.replace(paths, graph=None))
-        values = {
-            "refused": refusals.refused,
-            "responses": refusals.responses,
-            "tokens": refusals.tokens_generated,
-            "verdicts": refusals.verdicts,
-        }
+        values = {"refused": refusals.refused, "responses": refusals.responses, "tokens": refusals.tokens_generated}
         cache.save_entry(self.folder, "baseline", key, {"logprobs": logprobs}, values)
         return logprobs, refusals
 
