@@ -3,6 +3,7 @@
     python benchmarks/time_to_front.py [--model DIR] [--trials 100] [--startup-trials 20] [--seed 0]
                                        [--scoring-prompts 32] [--direction-prompts 64] [--max-new-tokens 16]
                                        [--batch-size 32] [--device cpu|cuda] [--random-weights]
+                                       [--init-range X] [--markers a,b,c]
                                        [--heretic-python PATH] [--prefix-detection] [--workdir DIR] [--plot PATH]
                                        [--quick]
 
@@ -31,8 +32,15 @@ that puts a fixed cost before our first trial and finds no prefix on the default
 matched: the search spaces and the ablation itself (that is what is compared); ours stops trials
 early that cannot reach the front (its default, reported in the table with an estimate of the
 generation time it saved); see heretic_runner's docstring for the rest. `--random-weights` and
-`--device cuda` work as in trial_speed.py (random weights never refuse, so the hypervolume then
-means little; use it to check that the script runs on a GPU machine).
+`--device cuda` work as in trial_speed.py. Random weights at the default initialisation repeat one
+token and never refuse, so the hypervolume is 0; `--init-range 0.3 --markers q,z,x` makes a
+synthetic yardstick for GPU machines that hold no checkpoint: weights large enough that greedy
+answers vary token by token, and "refusals" that are answers holding one of those letters. Some
+answers are then decided early, some not; edits move the count and KL, so both tools get a front to
+find and ours has trials to stop. It says nothing about refusal, only about time.
+
+Both tools judge by plain substring markers (ours `--judge markers:plain`, as heretic does) and ours
+skips the verification of its front at the end (`--no-verify`: it comes after every trial).
 
 Caveat: the time a tool needs to reach a hypervolume depends on its search (its search space, its
 sampler, which edits it happens to try first) as much as on its seconds per trial, and one run is
@@ -85,8 +93,13 @@ def run_ours(model: Path, workdir: Path, args: argparse.Namespace) -> dict:
         "--startup-trials", str(args.startup_trials + 1),  # the baseline is a finished trial to the sampler too
         "--seed", str(args.seed), "--scoring-prompts", str(args.scoring_prompts),
         "--direction-prompts", str(args.direction_prompts), "--max-new-tokens", str(args.max_new_tokens),
-        "--device", args.device, "--dtype", args.dtype,
+        "--device", args.device, "--dtype", args.dtype, "--judge", "markers:plain", "--no-verify",
     ]  # fmt: skip
+    if args.markers:
+        config = workdir / "markers.toml"
+        workdir.mkdir(parents=True, exist_ok=True)
+        config.write_text(f"refusal_markers = {json.dumps(args.markers)}\n")
+        command += ["--config", str(config)]
     if not args.prefix_detection:
         command += ["--response-prefix", ""]  # as heretic is run (heretic_runner's default): no detection pass
     if args.batch_size:
@@ -160,7 +173,7 @@ def run_heretic_study(model: Path, workdir: Path, args: argparse.Namespace) -> d
         python, model, bundled_path("harmful"), bundled_path("harmless"),
         n_direction=args.direction_prompts, n_scoring=args.scoring_prompts, max_response_tokens=args.max_new_tokens,
         n_trials=args.trials, workdir=workdir, timeout_s=HERETIC_TIMEOUT_S, batch_size=args.batch_size or 0,
-        refusal_markers=list(DEFAULT_REFUSAL_MARKERS), n_startup_trials=args.startup_trials, seed=args.seed,
+        refusal_markers=args.markers or list(DEFAULT_REFUSAL_MARKERS), n_startup_trials=args.startup_trials, seed=args.seed,
         device=args.device,
     )  # fmt: skip
     if result["returncode"] != 0 or not result["trials"]:
@@ -275,6 +288,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--random-weights", action="store_true", help="same architecture and tokenizer, random weights")
     parser.add_argument(
+        "--init-range", type=float,
+        help="with --random-weights: the weights' standard deviation (config initializer_range; 0.3 gives varied answers)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--markers", type=lambda text: [m for m in text.split(",") if m],
+        help="comma-separated refusal markers for both tools (default: ours); with random weights, e.g. q,z,x",
+    )  # fmt: skip
+    parser.add_argument(
         "--heretic-python", type=Path, help="interpreter that imports heretic 1.4 (default: the benchmark's venv)"
     )
     parser.add_argument(
@@ -305,7 +326,13 @@ def main() -> None:
         from benchmarks.random_model import save_random_model
 
         dtype = getattr(torch, args.dtype)
-        args.model = save_random_model(args.model / "config.json", args.model, workdir / "random-model", dtype, args.device)
+        config = args.model / "config.json"
+        if args.init_range is not None:
+            settings = json.loads(config.read_text())
+            config = workdir / "random-config.json"
+            config.write_text(json.dumps({**settings, "initializer_range": args.init_range}))
+        torch.manual_seed(args.seed)
+        args.model = save_random_model(config, args.model, workdir / "random-model", dtype, args.device)
 
     ours = run_ours(args.model, workdir, args)
     heretic = run_heretic_study(args.model, workdir / "heretic", args)

@@ -1,8 +1,12 @@
-"""One study on a 32B-shaped model (Qwen2.5-32B config, random bf16 weights): seconds per trial at the
-default prompt counts, the one-time work, and what 200 trials take on this GPU.
+"""One study on a large model's shape with random bf16 weights: seconds per trial at the default
+prompt counts, the one-time work, and what 200 trials take on this GPU.
 
     python benchmarks/trial_32b.py [--config benchmarks/configs/qwen2.5-32b.json] [--tokenizer DIR]
                                    [--trials 3] [--device cuda] [--dtype auto]
+
+Configs: `qwen2.5-32b.json` (dense, 32.8B parameters, 65 GB in bf16) and `qwen3-30b-a3b.json`
+(Qwen3-30B-A3B's MoE: 48 layers of 128 fused experts, 8 routed per token; 30.5B parameters, 61 GB;
+the ablation edits every expert's down projection, as a real Qwen3 MoE is edited).
 
 Runs our study engine in-process (`optimizer.study.run_study`, SQLite in a temporary folder), with
 the model built from the config on the device instead of read from a checkpoint (a 65 GB folder
@@ -74,7 +78,7 @@ def main() -> None:
     settings = Settings(
         model=str(folder), study="shape", studies_dir=str(work / "studies"), trials=args.trials + 1, device=args.device,
         dtype=args.dtype, direction_prompts=args.direction_prompts, scoring_prompts=args.scoring_prompts,
-        max_new_tokens=args.max_new_tokens, response_prefix="",
+        max_new_tokens=args.max_new_tokens, response_prefix="", verify=False,
     )
     one_time: dict[str, float] = {}
     timed_methods(one_time, ["stats", "batch_size", "baseline"])

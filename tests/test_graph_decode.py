@@ -173,3 +173,33 @@ def test_a_graph_that_cannot_be_built_leaves_eager_decoding_and_per_trial_hooks(
     # only the per-trial hooks are registered: the fixed-buffer ones were removed
     present = list(scorer.spec.loaded.discovery.present())
     assert sum(len(site.module._forward_hooks) for site in present) == len(present)
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))],
+)
+def test_a_trial_given_up_leaves_fixed_buffer_decoding_as_it_leaves_eager_decoding(tiny_varied_dir, device):
+    """Rows decided by domination (`give_up`) end the replayed loop where they end the eager one: the
+    same lower-bound count, answers and tokens. On CUDA the decode step is a captured graph; on this
+    CPU the same fixed buffers run eagerly."""
+    loaded = load_model(str(tiny_varied_dir), device, "float32")
+    texts = format_chat(loaded.tokenizer, PROMPTS * 3)
+    markers = ["q", "z", "x"]
+    full = generate_and_classify(loaded, texts, 8, MarkerJudge(markers, echo_aware=False), batch_size=5)
+    assert 2 <= full.count < len(texts)  # the markers decide some answers, not all
+    first = frozenset(i for i, refused in enumerate(full.refused) if refused)
+    graph = GraphDecoder(loaded, 5, graph_length(loaded, texts, 8), capture=device == "cuda")
+    for threshold in (1, full.count):
+        results = [
+            generate_and_classify(
+                loaded, texts, 8, MarkerJudge(markers, echo_aware=False), batch_size=5, first=first,
+                give_up=lambda found, threshold=threshold: found >= threshold, graph=fixed,
+            )
+            for fixed in (None, graph)
+        ]  # fmt: skip
+        eager, replayed = results
+        assert not replayed.complete and not eager.complete
+        assert (replayed.refused, replayed.responses) == (eager.refused, eager.responses)
+        assert replayed.tokens_generated == eager.tokens_generated < full.tokens_generated
+        assert threshold <= replayed.count <= full.count
