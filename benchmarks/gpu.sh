@@ -45,7 +45,7 @@ for step in "$@"; do
             timeout ${SHAPE_S:-240} python3 benchmarks/trial_32b.py --tokenizer $ASSETS --trials 3 2>&1 | tee "$OUT/32b.log" ;;
         moe)  # Qwen3-30B-A3B's shape: 128 fused experts a layer, random bf16 weights
             timeout ${MOE_S:-200} python3 benchmarks/trial_32b.py --config benchmarks/configs/qwen3-30b-a3b.json \
-                --tokenizer $ASSETS --trials 3 2>&1 | tee "$OUT/moe.log" ;;
+                --tokenizer $ASSETS --trials 3 ${MOE_ARGS:-} 2>&1 | tee "$OUT/moe.log" ;;
         early)  # early stop with the captured decode step (CUDA-only test) and the front with/without the stop on CUDA
             mkdir -p /tmp/optimizer-home/models && cp -r $ASSETS /tmp/optimizer-home/models/
             OPTIMIZER_HOME=/tmp/optimizer-home timeout ${EARLY_S:-150} python3 -m pytest -q -p no:cacheprovider \
@@ -53,7 +53,7 @@ for step in "$@"; do
         ttf)  # time to a good front at the default prompt counts; random weights with the synthetic yardstick
             rm -rf /tmp/ttf
             timeout ${TTF_S:-330} python3 benchmarks/time_to_front.py --device cuda --random-weights --model $ASSETS \
-                --init-range 0.3 --markers q,z,x --trials ${TTF_TRIALS:-100} --scoring-prompts 64 --direction-prompts 128 \
+                --init-range 0.3 --markers q,z,x --trials ${TTF_TRIALS:-100} --seed ${TTF_SEED:-0} --scoring-prompts 64 --direction-prompts 128 \
                 --batch-size 0 --workdir /tmp/ttf --plot "$OUT/time_to_front_gpu.png" --heretic-python /tmp/heretic-python \
                 2>&1 | tee "$OUT/ttf.log"
             cp /tmp/ttf/time_to_front.json "$OUT/ttf.json" 2>/dev/null ;;

@@ -63,6 +63,10 @@ def main() -> None:
     parser.add_argument("--scoring-prompts", type=int, default=Settings.scoring_prompts)
     parser.add_argument("--max-new-tokens", type=int, default=Settings.max_new_tokens)
     parser.add_argument("--budget", type=int, default=200, help="trials of the projected study")
+    parser.add_argument(
+        "--no-early-stop", action="store_true",
+        help="score every trial to the end (random weights refuse nothing: the unedited baseline dominates every edit)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.tokenizer is None:
         from optimizer.fetch import ensure_model_folder
@@ -79,6 +83,7 @@ def main() -> None:
         model=str(folder), study="shape", studies_dir=str(work / "studies"), trials=args.trials + 1, device=args.device,
         dtype=args.dtype, direction_prompts=args.direction_prompts, scoring_prompts=args.scoring_prompts,
         max_new_tokens=args.max_new_tokens, response_prefix="", verify=False,
+        early_stop=not args.no_early_stop,
     )
     one_time: dict[str, float] = {}
     timed_methods(one_time, ["stats", "batch_size", "baseline"])
