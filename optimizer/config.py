@@ -163,8 +163,22 @@ class Settings:
         default=1.0,
         metadata={"help": "with --early-stop, a trial whose KL is above this is not generated and counts as refusing all"},
     )
+    seeded_starts: bool = field(
+        default=True,
+        metadata={
+            "help": "a new study first tries a few known-good edits (Arditi et al.'s uniform edit; heretic-like "
+            "kernels), then the random start-up trials"
+        },
+    )
     alpha_max: float = field(default=4.0, metadata={"help": "upper end of the contrastive strength alpha"})
     max_weight: float = field(default=1.5, metadata={"help": "upper end of the per-component peak ablation weight"})
+    subspace_max: int = field(
+        default=4,
+        metadata={
+            "help": "largest refusal subspace a trial may ablate: k = 1..N orthonormal directions per layer, the extra "
+            "ones weighted by a decay gamma (1 = one direction per layer, the plain search space)"
+        },
+    )
     direction_methods: list[str] = field(
         default_factory=lambda: ["contrastive", "mean_diff"],
         metadata={"help": "comma-separated: contrastive,mean_diff", "default_text": "both"},
@@ -252,6 +266,8 @@ def _check(settings: Settings) -> Settings:
         raise UserError(f"--max-kl must be a positive KL divergence (e.g. 0.1), got {settings.max_kl}")
     if not settings.max_weight > 0:
         raise UserError(f"--max-weight must be positive (e.g. 1.5), got {settings.max_weight}")
+    if not 1 <= settings.subspace_max <= 16:
+        raise UserError(f"--subspace-max must be between 1 and 16 directions per layer (e.g. 4), got {settings.subspace_max}")
     if settings.alpha_max < 0:
         raise UserError(f"--alpha-max must be >= 0, got {settings.alpha_max}")
     if settings.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -349,6 +365,7 @@ def settings_from_record(stored: dict[str, Any], **overrides: Any) -> Settings:
     values = {k: v for k, v in stored.items() if k in FIELDS and k not in LOCATION}
     values.setdefault("response_prefix", "")
     values.setdefault("judge", "markers:plain")  # studies from before judges were scored by the plain markers
+    values.setdefault("subspace_max", 1)  # studies from before subspaces searched one direction per layer
     values.update({k: v for k, v in overrides.items() if v is not None})
     return _make(values)
 

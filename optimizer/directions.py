@@ -14,6 +14,16 @@ matrix: any alpha then costs one m x m eigh instead of a d x d one. Q is never f
 the Householder reflectors of the QR (LAPACK's geqrf, half the work of an explicit Q) and apply
 them to the few small vectors that need lifting (ormqr).
 
+A refusal subspace (issue 15) adds to a trial's direction r_1 the next components r_2..r_k: the
+top eigenvectors of P S(alpha) P with P = I - r_1 r_1^T, i.e. of the contrast once r_1 is projected
+out of every residual. Those with a non-zero eigenvalue lie in the span of P Q, so the problem stays
+small: in the basis [Q, e], with e the unit direction of r_1's part outside span(Q) (none when r_1
+is a direction of this layer; some for a global direction taken from other layers), S(alpha) is
+the m x m matrix with a zero row and column added, r_1 has coordinates u = (Q^T r_1, |r_1 - Q Q^T
+r_1|), and the components are the top eigenvectors of (I - u u^T) diag(M, 0) (I - u u^T), lifted
+back (one (m+1) x (m+1) eigh per layer, no pass over the model). They are orthonormal and
+orthogonal to r_1 by construction.
+
 Trials need only the top eigenvector, so `directions` gets it by Lanczos iteration on the small
 matrix (started from r's coordinates in Q, which the answer is usually close to), with full
 reorthogonalisation, and checks every layer's result by its residual; a layer that has not
@@ -203,6 +213,34 @@ def directions(
     chosen = torch.where(fallback.unsqueeze(-1), mean_diff, vectors)
     layer_ids = list(range(stats.n_layers)) if layers is None else list(layers)
     return chosen, [layer_ids[i] for i in fallback.nonzero().flatten().tolist()]
+
+
+def subspace_components(
+    stats: ContrastiveStats, alpha: float, first: torch.Tensor, layers: list[int], count: int
+) -> torch.Tensor:
+    """The next `count` unit components (L', count, d) after each layer's unit direction `first`
+    (L', d): the top eigenvectors of S(alpha) with `first` projected out (see the module docstring),
+    orthonormal to each other and to `first`. A component whose eigenvalue is not positive (the
+    contrast holds nothing more) is zero, which ablates nothing."""
+    index = torch.as_tensor(layers, device=stats.device)
+    small = stats.gram_harmful[index] - alpha * stats.gram_harmless[index]  # (L', k, k)
+    n_layers, k, d = len(layers), small.shape[-1], stats.mean_diff.shape[1]
+    reflectors, tau = stats.reflectors[index].mT, stats.tau[index]
+    coords = torch.ormqr(reflectors, tau, first.unsqueeze(-1), transpose=True).squeeze(-1)  # Q_full^T r_1: (L', d)
+    outside = coords[:, k:]  # r_1's part outside span(Q), in the full orthogonal basis
+    u = torch.cat([coords[:, :k], outside.norm(dim=-1, keepdim=True)], dim=-1)
+    u = torch.nn.functional.normalize(u, dim=-1)
+    extended = small.new_zeros(n_layers, k + 1, k + 1)
+    extended[:, :k, :k] = small
+    deflate = torch.eye(k + 1, dtype=small.dtype, device=small.device) - u.unsqueeze(-1) * u.unsqueeze(-2)
+    values, vectors = torch.linalg.eigh(deflate @ extended @ deflate)  # ascending
+    values, vectors = values.flip(-1)[..., :count], vectors.flip(-1)[..., :count]
+    scale = stats.gram_harmful[index].diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
+    vectors = vectors * (values > RELATIVE_EIGEN_TOLERANCE * scale).unsqueeze(1)
+    full = small.new_zeros(n_layers, d, count)  # the components in the full orthogonal basis
+    full[:, :k, : vectors.shape[-1]] = vectors[:, :k]
+    full[:, k:, : vectors.shape[-1]] = torch.nn.functional.normalize(outside, dim=-1).unsqueeze(-1) * vectors[:, k:]
+    return torch.ormqr(reflectors, tau, full).mT  # (L', count, d)
 
 
 def project_out_harmless_mean(stats: ContrastiveStats, vectors: torch.Tensor, layers: list[int]) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 
-from optimizer.ablation import bake_into_weights
+from optimizer.ablation import AblationPlan, bake_into_weights
 from optimizer.cache import WRITE_ERRORS, is_write_failure, write_error
 from optimizer.components import COMPONENTS
 from optimizer.config import Settings
@@ -237,6 +237,14 @@ def _write(
             _write_folder(stored, edited, out, save_dtype, console)
 
 
+def ablation_tensors(plan: AblationPlan) -> dict[str, torch.Tensor]:
+    """Every direction of the plan, as ablation.safetensors holds them (optimizer.json says how)."""
+    tensors = {f"{c}.directions": plan.directions[c].detach().cpu().float().clone() for c in COMPONENTS}
+    if plan.extra is not None:
+        tensors.update({f"{c}.extra_directions": plan.extra[c].detach().cpu().float().clone() for c in COMPONENTS})
+    return tensors
+
+
 def _write_folder(stored: StoredStudy, edited: EditedModel, out: Path, save_dtype: str | None, console: Console) -> None:
     """The baked model as a Hugging Face folder, in the requested (or the checkpoint's) dtype."""
     loaded, settings = edited.prepared.loaded, stored.settings
@@ -249,10 +257,7 @@ def _write_folder(stored: StoredStudy, edited: EditedModel, out: Path, save_dtyp
             loaded.model.save_pretrained(tmp)
             loaded.tokenizer.save_pretrained(tmp)
             save_processor(loaded.source, tmp, settings.trust_remote_code)
-            save_file(
-                {f"{c}.directions": edited.plan.directions[c].detach().cpu().float().clone() for c in COMPONENTS},
-                str(tmp / "ablation.safetensors"),
-            )
+            save_file(ablation_tensors(edited.plan), str(tmp / "ablation.safetensors"))
             (tmp / "optimizer.json").write_text(json.dumps(edited.record(), indent=2))
             (tmp / "README.md").write_text(model_card(edited, stored.study.study_name))
         if out.exists():

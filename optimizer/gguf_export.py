@@ -117,7 +117,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from optimizer.ablation import bake_edit
+from optimizer.ablation import SiteEdit, bake_edit
 from optimizer.components import WeightEdit
 from optimizer.errors import UserError
 from optimizer.trials import EditedModel
@@ -297,11 +297,11 @@ def _edited_copy(edited: EditedModel, source: Path, choice: str) -> _Plan:
     stored = {t.name: t for t in reader.tensors}
     settings = edited.prepared.settings
     plan = _Plan(arch_name, _field_copier(reader))
-    replacements: dict[str, tuple[WeightEdit, torch.Tensor, float]] = {}
+    replacements: dict[str, tuple[WeightEdit, SiteEdit]] = {}
     for site in edited.prepared.loaded.discovery.present():
-        r, w = edited.plan.at(site)
-        if w == 0:
+        if edited.plan.weight_at(site) == 0:
             continue  # this layer's tensors are unchanged: copied as stored
+        site_edit = edited.plan.at(site)
         for edit in site.edits:
             target = _gguf_name(names, edit.path)
             if target is None or target not in stored:
@@ -309,12 +309,12 @@ def _edited_copy(edited: EditedModel, source: Path, choice: str) -> _Plan:
                     f"cannot find the GGUF tensor of {edit.path} (looked for {target or 'a name in gguf-py’s tensor map'}) in "
                     f"{source.name}; export with --format hf and convert the folder with llama.cpp's convert_hf_to_gguf.py"
                 )
-            replacements[target] = (edit, r, w)
+            replacements[target] = (edit, site_edit)
     # values to re-encode, checked against the file: the baked weights, and residual-stream biases that the file
     # holds but transformers did not load (its GGUF loader reads no bias flag for llama; llama.cpp adds them)
     edited_values: dict[str, torch.Tensor] = {}
     unloaded: list[str] = []
-    for target, (edit, r, w) in replacements.items():
+    for target, (edit, site_edit) in replacements.items():
         tensor = stored[target]
         shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
         if tuple(edit.tensor.shape) != shape:
@@ -322,11 +322,11 @@ def _edited_copy(edited: EditedModel, source: Path, choice: str) -> _Plan:
                 f"{edit.path} has shape {tuple(edit.tensor.shape)} but GGUF tensor {target} has {shape}; this model's layout "
                 "is not handled: export with --format hf and convert with llama.cpp's convert_hf_to_gguf.py"
             )
-        edited_values[target] = _checked_edit(tensor, edit, r, w, settings.norm_preserving)
+        edited_values[target] = _checked_edit(tensor, edit, site_edit, settings.norm_preserving)
         bias = target.removesuffix(".weight") + ".bias"
         if target.endswith(".weight") and bias in stored and bias not in replacements:
             holder = _holder(stored[bias], "bias")
-            bake_edit(WeightEdit(holder, "bias", -1, bias), r, w)
+            bake_edit(WeightEdit(holder, "bias", -1, bias), site_edit)
             edited_values[bias] = holder.get_parameter("bias").detach()
             unloaded.append(bias)
     if unloaded:
@@ -381,11 +381,11 @@ def _holder(tensor, name: str) -> nn.Module:
 
 
 @torch.no_grad()
-def _checked_edit(tensor, edit: WeightEdit, r: torch.Tensor, w: float, norm_preserving: bool) -> torch.Tensor:
+def _checked_edit(tensor, edit: WeightEdit, site_edit: SiteEdit, norm_preserving: bool) -> torch.Tensor:
     """The baked weight, once the source tensor, dequantised and edited here, is found equal to it: this proves
     that the GGUF name and layout are those of the tensor transformers loaded."""
     holder = _holder(tensor, edit.name)
-    bake_edit(WeightEdit(holder, edit.name, edit.residual_axis, edit.path), r, w, norm_preserving)
+    bake_edit(WeightEdit(holder, edit.name, edit.residual_axis, edit.path), site_edit, norm_preserving)
     expected = holder.get_parameter(edit.name).detach()
     baked = edit.tensor.detach().float().cpu()
     scale = max(1.0, float(expected.abs().max()))

@@ -1,4 +1,5 @@
-"""Write a trial's ablation as a PEFT LoRA adapter: the plain edit is a rank-1 update of each edited matrix.
+"""Write a trial's ablation as a PEFT LoRA adapter: the plain edit is a rank-1 update of each edited matrix
+(a refusal subspace of k directions, a rank-k one).
 
 The edit of a linear map y = W x + b that writes to the residual stream (see ablation.py) is
 
@@ -7,6 +8,8 @@ The edit of a linear map y = W x + b that writes to the residual stream (see abl
 
 so every edited matrix takes one rank-1 LoRA pair, exactly: PEFT computes W x + b' + s B (A x) with
 s = lora_alpha / r = 1 (rank 1, lora_alpha 1; b' replaces b on loading, below), which is W' x + b'.
+A subspace R = [r_1 .. r_k] with weights W_r = diag(w_i) (ablation.py) gives B = -R W_r (d_out x k)
+and A = R^T W (k x d_in), rank k, lora_alpha k.
 A depends on W: the adapter is exact for the model the study ran on (the full-precision weights, for
 a 4-bit study), as any extracted LoRA is. Layers and components whose weight is 0 are left out of
 `target_modules`.
@@ -67,7 +70,7 @@ class LoraReport:
 
     out: Path
     size_bytes: int  # every file in `out`
-    modules: int  # targeted nn.Linear modules, one rank-1 pair each
+    modules: int  # targeted nn.Linear modules, one rank-k pair each
     biases: int  # of which carry an edited bias (bias="lora_only")
     max_abs_diff: float  # logits of base + adapter vs the hooked model, on the check prompts
     logit_scale: float  # max |logit| of the hooked model there
@@ -78,8 +81,8 @@ class LoraReport:
 class _Target:
     name: str  # the module's name in the model, as PEFT's target_modules matches it
     module: nn.Linear
-    direction: torch.Tensor
-    weight: float
+    basis: torch.Tensor  # (k, d_out): the directions as rows
+    weights: torch.Tensor  # (k,)
 
 
 def write_lora(edited: EditedModel, out: Path, console: Console) -> LoraReport:
@@ -97,7 +100,7 @@ def write_lora(edited: EditedModel, out: Path, console: Console) -> LoraReport:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        with console.status(f"Writing the LoRA adapter ({len(targets)} modules, rank 1)..."):
+        with console.status(f"Writing the LoRA adapter ({len(targets)} modules, rank {edited.plan.rank})..."):
             biases = _write_adapter(edited, targets, tmp)
         with console.status("Checking base model + adapter against the hooked model..."):
             difference, scale, agreement = _verify(edited, targets, tmp)
@@ -111,8 +114,9 @@ def write_lora(edited: EditedModel, out: Path, console: Console) -> LoraReport:
         raise
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     console.print(
-        f"Wrote a rank-1 LoRA adapter for {len(targets)} modules to {out} ({size / 2**20:.2f} MiB); logits of base + adapter "
-        f"vs the hooked model: max |diff| {difference:.2e} (logit scale {scale:.3g}), top-1 agreement {agreement:.1%}"
+        f"Wrote a rank-{edited.plan.rank} LoRA adapter for {len(targets)} modules to {out} ({size / 2**20:.2f} MiB); "
+        f"logits of base + adapter vs the hooked model: max |diff| {difference:.2e} (logit scale {scale:.3g}), "
+        f"top-1 agreement {agreement:.1%}"
     )
     return LoraReport(out, size, len(targets), biases, difference, scale, agreement)
 
@@ -135,11 +139,11 @@ def lora_targets(edited: EditedModel) -> list[_Target]:
     names = {id(m): n for n, m in model.named_modules()}
     targets: list[_Target] = []
     for site in edited.prepared.loaded.discovery.present():
-        r, w = edited.plan.at(site)
-        if w == 0:
+        if edited.plan.weight_at(site) == 0:
             continue
+        edit = edited.plan.at(site)
         for module in _linear_modules(site, number):
-            targets.append(_Target(names[id(module)], module, r.detach().float().cpu(), w))
+            targets.append(_Target(names[id(module)], module, edit.basis.detach().float().cpu(), edit.weights.float().cpu()))
     if not targets:
         raise UserError(
             f"trial {number} changes no weight (every ablation weight is 0: trial 0 is the unedited model), so there is no "
@@ -183,15 +187,16 @@ def _write_adapter(edited: EditedModel, targets: list[_Target], folder: Path) ->
     for t in targets:
         key = f"base_model.model.{t.name}"
         weight = t.module.weight.detach().float().cpu()
-        tensors[f"{key}.lora_A.weight"] = (t.direction @ weight).unsqueeze(0).contiguous()  # A = r^T W: (1, d_in)
-        tensors[f"{key}.lora_B.weight"] = (-t.weight * t.direction).unsqueeze(1).contiguous()  # B = -w r: (d_out, 1)
+        tensors[f"{key}.lora_A.weight"] = (t.basis @ weight).contiguous()  # A = R^T W: (k, d_in)
+        tensors[f"{key}.lora_B.weight"] = (-t.weights.unsqueeze(-1) * t.basis).mT.contiguous()  # B = -R W_r: (d_out, k)
         if t.module.bias is not None:
             bias = t.module.bias.detach().float().cpu()
-            tensors[f"{key}.base_layer.bias"] = (bias - t.weight * (t.direction @ bias) * t.direction).contiguous()
+            tensors[f"{key}.base_layer.bias"] = (bias - ((t.basis @ bias) * t.weights) @ t.basis).contiguous()
             biases += 1
+    rank = edited.plan.rank
     config = LoraConfig(
-        r=1,
-        lora_alpha=1,
+        r=rank,
+        lora_alpha=rank,
         lora_dropout=0.0,
         target_modules=[t.name for t in targets],
         bias="lora_only" if biases else "none",
@@ -273,8 +278,9 @@ def _record(edited: EditedModel, targets: list[_Target], biases: int) -> dict:
     return {
         **edited.record(),
         "format": "peft-lora",
-        "edit": "W <- (I - w r r^T) W as the rank-1 LoRA pair B = -w r, A = r^T W (lora_alpha 1) on every nn.Linear each "
-        "block writes to the residual stream with, where w != 0; biases b <- (I - w r r^T) b stored whole (bias='lora_only')",
+        "edit": f"W <- (I - R W_r R^T) W as the rank-{edited.plan.rank} LoRA pair B = -R W_r, A = R^T W (lora_alpha = rank) "
+        "on every nn.Linear each block writes to the residual stream with, where w != 0 (R: the layer's directions, "
+        "W_r: their weights); biases b <- (I - R W_r R^T) b stored whole (bias='lora_only')",
         "modules": len(targets),
         "biases": biases,
     }
@@ -298,9 +304,10 @@ def _readme(edited: EditedModel, out: Path, modules: int, biases: int) -> str:
         "---",
         f"# LoRA adapter: {Path(base).name} abliterated (study `{edited.prepared.settings.study}`, trial {trial.number})",
         "",
-        "Made with `optimizer`: the refusal direction r is projected out of every matrix each block writes to the",
-        "residual stream with, W <- (I - w r r^T) W, which is exactly a rank-1 LoRA pair per matrix:",
-        f"B = -w r, A = r^T W, rank 1, lora_alpha 1 ({modules} modules; layers with weight 0 are left out).",
+        "Made with `optimizer`: the refusal directions R (k per layer) are projected out of every matrix each block",
+        "writes to the residual stream with, W <- (I - R W_r R^T) W, which is exactly a rank-k LoRA pair per matrix:",
+        f"B = -R W_r, A = R^T W, rank k = {edited.plan.rank}, lora_alpha {edited.plan.rank} ({modules} modules;",
+        "layers with weight 0 are left out).",
         f"Refusals (scoring prompts): {refusals}; KL divergence from the original: {trial.values[1]:.4f}.",
         "",
         "The adapter is exact only on its base model (A is computed from the base weights).",

@@ -17,7 +17,7 @@ import torch
 from optimizer.ablation import AblationPlan
 from optimizer.components import COMPONENTS
 from optimizer.config import Settings
-from optimizer.directions import ContrastiveStats, directions, project_out_harmless_mean
+from optimizer.directions import ContrastiveStats, directions, project_out_harmless_mean, subspace_components
 
 
 @dataclass(frozen=True)
@@ -44,14 +44,18 @@ class Kernel:
 
 @dataclass(frozen=True)
 class TrialParams:
-    method: str  # "contrastive" or "mean_diff"
-    alpha: float | None  # contrastive strength; None for mean_diff
+    method: str  # "contrastive" or "mean_diff": how the first direction is found
+    alpha: float | None  # contrastive strength (of the first direction, and of the subspace's other ones); None if unused
     direction_index: float | None  # fractional layer of one global direction; None = per-layer directions
     kernels: dict[str, Kernel]
+    k: int = 1  # directions per layer: the first, and k - 1 contrastive components orthogonal to it
+    gamma: float | None = None  # weight decay of the extra directions (w * gamma^(i-1)); None when k = 1
 
     def describe_direction(self) -> str:
         where = "per-layer" if self.direction_index is None else f"layer {self.direction_index:.2f}"
         how = "mean-diff" if self.method == "mean_diff" else f"cPCA a={self.alpha:.2f}"
+        if self.k > 1:
+            how += f" + {self.k - 1} (a={self.alpha:.2f}, g={self.gamma:.2f})"
         return f"{how}, {where}"
 
     def to_json(self) -> dict:
@@ -69,7 +73,9 @@ def build_plan(params: TrialParams, stats: ContrastiveStats, projected: bool = F
     """Turn parameters into per-layer directions and weights, computing only the directions needed.
 
     `projected` removes from the direction used at each layer its component along that layer's
-    harmless mean (for a global direction too: each layer gets its own projection)."""
+    harmless mean (for a global direction too: each layer gets its own projection). With k > 1,
+    each edited layer also gets k - 1 contrastive components of its own statistics orthogonal to
+    its (final) first direction (`subspace_components`)."""
     n_layers = stats.n_layers
     weights = {c: params.kernels[c].weights(n_layers) for c in COMPONENTS}
     d = stats.mean_diff.shape[1]
@@ -89,7 +95,14 @@ def build_plan(params: TrialParams, stats: ContrastiveStats, projected: bool = F
         per_layer = torch.nn.functional.normalize(mixed, dim=0).expand(n_layers, d).clone()
     if projected and needed:
         per_layer[needed] = project_out_harmless_mean(stats, per_layer[needed], needed)
-    return AblationPlan({c: per_layer for c in COMPONENTS}, weights), PlanInfo(fallback)
+    if params.k == 1:
+        return AblationPlan({c: per_layer for c in COMPONENTS}, weights), PlanInfo(fallback)
+    extra = torch.zeros(n_layers, params.k - 1, d, device=stats.device)
+    if needed:
+        extra[needed] = subspace_components(stats, params.alpha or 0.0, per_layer[needed], needed, params.k - 1)
+    assert params.gamma is not None  # sampled whenever k > 1
+    plan = AblationPlan({c: per_layer for c in COMPONENTS}, weights, {c: extra for c in COMPONENTS}, params.gamma)
+    return plan, PlanInfo(fallback)
 
 
 def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Settings) -> TrialParams:
@@ -97,7 +110,10 @@ def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Setti
     last = n_layers - 1
     methods = settings.direction_methods
     method = methods[0] if len(methods) == 1 else trial.suggest_categorical("direction_method", methods)
-    alpha = trial.suggest_float("alpha", 0.0, settings.alpha_max) if method == "contrastive" else None
+    k = trial.suggest_int("subspace_k", 1, settings.subspace_max) if settings.subspace_max > 1 else 1
+    gamma = trial.suggest_float("subspace_gamma", 0.0, 1.0) if k > 1 else None
+    uses_alpha = method == "contrastive" or k > 1
+    alpha = trial.suggest_float("alpha", 0.0, settings.alpha_max) if uses_alpha else None
     scope = trial.suggest_categorical("direction_scope", ["global", "per_layer"])
     index = trial.suggest_float("direction_index", 0.2 * last, 0.9 * last) if scope == "global" else None
     kernels = {
@@ -109,13 +125,59 @@ def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Setti
         )
         for c in COMPONENTS
     }
-    return TrialParams(method, alpha, index, kernels)
+    return TrialParams(method, alpha, index, kernels, k, gamma)
 
 
 # Upper bounds of the space that a setting moves, by parameter name (suffix): where front trials crowd
 # against one, the end of a run says which flag widens it (`report.bound_warnings`). The other
 # bounds are the ends of what a parameter can mean (a weight of 0, the last layer, a ratio of 1).
-WIDENED_BY = {"peak_weight": "--max-weight", "alpha": "--alpha-max"}  # upper bounds
+WIDENED_BY = {"peak_weight": "--max-weight", "alpha": "--alpha-max", "subspace_k": "--subspace-max"}  # upper bounds
+
+
+def separation(stats: ContrastiveStats) -> torch.Tensor:
+    """Per layer, how well the mean difference r separates the two sets: |r|^2 over the summed
+    variance of both sets along r (a Fisher ratio), from the cached statistics. Along the unit r^
+    with coordinates c = Q^T r / |r|, the harmless variance is c^T K_g c and the harmful second moment
+    about the harmless mean is c^T K_b c = var_b + |r|^2."""
+    norm = stats.mean_diff.norm(dim=-1)
+    c = stats.mean_diff_coords / norm.clamp_min(1e-12).unsqueeze(-1)
+    along = lambda gram: torch.einsum("lk,lkj,lj->l", c, gram, c)
+    variance = (along(stats.gram_harmful) - norm.square()).clamp_min(0) + along(stats.gram_harmless)
+    return norm.square() / variance.clamp_min(1e-12)
+
+
+def seeded_starts(stats: ContrastiveStats, settings: Settings) -> dict[str, dict]:
+    """Known-good edits tried before the random start-up trials (`--seeded-starts`), by name.
+
+    `uniform`: Arditi et al.'s edit, every layer's output projections ablated with weight 1 along
+    the mean difference of the single layer that separates the two sets best (`separation`, inside
+    the global direction's range). `tapered` and `tapered-per-layer`: a kernel like the middle of
+    heretic's ranges (weight 1 at 3/4 depth, half of it at the edge, 0.4 of the layers wide) with
+    that global direction, and with per-layer directions. All are mean-difference edits of one
+    direction; none is offered without `mean_diff` among --direction-methods."""
+    if "mean_diff" not in settings.direction_methods:
+        return {}
+    last = stats.n_layers - 1
+    low, high = 0.2 * last, 0.9 * last
+    scores = separation(stats)
+    inside = [layer for layer in range(stats.n_layers) if low <= layer <= high] or [round(0.6 * last)]
+    best = float(max(inside, key=lambda layer: float(scores[layer])))
+    common: dict = {"direction_method": "mean_diff"} if len(settings.direction_methods) > 1 else {}
+    if settings.subspace_max > 1:
+        common["subspace_k"] = 1
+
+    def kernel(weight: float, peak: float, ratio: float, falloff: float) -> dict:
+        values = {"peak_weight": weight, "peak_layer": peak, "min_ratio": ratio, "falloff": max(1.0, falloff)}
+        return {f"{c}_{name}": value for c in COMPONENTS for name, value in values.items()}
+
+    uniform = kernel(1.0, 0.5 * last, 1.0, 0.6 * last)  # within the falloff of every layer: weight 1 everywhere
+    tapered = kernel(1.0, 0.75 * last, 0.5, 0.4 * last)
+    global_best = {"direction_scope": "global", "direction_index": best}
+    return {
+        "uniform": {**common, **global_best, **uniform},
+        "tapered": {**common, **global_best, **tapered},
+        "tapered-per-layer": {**common, "direction_scope": "per_layer", **tapered},
+    }
 
 
 def replay_params(params: dict, n_layers: int, settings: Settings) -> TrialParams:
@@ -129,6 +191,8 @@ def baseline_params(n_layers: int, settings: Settings) -> dict:
     params: dict = {"direction_scope": "global", "direction_index": 0.5 * last}
     if len(settings.direction_methods) > 1:
         params["direction_method"] = "mean_diff" if "mean_diff" in settings.direction_methods else settings.direction_methods[0]
+    if settings.subspace_max > 1:
+        params["subspace_k"] = 1
     if params.get("direction_method", settings.direction_methods[0]) == "contrastive":
         params["alpha"] = 0.0
     for c in COMPONENTS:

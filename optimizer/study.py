@@ -24,7 +24,7 @@ from optimizer.errors import UserError
 from optimizer.front import Front
 from optimizer.locks import file_lock
 from optimizer.optuna_adapter import is_told_elsewhere
-from optimizer.params import baseline_params, build_plan, suggest_params
+from optimizer.params import baseline_params, build_plan, seeded_starts, suggest_params
 from optimizer.report import best_tradeoff, bound_warnings, early_stop_line, front_trials, pareto_table, refusals_text, trial_line
 from optimizer.storage import (
     check_url,
@@ -64,9 +64,12 @@ def _existing_attrs(storage: optuna.storages.BaseStorage, name: str) -> dict | N
     return wait_for_initialisation(storage, storage.get_study_id_from_name(name))
 
 
-def load_or_create_study(storage: optuna.storages.BaseStorage, spec: RunSpec) -> tuple[optuna.Study, bool]:
+def load_or_create_study(
+    storage: optuna.storages.BaseStorage, spec: RunSpec, starts: dict[str, dict]
+) -> tuple[optuna.Study, bool]:
     """The study for this run. Creation is atomic (unique study name), so of several workers
-    starting at once exactly one creates the study and enqueues the baseline trial."""
+    starting at once exactly one creates the study and enqueues the baseline trial, then the
+    seeded `starts` (name -> parameters)."""
     settings, loaded = spec.settings, spec.loaded
     name = settings.study
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -97,6 +100,8 @@ def load_or_create_study(storage: optuna.storages.BaseStorage, spec: RunSpec) ->
         study.set_user_attr("run_settings", run_record(settings))
         study.set_user_attr("n_layers", loaded.n_layers)
         study.enqueue_trial(baseline_params(loaded.n_layers, settings), user_attrs={"baseline": True})
+        for start, params in starts.items():
+            study.enqueue_trial(params, user_attrs={"seeded": start})
         study.set_user_attr("initialised", True)
     return study, created
 
@@ -217,7 +222,8 @@ def _run_in(spec: RunSpec, url: str) -> optuna.Study:
     # one-time work before the study is created, so that bad data (NaN residuals...) leaves no study behind
     scorer = prepare_scoring(spec, settings.cache_path())
     storage = storage or _connect(settings)
-    study, created = load_or_create_study(storage, spec)
+    starts = seeded_starts(scorer.prepared.stats, settings) if settings.seeded_starts else {}
+    study, created = load_or_create_study(storage, spec, starts)
     base = scorer.baseline_refusals
     console.print(
         f"Study {settings.study!r} in {redacted(url)} ({'new' if created else 'resumed'}); model {loaded.source} on "

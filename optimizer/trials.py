@@ -80,11 +80,13 @@ class EditedModel:
             "params": trial.params,
             "trial_params": self.params.to_json(),
             "weights": {c: self.plan.weights[c] for c in COMPONENTS},
+            "subspace": {"k": self.plan.rank, "gamma": self.plan.decay, "direction_weights": "w * gamma^(i-1), i = 1..k"},
             "fallback_layers": self.info.fallback_layers,
             "scores": {"refusals": trial.user_attrs.get("refusals"), "kl_divergence": trial.values[1]},
-            "edit": "W <- (I - w r r^T) W and b <- (I - w r r^T) b on every tensor each block writes to the residual "
-            "stream with (attention output, MLP down projection, every expert's down projection); "
-            "directions per layer in ablation.safetensors",
+            "edit": "W <- (I - R W_r R^T) W and b <- (I - R W_r R^T) b on every tensor each block writes to the "
+            "residual stream with (attention output, MLP down projection, every expert's down projection); R: the "
+            "layer's k orthonormal directions, W_r: their weights; in ablation.safetensors, per component, "
+            "`<c>.directions` (L, d) the first direction of every layer and `<c>.extra_directions` (L, k-1, d) the others",
             "norm_preserving": settings.norm_preserving,
             "response_prefix": settings.response_prefix,
             "chat_template_kwargs": settings.template_kwargs(),

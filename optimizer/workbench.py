@@ -323,7 +323,7 @@ def choose_fast_paths(spec: RunSpec, batch_size: int) -> tuple[FastPaths, Ablati
         packed_linears = pack_linear_layers(loaded, console)
         packed_prefill = _packed_prefill_agrees(spec, batch_size)
     if supports_graph_decoding(loaded):
-        hooks = AblationHooks(loaded, spec.settings.norm_preserving, static=True)
+        hooks = AblationHooks(loaded, spec.settings.norm_preserving, static=True, rank=spec.settings.subspace_max)
         graph = _graph_decoder(spec, batch_size)
         if graph is not None:
             return FastPaths(packed_linears, packed_prefill, graph), hooks

@@ -12,6 +12,7 @@ import optuna
 import pytest
 import torch
 from rich.console import Console
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from optimizer.chat import chat
@@ -35,7 +36,8 @@ def finished_study(tiny_dir, tmp_path_factory):
 
 def edited_trial(studies) -> int:
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{studies}/t.db")
-    return next(t.number for t in study.trials if not t.user_attrs.get("baseline") and t.state.name == "COMPLETE")
+    edited = [t for t in study.trials if not t.user_attrs.get("baseline") and t.state.name == "COMPLETE"]
+    return max(edited, key=lambda t: (t.params.get("subspace_k", 1), -t.number)).number  # the largest subspace, first
 
 
 def test_show(finished_study, capsys):
@@ -65,6 +67,12 @@ def test_export_round_trip_equals_hooked_model(finished_study, tmp_path, capsys)
     assert (hooked - original).abs().max() > 1e-3, "the trial must change the model"
     # both float32 on the CPU: only summation order differs
     torch.testing.assert_close(baked, hooked, rtol=1e-4, atol=1e-4)
+    # every direction is written: the first per layer, and the rest of the refusal subspace
+    assert edited.plan.rank > 1 and record["subspace"]["k"] == edited.plan.rank
+    directions = load_file(out / "ablation.safetensors")
+    for c in ("attn", "mlp"):
+        torch.testing.assert_close(directions[f"{c}.directions"], edited.plan.directions[c].float())
+        torch.testing.assert_close(directions[f"{c}.extra_directions"], edited.plan.extra[c].float())
     # a plain transformers load works too, with the chat template
     plain = AutoModelForCausalLM.from_pretrained(out)
     assert plain.config.num_hidden_layers == 4

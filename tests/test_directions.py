@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from optimizer import directions as directions_module
-from optimizer.directions import compute_stats, contrastive_eigen, directions, top_direction
+from optimizer.directions import compute_stats, contrastive_eigen, directions, subspace_components, top_direction
 
 
 def synthetic(layers: int, n_b: int, n_g: int, d: int, seed: int = 0):
@@ -130,3 +130,40 @@ def test_projected_directions_leave_the_harmless_mean_alone(index):
         assert abs(float(r @ mean)) > 0.05, "the plain direction has a component along the harmless mean"
         assert abs(float(got @ mean)) < 1e-5
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(20, 30, 64), (50, 40, 48)])  # m < d and m > d
+@pytest.mark.parametrize("first_from", ["mean_diff", "other_layer"])
+def test_subspace_components_match_the_full_deflated_eigh(shape, first_from):
+    """r_2..r_k from the small matrices against the top eigenvectors of P S(alpha) P, P = I - r_1 r_1^T,
+    computed in d x d; r_1 either in the layer's span (its mean difference) or not (a global
+    direction taken from another layer)."""
+    n_b, n_g, d = shape
+    harmful, harmless = synthetic(3, n_b, n_g, d, seed=4)
+    stats = compute_stats(harmful, harmless)
+    alpha, count = 0.8, 3
+    layers = [0, 2]
+    r = torch.nn.functional.normalize(stats.mean_diff, dim=-1)
+    first = r[layers] if first_from == "mean_diff" else r[1].expand(len(layers), d)
+    components = subspace_components(stats, alpha, first, layers, count)
+    assert components.shape == (len(layers), count, d)
+    for row, layer in enumerate(layers):
+        basis = torch.cat([first[row : row + 1], components[row]]).double()
+        torch.testing.assert_close(basis @ basis.T, torch.eye(count + 1, dtype=torch.float64), rtol=0, atol=1e-5)
+        u = first[row].double()
+        project = torch.eye(d, dtype=torch.float64) - torch.outer(u, u)
+        values, vectors = torch.linalg.eigh(project @ full_matrix(harmful[layer], harmless[layer], alpha) @ project)
+        assert values.flip(0)[count - 1] > 1e-3 * values.abs().max(), "the test data should give positive components"
+        for i in range(count):
+            assert (components[row, i].double() @ vectors[:, -1 - i]).abs() >= 0.9999
+
+
+def test_subspace_components_past_the_positive_spectrum_are_zero():
+    harmful, harmless = synthetic(1, 6, 40, 32, seed=2)
+    stats = compute_stats(harmful, harmless)
+    first = torch.nn.functional.normalize(stats.mean_diff, dim=-1)
+    alpha = 50.0  # the harmless variance dominates every direction but a few
+    components = subspace_components(stats, alpha, first, [0], 8)
+    norms = components[0].norm(dim=-1)
+    assert ((norms - 1).abs() < 1e-4).sum() + (norms < 1e-6).sum() == 8, "each component is a unit vector or zero"
+    assert (norms < 1e-6).any(), "with this alpha some components hold nothing and must edit nothing"

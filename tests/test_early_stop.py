@@ -79,7 +79,7 @@ def _study(model: Path, tmp_path: Path, name: str, trials: int, *extra: str) -> 
     args = [
         "run", "--model", str(model), "--studies-dir", str(tmp_path / "studies"), "--cache-dir", str(tmp_path / "cache"),
         "--study", name, "--config", str(config), "--direction-prompts", "8", "--scoring-prompts", "16",
-        "--max-new-tokens", "6", "--trials", str(trials), "--no-verify", *extra,
+        "--max-new-tokens", "6", "--trials", str(trials), "--no-verify", "--no-seeded-starts", *extra,
     ]  # fmt: skip
     assert main(args) == 0
     return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/studies/{name}.db")

@@ -16,7 +16,7 @@ from optimizer.components import discover
 from optimizer.errors import UserError
 from optimizer.model import load_model
 from tests.conftest import build_tiny_model
-from tests.test_ablation import logits_of, random_plan
+from tests.test_ablation import logits_of, random_plan, random_subspace_plan
 
 SAVED_FAMILIES = ["qwen3_moe", "mixtral", "granitemoe", "qwen2_moe", "gpt_oss", "qwen3_next", "lfm2"]
 
@@ -74,6 +74,19 @@ def test_exported_weights_equal_hooked_trial(any_family_dir, tmp_path):
     hooked = logits_of(loaded)
     hooks.remove()
     assert (hooked - unedited).abs().max() > 1e-3, "the plan must change the logits"
+    bake_into_weights(loaded, plan)
+    loaded.model.save_pretrained(tmp_path / "out")
+    reloaded = dataclasses.replace(loaded, model=AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval())
+    torch.testing.assert_close(logits_of(reloaded), hooked, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["tiny_llama_bias_dir", "qwen3_moe"])
+def test_exported_subspace_weights_equal_hooked_trial(family, request, build_family, tmp_path):
+    """A refusal subspace (k = 3) baked, saved and reloaded: the hooked model's logits, fused experts included."""
+    folder = request.getfixturevalue(family) if family in DENSE_FIXTURES else build_family(family)
+    loaded = load_model(str(folder), "cpu", "float32")
+    plan = random_subspace_plan(loaded, k=3, gamma=0.7, seed=8)
+    hooked, _ = hooked_and_baked(loaded, plan)
     bake_into_weights(loaded, plan)
     loaded.model.save_pretrained(tmp_path / "out")
     reloaded = dataclasses.replace(loaded, model=AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval())
@@ -198,15 +211,23 @@ def test_norm_preserving_hook_is_exact_and_keeps_row_norms(tiny_llama_bias_dir):
     baked = copy.deepcopy(loaded)
     bake_into_weights(baked, plan, norm_preserving=True)
     for original, edited in zip(loaded.discovery.present(), baked.discovery.present()):
-        if plan.at(original)[1] == 0:
+        if plan.weight_at(original) == 0:
             continue
         before, after = original.edits[0].rows(), edited.edits[0].rows()  # (in, d): what each input writes
         torch.testing.assert_close(after.norm(dim=-1), before.norm(dim=-1), rtol=1e-5, atol=1e-6)
-        r = plan.at(original)[0]
+        r = plan.at(original).basis[0]
         assert not torch.allclose(after, before)
         assert (after @ r).abs().mean() < (before @ r).abs().mean()
     hooked, baked_logits = hooked_and_baked(loaded, plan, norm_preserving=True)
     torch.testing.assert_close(baked_logits, hooked, rtol=1e-4, atol=1e-4)
+    subspace = random_subspace_plan(loaded, k=3, gamma=0.8, seed=6)
+    hooked, baked_logits = hooked_and_baked(loaded, subspace, norm_preserving=True)
+    torch.testing.assert_close(baked_logits, hooked, rtol=1e-4, atol=1e-4)
+    baked = copy.deepcopy(loaded)
+    bake_into_weights(baked, subspace, norm_preserving=True)
+    for original, edited in zip(loaded.discovery.present(), baked.discovery.present()):
+        before, after = original.edits[0].rows(), edited.edits[0].rows()
+        torch.testing.assert_close(after.norm(dim=-1), before.norm(dim=-1), rtol=1e-5, atol=1e-6)
     plain_hooked, _ = hooked_and_baked(loaded, plan)  # the norm-preserving edit differs from the plain one
     assert (plain_hooked - hooked).abs().max() > 1e-3
 

@@ -166,7 +166,7 @@ def test_gguf_study_export_reencodes_only_the_edited_tensors(small_tokenizer_dir
     changed = {
         f"blk.{site.layer}.{'attn_output' if site.component == 'attn' else 'ffn_down'}.weight"
         for site in edited.prepared.loaded.discovery.present()
-        if edited.plan.at(site)[1] != 0
+        if edited.plan.weight_at(site) != 0
     }
     out = tmp_path / "edited.gguf"
     report = write_gguf(edited, out, "same", Console(file=io.StringIO()))

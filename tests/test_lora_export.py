@@ -50,7 +50,8 @@ def study_of(tmp_path_factory):
 
 def edited_of(studies):
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{studies}/t.db")
-    number = next(t.number for t in study.trials if not t.user_attrs.get("baseline") and t.state.name == "COMPLETE")
+    edited = [t for t in study.trials if not t.user_attrs.get("baseline") and t.state.name == "COMPLETE"]
+    number = max(edited, key=lambda t: (t.params.get("subspace_k", 1), -t.number)).number  # the largest subspace, first
     stored = open_study("t", None, str(studies))
     return load_edited_model(stored, number, Console(file=io.StringIO()), device="cpu", dtype="float32", full_precision=True)
 
@@ -84,10 +85,12 @@ def expected_modules(edited, mlp: tuple[str, ...] = ("mlp.down_proj",)) -> set[s
     }
 
 
-@pytest.mark.parametrize("model_fixture", ["tiny_dir", "tiny_llama_bias_dir"])
-def test_adapter_on_fresh_base_equals_hooked_trial(model_fixture, request, study_of, tmp_path):
+@pytest.mark.parametrize("model_fixture,subspace_max", [("tiny_dir", 1), ("tiny_llama_bias_dir", 1), ("tiny_llama_bias_dir", 4)])
+def test_adapter_on_fresh_base_equals_hooked_trial(model_fixture, subspace_max, request, study_of, tmp_path):
     model_dir = request.getfixturevalue(model_fixture)
-    edited = edited_of(study_of(model_dir))
+    edited = edited_of(study_of(model_dir, "--subspace-max", str(subspace_max)))
+    rank = edited.plan.rank
+    assert (rank == 1) if subspace_max == 1 else (rank > 1), "one trial of each kind: rank 1, and a refusal subspace"
     loaded = edited.prepared.loaded
     inputs = batch(loaded)
     original = logits(loaded.model, inputs)
@@ -104,10 +107,10 @@ def test_adapter_on_fresh_base_equals_hooked_trial(model_fixture, request, study
     config = json.loads((out / "adapter_config.json").read_text())
     with_bias = model_fixture == "tiny_llama_bias_dir"
     assert config["base_model_name_or_path"] == str(model_dir) and config["peft_type"] == "LORA"
-    assert (config["r"], config["lora_alpha"], config["bias"]) == (1, 1, "lora_only" if with_bias else "none")
+    assert (config["r"], config["lora_alpha"], config["bias"]) == (rank, rank, "lora_only" if with_bias else "none")
     assert set(config["target_modules"]) == expected_modules(edited)
     tensors = load_file(out / "adapter_model.safetensors")
-    assert {t.shape[1] for k, t in tensors.items() if k.endswith("lora_B.weight")} == {1}, "rank 1"
+    assert {t.shape[1] for k, t in tensors.items() if k.endswith("lora_B.weight")} == {rank}
     assert sum(k.endswith(".bias") for k in tensors) == (len(expected_modules(edited)) if with_bias else 0)
     assert report.modules == len(expected_modules(edited)) and report.biases == (report.modules if with_bias else 0)
     assert report.size_bytes == sum(f.stat().st_size for f in out.iterdir())
@@ -224,7 +227,8 @@ def test_export_command_writes_the_adapter_and_refuses_norm_preserving_before_lo
 ):
     studies = study_of(tiny_dir)
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{studies}/t.db")
-    number = next(t.number for t in study.trials if not t.user_attrs.get("baseline") and t.state.name == "COMPLETE")
+    edited = [t for t in study.trials if not t.user_attrs.get("baseline") and t.state.name == "COMPLETE"]
+    number = max(edited, key=lambda t: (t.params.get("subspace_k", 1), -t.number)).number  # the largest subspace, first
     out = tmp_path / "adapter"
     args = ["export", "--study", "t", "--studies-dir", str(studies), "--trial", str(number), "--format", "lora"]
     assert main([*args, "--out", str(out)]) == 0

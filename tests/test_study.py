@@ -11,10 +11,12 @@ from optimizer.cli import main
 from optimizer.storage import counted_trials
 
 
-def run_args(model: Path, studies: Path, *extra: str) -> list[str]:
+def run_args(model: Path, studies: Path, *extra: str, seeded: bool = False) -> list[str]:
+    """A short study's command line; without the seeded starts unless `seeded` (tests/test_starts.py)."""
     return [
         "run", "--model", str(model), "--studies-dir", str(studies), "--study", "t",
-        "--direction-prompts", "8", "--scoring-prompts", "4", "--max-new-tokens", "4", "--startup-trials", "2", "--no-verify", *extra,
+        "--direction-prompts", "8", "--scoring-prompts", "4", "--max-new-tokens", "4", "--startup-trials", "2", "--no-verify",
+        *([] if seeded else ["--no-seeded-starts"]), *extra,
     ]
 
 
@@ -128,10 +130,12 @@ def test_max_weight_sets_the_peak_weight_range(tiny_dir, tmp_path, capsys):
     from optimizer.params import replay_params
 
     settings = build_settings({"max_weight": 3.0})
-    params = {"direction_scope": "per_layer", "direction_method": "mean_diff"}
+    params = {"direction_scope": "per_layer", "direction_method": "mean_diff", "subspace_k": 1}
     for c in ("attn", "mlp"):
         params.update({f"{c}_peak_weight": 2.5, f"{c}_peak_layer": 3.0, f"{c}_min_ratio": 0.5, f"{c}_falloff": 1.0})
     assert replay_params(params, 4, settings).kernels["attn"].peak_weight == 2.5
     studies = tmp_path / "s"
     assert main(run_args(tiny_dir, studies, "--max-weight", "0")) == 2
     assert "--max-weight must be positive" in capsys.readouterr().err
+    assert main(run_args(tiny_dir, studies, "--subspace-max", "0")) == 2
+    assert "--subspace-max must be between 1 and 16" in capsys.readouterr().err

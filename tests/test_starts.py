@@ -1,0 +1,67 @@
+"""Seeded starts (issue 15, part 2): known-good edits enqueued before the random start-up trials."""
+
+import dataclasses
+
+import optuna
+import pytest
+import torch
+
+from optimizer.cli import main
+from optimizer.components import COMPONENTS
+from optimizer.config import Settings
+from optimizer.directions import compute_stats
+from optimizer.params import build_plan, replay_params, seeded_starts, separation
+from tests.test_directions import synthetic
+from tests.test_study import load, run_args
+
+
+def test_separation_is_the_fisher_ratio_along_the_mean_difference():
+    harmful, harmless = synthetic(4, 30, 40, 24, seed=3)
+    harmful[2] = harmful[2] * 0.2 + 3.0  # one layer whose sets are far apart and tight
+    stats = compute_stats(harmful, harmless)
+    scores = separation(stats)
+    for layer in range(4):
+        b, g = harmful[layer].double(), harmless[layer].double()
+        r = b.mean(0) - g.mean(0)
+        unit = r / r.norm()
+        expected = r.norm() ** 2 / ((b @ unit).var(unbiased=False) + (g @ unit).var(unbiased=False))
+        torch.testing.assert_close(scores[layer].double(), expected, rtol=1e-3, atol=0)
+    assert int(scores.argmax()) == 2
+
+
+@pytest.mark.parametrize("methods,subspace_max", [(["contrastive", "mean_diff"], 4), (["mean_diff"], 1), (["mean_diff", "contrastive"], 1)])
+def test_every_start_replays_inside_the_search_space(methods, subspace_max):
+    harmful, harmless = synthetic(10, 20, 20, 16, seed=1)
+    harmful[6] = harmful[6] * 0.1 + 2.0  # layer 6 separates best
+    stats = compute_stats(harmful, harmless)
+    settings = Settings(direction_methods=methods, subspace_max=subspace_max)
+    starts = seeded_starts(stats, settings)
+    assert set(starts) == {"uniform", "tapered", "tapered-per-layer"}
+    for name, params in starts.items():
+        replayed = replay_params(params, stats.n_layers, settings)  # FixedTrial: every parameter present and used
+        assert replayed.method == "mean_diff" and replayed.k == 1
+        plan, _ = build_plan(replayed, stats)
+        if name == "uniform":  # Arditi et al.: every layer, weight 1, the best layer's mean difference
+            assert all(w == pytest.approx(1.0) for c in COMPONENTS for w in plan.weights[c])
+            best = torch.nn.functional.normalize(stats.mean_diff[6], dim=0)
+            for c in COMPONENTS:
+                torch.testing.assert_close(plan.directions[c], best.expand(stats.n_layers, -1), rtol=1e-5, atol=1e-6)
+        else:
+            weights = plan.weights["attn"]
+            assert 0.9 < max(weights) <= 1.0 and min(weights) == 0.0  # a taper: near 1 at its peak, 0 far from it
+    assert seeded_starts(stats, dataclasses.replace(settings, direction_methods=["contrastive"])) == {}
+
+
+def test_a_new_study_runs_the_seeded_starts_first_and_only_once(tiny_dir, tmp_path):
+    studies = tmp_path / "studies"
+    assert main(run_args(tiny_dir, studies, "--trials", "5", seeded=True)) == 0
+    study = load(studies)
+    assert [t.user_attrs.get("seeded") for t in study.trials[:4]] == [None, "uniform", "tapered", "tapered-per-layer"]
+    assert study.trials[0].user_attrs["baseline"]
+    uniform = study.trials[1]
+    assert uniform.params["attn_peak_weight"] == 1.0 and uniform.params["direction_scope"] == "global"
+    assert main(run_args(tiny_dir, studies, "--trials", "8", seeded=True)) == 0  # resumed: no second set of starts
+    assert sum("seeded" in t.user_attrs for t in load(studies).trials) == 3
+    plain = tmp_path / "plain"
+    assert main(run_args(tiny_dir, plain, "--trials", "3")) == 0
+    assert not any("seeded" in t.user_attrs for t in load(plain).trials)
