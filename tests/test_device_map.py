@@ -125,15 +125,17 @@ def test_a_split_model_exports_the_weights_of_the_plain_one(tiny_varied_dir, tmp
         {"model": str(tiny_varied_dir), "device": devices[0], "dtype": "float32", "direction_prompts": 4,
          "scoring_prompts": 2, "response_prefix": "", "batch_size": 4}
     )  # fmt: skip
-    saved = {}
+    saved, identities = {}, {}
     for split in (False, True):
         if split:
             monkeypatch.setattr(workbench_module, "load_model", functools.partial(load_model, device_map=groups(4, devices)))
         prepared = prepare(resolve(settings, Console(file=io.StringIO())), tmp_path / f"cache-{split}")
         assert prepared.loaded.split == split
+        identities[split] = prepared.spec.identity
         bake_and_verify(types.SimpleNamespace(prepared=prepared, plan=random_plan(prepared.loaded, seed=2)))
         prepared.loaded.model.save_pretrained(tmp_path / str(split))
         saved[split] = load_file(str(tmp_path / str(split) / "model.safetensors"))
+    assert identities[True] == identities[False]  # the same study and cache, split or not
     assert saved[True].keys() == saved[False].keys()
     original = load_file(str(tiny_varied_dir / "model.safetensors"))
     edited = "model.layers.3.self_attn.o_proj.weight"
@@ -180,3 +182,26 @@ def test_a_model_larger_than_one_gpu_is_spread_in_whole_blocks(tmp_path):
     assert placement["model.norm"] == 2 and all(not name.startswith("model.layers.0.") for name in placement)
     with pytest.raises(UserError, match=r"more than the 2 GPUs have free.*--quantization 4bit"):
         gpu_device_map(model, torch.bfloat16, [size // 3, size // 3])
+
+
+def test_auto_spreads_a_model_larger_than_one_gpu_when_several_are_visible(tiny_varied_dir, monkeypatch):
+    """`--device auto` with several GPUs: the map that `gpu_device_map` draws from the model on the meta
+    device and each GPU's free memory places the model (here a map onto the CPU stands in for it)."""
+    import optimizer.model as model_module
+
+    asked = []
+
+    def device_map(model, dtype, free):
+        asked.append((next(model.parameters()).device.type, dtype, free))
+        return groups(4, ("cpu", "cpu"))
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (10**9 + index, 2 * 10**9))
+    monkeypatch.setattr(model_module, "gpu_device_map", device_map)
+    console = Console(file=io.StringIO(), width=200)
+    loaded = load_model(str(tiny_varied_dir), "auto", "float32", console=console)
+    assert asked == [("meta", torch.float32, [10**9, 10**9 + 1])]
+    assert loaded.split and all(hasattr(layer, "_hf_hook") for layer in loaded.layers)
+    assert "by accelerate's device map: blocks 0-3 on cpu" in console.file.getvalue()
+    asked.clear()
+    assert not load_model(str(tiny_varied_dir), "cpu", "float32").split and not asked  # an explicit device: one device
