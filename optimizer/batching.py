@@ -19,6 +19,13 @@ def _out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
+def _synchronize(loaded: LoadedModel) -> None:
+    """Wait for every GPU that holds some of the model (all of them where a device map spreads it)."""
+    for device in loaded.devices():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+
 def measure_batch_sizes(loaded: LoadedModel, texts: list[str]) -> dict[int, float]:
     """Seconds per prompt of a short greedy generation (prefill + a few decode steps, the shape of
     a trial's work) at each candidate batch size; stops at the first size that runs out of memory."""
@@ -29,12 +36,10 @@ def measure_batch_sizes(loaded: LoadedModel, texts: list[str]) -> dict[int, floa
     timings: dict[int, float] = {}
     for size in usable:
         try:
-            if loaded.device.type == "cuda":
-                torch.cuda.synchronize()
+            _synchronize(loaded)
             start = time.perf_counter()
             generate_and_classify(loaded, sample, PROBE_TOKENS, MarkerJudge([]), size, stop_early=False)
-            if loaded.device.type == "cuda":
-                torch.cuda.synchronize()
+            _synchronize(loaded)
             timings[size] = (time.perf_counter() - start) / len(sample)
         except (RuntimeError, torch.OutOfMemoryError) as e:
             if not _out_of_memory(e):

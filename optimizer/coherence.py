@@ -70,7 +70,7 @@ def answer_nll(loaded: LoadedModel, texts: list[str], answers: list[list[int]], 
                 out.append(0.0)
                 continue
             logits = output_logits(model, hidden[row, len(p) - 1 : len(p) + len(a) - 1].contiguous()).float()
-            target = torch.tensor(a, device=device)
+            target = torch.tensor(a, device=logits.device)  # the LM head's device
             out.append(float(torch.nn.functional.cross_entropy(logits, target)))
     return out
 

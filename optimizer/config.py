@@ -146,7 +146,9 @@ class Settings:
             "default_text": "detected once per study; '' for none",
         },
     )
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
+    device: str = field(
+        default="auto", metadata={"help": "auto (a model too large for one GPU: spread over all GPUs), cpu, cuda, cuda:N"}
+    )
     dtype: str = field(
         default="auto", metadata={"help": "auto, float32, bfloat16, float16", "default_text": "bfloat16 on CUDA, float32 on CPU"}
     )

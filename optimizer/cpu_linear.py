@@ -41,8 +41,11 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
 
 
 def can_pack(loaded: LoadedModel) -> bool:
+    """A float32 model on the CPU, not placed by a device map: accelerate's hooks replace every
+    module's forward, so that a packed class would never run."""
     return (
         loaded.device.type == "cpu"
+        and not loaded.split
         and loaded.dtype == torch.float32
         and loaded.quantization is None
         and torch.backends.mkldnn.is_available()
@@ -68,7 +71,11 @@ def pack_linear_layers(loaded: LoadedModel, console: Console) -> int:
     said on the console when it is not obvious)."""
     if not can_pack(loaded):
         return 0
-    linears = [m for m in loaded.model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32]
+    linears = [
+        m
+        for m in loaded.model.modules()
+        if type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
+    ]
     if not linears:
         return 0
     need = sum(m.weight.numel() * m.weight.element_size() for m in linears)

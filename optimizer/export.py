@@ -71,6 +71,7 @@ def bake_and_verify(edited: EditedModel) -> float:
     hooked model's logits; stops before anything is written if they do not."""
     prepared, loaded = edited.prepared, edited.prepared.loaded
     probe = loaded.tokenizer(prepared.spec.texts.harmful[:1], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    probe = probe.to(loaded.device)
     prepared.hooks.apply(edited.plan)
     hooked = loaded.model(input_ids=probe).logits.float()
     prepared.hooks.remove()

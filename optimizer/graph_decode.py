@@ -10,8 +10,9 @@ buffers too (`AblationHooks(static=True)`), so one capture serves every trial of
 The prefill stays eager (prompts differ in length); its cache is copied into the fixed buffers.
 Rows do not leave the batch (on a GPU a smaller batch is not faster); decoding stops once every
 row is decided. Only decoders with full attention everywhere and sdpa or eager attention qualify
-(the prepared 4-D mask is passed as is); `scoring.graph_error` compares the graph's first
-step with the eager path before a study uses it.
+(the prepared 4-D mask is passed as is), on one GPU (a model spread over several by a device map
+decodes eagerly); `scoring.graph_error` compares the graph's first step with the eager path
+before a study uses it.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class GraphDecoder:
     """Fixed buffers for `batch` rows of up to `length` tokens, and the captured decode step."""
 
     def __init__(self, loaded: LoadedModel, batch: int, length: int, capture: bool = True):
+        if loaded.split:
+            raise ValueError(f"a CUDA graph is captured on one device, and this model's blocks are spread: {loaded.placement()}")
         self.loaded, self.batch, self.length, self.capture = loaded, batch, length, capture
         self._decoder = loaded.model.get_decoder()
         self._keyword = cache_keyword(self._decoder)

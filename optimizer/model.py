@@ -1,4 +1,10 @@
-"""Load a chat model once (hub id, local folder or .gguf file) and find the modules we ablate."""
+"""Load a chat model once (hub id, local folder or .gguf file) and find the modules we ablate.
+
+A model too large for one GPU is spread over every visible GPU when `--device auto` finds
+several: accelerate's device map puts whole decoder blocks on each (balanced), and its hooks move
+the hidden states from one GPU to the next. `LoadedModel.device` is then the embeddings' device,
+where inputs go and results are gathered; each block's tensors stay where the block is.
+"""
 
 from __future__ import annotations
 
@@ -24,16 +30,40 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     source: str  # what the user gave (or the default model's folder)
-    device: torch.device
+    device: torch.device  # where inputs go and results are gathered: the embeddings' device
     dtype: torch.dtype
     layers: list[nn.Module]
     discovery: Discovery  # per component and layer: where the block writes to the residual stream
     checkpoint_dtype: torch.dtype | None = None  # what the weights are stored in (export keeps it)
     quantization: str | None = None
+    # accelerate's placement (module name -> device) where a device map spreads the blocks, run
+    # through its hooks; None: the whole model is on `device`
+    device_map: dict[str, str | int] | None = None
 
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def split(self) -> bool:
+        """Blocks placed by a device map (over several GPUs; in tests, groups of blocks on the CPU)."""
+        return self.device_map is not None
+
+    def devices(self) -> list[torch.device]:
+        """Every device that holds some of the weights, in the order of the model's parameters."""
+        return list(dict.fromkeys(p.device for p in self.model.parameters()))
+
+    def placement(self) -> str:
+        """Where the blocks are, e.g. "blocks 0-39 on cuda:0, 40-79 on cuda:1"."""
+        groups: list[tuple[torch.device, list[int]]] = []
+        for index, layer in enumerate(self.layers):
+            where = next(layer.parameters()).device
+            if groups and groups[-1][0] == where:
+                groups[-1][1].append(index)
+            else:
+                groups.append((where, [index]))
+        spans = [f"{b[0]}-{b[-1]}" if len(b) > 1 else f"{b[0]}" for _, b in groups]
+        return "blocks " + ", ".join(f"{span} on {where}" for span, (where, _) in zip(spans, groups))
 
     @property
     def hidden_size(self) -> int:
@@ -106,6 +136,66 @@ def four_bit_config(device: torch.device, compute_dtype: torch.dtype):
     )
 
 
+# a model whose weights take at most this share of the first GPU's free memory is loaded there
+# alone, even where several GPUs are visible: one device keeps the CUDA-graph decoder
+ONE_GPU_SHARE = 0.8
+# the most of each GPU's free memory that a device map fills with weights (a balanced map, where the
+# GPUs have room, fills less): the rest holds activations and the KV cache
+SPREAD_SHARE = 0.95
+
+
+def empty_model(location: str, kwargs: dict) -> PreTrainedModel:
+    """The model's modules on the meta device, no weights read: names and sizes for a device map."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(location, **kwargs)
+    code = {"trust_remote_code": kwargs.get("trust_remote_code", False)}
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config, **code)
+        except ValueError as e:
+            if "Unrecognized configuration class" not in str(e):
+                raise
+            model = AutoModelForImageTextToText.from_config(config, **code)
+    model.tie_weights()  # tied tensors count once and stay together
+    return model
+
+
+def gpu_device_map(model: nn.Module, dtype: torch.dtype, free: list[int]) -> dict[str, str | int] | None:
+    """Where the weights of `model` (on the meta device) go on GPUs with `free` bytes each: None where
+    they fit on the first one (ONE_GPU_SHARE), else accelerate's device map over all of them,
+    balanced, with every decoder block whole on one GPU."""
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import compute_module_sizes, get_balanced_memory
+
+    size = compute_module_sizes(model, dtype=dtype)[""]
+    if size <= ONE_GPU_SHARE * free[0]:
+        return None
+    whole = sorted({type(find_layers(model)[0]).__name__, *(getattr(model, "_no_split_modules", None) or ())})
+    budget: dict[int | str, int] = {i: int(SPREAD_SHARE * f) for i, f in enumerate(free)}
+    balanced = get_balanced_memory(model, max_memory=budget, no_split_module_classes=whole, dtype=dtype)
+    for limits in (balanced, budget):  # balancing leaves some room unused; filling the GPUs in order, none
+        placement = infer_auto_device_map(model, max_memory=limits, no_split_module_classes=whole, dtype=dtype)
+        if all(isinstance(where, int) for where in placement.values()):  # nothing left to the CPU or disk
+            return dict(placement)
+    raise UserError(
+        f"the model needs {size / 2**30:.1f} GiB in {_name(dtype)}, more than the {len(free)} GPUs have free "
+        f"({sum(free) / 2**30:.1f} GiB, of which {SPREAD_SHARE:.0%} is used for weights); "
+        "load it in 4 bits (--quantization 4bit) or on more GPUs"
+    )
+
+
+def _dispatch(model: PreTrainedModel, device_map: dict[str, str | int]) -> None:
+    """accelerate's hooks, which move each block's inputs to its device. transformers adds them when
+    a map names two or more devices; a map onto one device (the tests' groups of blocks on the CPU)
+    gets the same hooks here."""
+    if getattr(model, "_hf_hook", None) is not None:
+        return
+    from accelerate import dispatch_model
+
+    dispatch_model(model, device_map, skip_keys=model._skip_keys_device_placement, force_hooks=True)
+
+
 def _from_pretrained(
     location: str, dtype: torch.dtype, device: torch.device, kwargs: dict, model_kwargs: dict
 ) -> PreTrainedModel:
@@ -154,11 +244,16 @@ def load_model(
     quantization: str | None = None,
     console=None,
     trust_remote_code: bool = False,
+    device_map: dict[str, str | int] | None = None,
 ) -> LoadedModel:
     """Load the model and tokenizer; None loads the bundled default model (fetched on first use).
 
     If the dtype yields NaN/inf logits on a test prompt, the model is loaded again in the next
     wider dtype (float16 -> bfloat16 -> float32), and `console` is told.
+
+    With `device` auto and several GPUs, a model that does not fit on the first one is spread over
+    all of them (`gpu_device_map`). `device_map` (module name -> device) places the model so
+    instead, through the same accelerate hooks: tests split a CPU model's blocks into groups with it.
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -170,12 +265,30 @@ def load_model(
     torch_dtype = choose_dtype(dtype, torch_device)
     location, kwargs, model_kwargs = locate(spec, trust_remote_code)
     if quantization == "4bit":
+        if device_map is not None:
+            raise ValueError("a 4-bit model is loaded on one device")
         # quantized weights are placed on the device while loading, not moved afterwards
         model_kwargs.update(quantization_config=four_bit_config(torch_device, torch_dtype), device_map={"": torch_device})
+    spread = device == "auto" and device_map is None and quantization is None and torch.cuda.device_count() > 1
+
+    def load(dtype: torch.dtype) -> tuple[PreTrainedModel, dict[str, str | int] | None]:
+        """The model in `dtype`, and its device map where one places it."""
+        placement = device_map
+        if spread:
+            free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+            placement = gpu_device_map(empty_model(location, kwargs), dtype, free)
+            if placement is None and console is not None:
+                console.print(f"The model fits on one of the {len(free)} GPUs: loading it on cuda:0 alone")
+        extra = model_kwargs if placement is None else {**model_kwargs, "device_map": placement}
+        model = _from_pretrained(location, dtype, torch_device, kwargs, extra)
+        if placement is not None:
+            _dispatch(model, placement)
+        return model, placement
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         stored_dtype = getattr(AutoConfig.from_pretrained(location, **kwargs), "dtype", None)
-        model = _from_pretrained(location, torch_dtype, torch_device, kwargs, model_kwargs)
+        model, placement = load(torch_dtype)
     except ValueError as e:  # transformers' word for an architecture or GGUF layout it cannot load
         if "trust_remote_code" in str(e):
             raise UserError(
@@ -219,12 +332,18 @@ def load_model(
                 f"loading the model again in {_name(torch_dtype)}[/]"
             )
         del model
-        model = _from_pretrained(location, torch_dtype, torch_device, kwargs, model_kwargs)
+        model, placement = load(torch_dtype)
     layers = find_layers(model)
     hidden = int(model.config.get_text_config().hidden_size)
     discovery = discover(model, layers, hidden, allow_missing_components)
     checkpoint_dtype = stored_dtype if isinstance(stored_dtype, torch.dtype) else None
-    return LoadedModel(model, tokenizer, spec, torch_device, torch_dtype, layers, discovery, checkpoint_dtype, quantization)
+    input_device = torch_device if placement is None else next(model.get_input_embeddings().parameters()).device
+    loaded = LoadedModel(
+        model, tokenizer, spec, input_device, torch_dtype, layers, discovery, checkpoint_dtype, quantization, placement
+    )
+    if spread and placement is not None and console is not None:
+        console.print(f"The model is spread over {len(loaded.devices())} GPUs by accelerate's device map: {loaded.placement()}")
+    return loaded
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -106,9 +106,10 @@ def packed_forward(loaded: LoadedModel, prefix: list[int], suffixes: list[list[i
             source[row, p + width - n :] = torch.arange(end - n, end)
         source = source.to(device)
         for index, (layer_keys, layer_values) in enumerate(layer_tensors(cache)):
-            # (1, heads, T, dim) -> (rows, heads, prefix + width, dim)
-            keys.setdefault(index, []).append(layer_keys[0][:, source].transpose(0, 1))
-            values.setdefault(index, []).append(layer_values[0][:, source].transpose(0, 1))
+            # (1, heads, T, dim) -> (rows, heads, prefix + width, dim), on the layer's device
+            at = source.to(layer_keys.device)
+            keys.setdefault(index, []).append(layer_keys[0][:, at].transpose(0, 1))
+            values.setdefault(index, []).append(layer_values[0][:, at].transpose(0, 1))
     cache = DynamicCache(config=loaded.model.config)
     for index, layer_keys_by_row in keys.items():
         cache.update(torch.cat(layer_keys_by_row), torch.cat(values[index]), index)

@@ -16,7 +16,7 @@ def batches(items: list, size: int):
 
 
 def tokenize(loaded: LoadedModel, texts: list[str]) -> dict[str, torch.Tensor]:
-    """Left-padded batch on the model's device; the chat template already holds special tokens."""
+    """Left-padded batch on the model's (input) device; the chat template already holds special tokens."""
     encoded = loaded.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     max_length = getattr(loaded.model.config.get_text_config(), "max_position_embeddings", None)
     if max_length and encoded["input_ids"].shape[1] > max_length:
@@ -33,12 +33,13 @@ def collect_residuals(
     batch_size: int,
     on_batch: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """Residuals of shape (n_layers, n_prompts, hidden), float32, on the model's device."""
+    """Residuals of shape (n_layers, n_prompts, hidden), float32, on the model's (input) device: the
+    statistics are computed on one device wherever the blocks are."""
     captured: list[torch.Tensor] = []
 
     def capture(_module, _inputs, output):
         hidden = output[0] if isinstance(output, tuple) else output
-        captured.append(hidden[:, -1, :].float())
+        captured.append(hidden[:, -1, :].float().to(loaded.device))
 
     handles = [layer.register_forward_hook(capture) for layer in loaded.layers]
     per_batch: list[torch.Tensor] = []

@@ -179,7 +179,9 @@ def greedy_generate(
                 active, next_ids = keep, graph.step()
                 continue
             if len(keep) < len(active):
-                index = torch.as_tensor([active.index(row) for row in keep], device=mask.device)
+                # a CPU index selects rows on any device (a model split over GPUs keeps each block's cache on its own)
+                where = "cpu" if loaded.split else mask.device
+                index = torch.as_tensor([active.index(row) for row in keep], device=where)
                 cache.batch_select_indices(index)
                 mask, next_ids = mask[index], next_ids[index]
             active = keep

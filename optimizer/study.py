@@ -225,9 +225,10 @@ def _run_in(spec: RunSpec, url: str) -> optuna.Study:
     starts = seeded_starts(scorer.prepared.stats, settings) if settings.seeded_starts else {}
     study, created = load_or_create_study(storage, spec, starts)
     base = scorer.baseline_refusals
+    placed = f" ({loaded.placement()})" if loaded.split else ""
     console.print(
         f"Study {settings.study!r} in {redacted(url)} ({'new' if created else 'resumed'}); model {loaded.source} on "
-        f"{loaded.device} {str(loaded.dtype).removeprefix('torch.')}, {loaded.n_layers} layers; "
+        f"{loaded.device} {str(loaded.dtype).removeprefix('torch.')}, {loaded.n_layers} layers{placed}; "
         f"baseline refusals {base.count}/{len(base.refused)}"
     )
     study.set_user_attr("baseline_refusals", f"{base.count}/{len(base.refused)}")

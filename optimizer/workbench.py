@@ -307,7 +307,7 @@ class FastPaths:
 
     packed_linears: int = 0  # CPU: linear weights packed for oneDNN (`optimizer.cpu_linear`)
     packed_prefill: bool = False  # CPU: prompts prefilled end to end without padding (`optimizer.packing`)
-    graph: GraphDecoder | None = None  # CUDA: decode steps replayed from one graph (`optimizer.graph_decode`)
+    graph: GraphDecoder | None = None  # one GPU: decode steps replayed from one graph (`optimizer.graph_decode`)
 
 
 def choose_fast_paths(spec: RunSpec, batch_size: int) -> tuple[FastPaths, AblationHooks]:
@@ -322,7 +322,10 @@ def choose_fast_paths(spec: RunSpec, batch_size: int) -> tuple[FastPaths, Ablati
     if loaded.device.type == "cpu":
         packed_linears = pack_linear_layers(loaded, console)
         packed_prefill = _packed_prefill_agrees(spec, batch_size)
-    if supports_graph_decoding(loaded):
+    if supports_graph_decoding(loaded) and loaded.split:
+        spread = f"the model is spread by a device map ({loaded.placement()})"
+        console.print(f"[yellow]Decoding eagerly: a CUDA graph is captured on one device, and {spread}[/]")
+    elif supports_graph_decoding(loaded):
         hooks = AblationHooks(loaded, spec.settings.norm_preserving, static=True, rank=spec.settings.subspace_max)
         graph = _graph_decoder(spec, batch_size)
         if graph is not None:
