@@ -86,6 +86,21 @@ class ContrastiveStats:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
 
+def small_eigh(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.linalg.eigh` of a batch of small symmetric matrices; on a CPU in one thread. LAPACK's
+    threads cost far more than they save on m x m blocks, worst when other work shares the cores:
+    24 matrices of 129 x 129 took 3.0-7.6 s with 2 threads on a busy 2-core machine, 0.05-0.07 s
+    with 1 (16 x 16: the same either way)."""
+    if matrices.device.type != "cpu":
+        return torch.linalg.eigh(matrices)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.eigh(matrices)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def compute_stats(harmful: torch.Tensor, harmless: torch.Tensor) -> ContrastiveStats:
     """Statistics for every layer from (L, n_b, d) and (L, n_g, d) residuals, on their device.
 
@@ -122,7 +137,7 @@ def contrastive_eigen(
     """Top-k eigenvalues (L', k) and unit eigenvectors (L', d, k) of S(alpha), oriented along r."""
     index = slice(None) if layers is None else torch.as_tensor(layers, device=stats.device)
     small = stats.gram_harmful[index] - alpha * stats.gram_harmless[index]
-    values, vectors = torch.linalg.eigh(small)  # ascending
+    values, vectors = small_eigh(small)  # ascending
     values, vectors = values.flip(-1)[..., :k], vectors.flip(-1)[..., :k]
     lifted = stats.lift(index, vectors)  # (L', d, k), unit norm since Q is orthonormal
     sign = torch.sign(torch.einsum("ldk,ld->lk", lifted, stats.mean_diff[index]))
@@ -166,7 +181,7 @@ def _lanczos_top(matrices: torch.Tensor, start: torch.Tensor) -> tuple[torch.Ten
             + torch.diag_embed(off[:, : steps - 1], 1)
             + torch.diag_embed(off[:, : steps - 1], -1)
         )
-        ritz_values, ritz_vectors = torch.linalg.eigh(tridiagonal)
+        ritz_values, ritz_vectors = small_eigh(tridiagonal)
         values = ritz_values[:, -1]
         vectors = torch.nn.functional.normalize(torch.einsum("ljm,lj->lm", basis[:, :steps], ritz_vectors[:, :, -1]), dim=-1)
         residual = (torch.bmm(matrices, vectors.unsqueeze(-1)).squeeze(-1) - values.unsqueeze(-1) * vectors).norm(dim=-1)
@@ -184,7 +199,7 @@ def top_direction(stats: ContrastiveStats, alpha: float, layers: list[int] | Non
     small = stats.gram_harmful[index] - alpha * stats.gram_harmless[index]
     values, vectors, converged = _lanczos_top(small, stats.mean_diff_coords[index])
     if not converged.all():
-        exact_values, exact_vectors = torch.linalg.eigh(small[~converged])
+        exact_values, exact_vectors = small_eigh(small[~converged])
         values[~converged], vectors[~converged] = exact_values[:, -1], exact_vectors[:, :, -1]
     # orient in the small space: Q is orthonormal, so u . r = v . (Q^T r)
     sign = torch.sign((vectors * stats.mean_diff_coords[index]).sum(-1))
@@ -233,7 +248,7 @@ def subspace_components(
     extended = small.new_zeros(n_layers, k + 1, k + 1)
     extended[:, :k, :k] = small
     deflate = torch.eye(k + 1, dtype=small.dtype, device=small.device) - u.unsqueeze(-1) * u.unsqueeze(-2)
-    values, vectors = torch.linalg.eigh(deflate @ extended @ deflate)  # ascending
+    values, vectors = small_eigh(deflate @ extended @ deflate)  # ascending
     values, vectors = values.flip(-1)[..., :count], vectors.flip(-1)[..., :count]
     scale = stats.gram_harmful[index].diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
     vectors = vectors * (values > RELATIVE_EIGEN_TOLERANCE * scale).unsqueeze(1)
