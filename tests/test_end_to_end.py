@@ -14,16 +14,20 @@ def test_real_model_study(qwen_dir, tmp_path, capsys):
         "--direction-prompts", "16", "--scoring-prompts", "6", "--max-new-tokens", "6", "--seed", "1",
         "--verify-prompts", "3", "--verify-max-new-tokens", "16",
     ]
-    assert main(args) == 0
+    code = main(args)
     err = capsys.readouterr().err
-    assert "baseline refusals" in err
+    assert code == 0, err[-3000:]
+    assert "baseline refusals" in err, err[-3000:]
     study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{studies}/e2e.db")
-    baseline, trial = study.trials
+    baseline, trial = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    # the seeded starts come first; the other two still wait
+    assert trial.user_attrs.get("seeded") == "uniform", (trial.user_attrs, err[-3000:])
+    assert [t.state.name for t in study.trials[2:]] == ["WAITING", "WAITING"], err[-3000:]
     refused, total = map(int, baseline.user_attrs["refusals"].split("/"))
-    assert total == 6 and refused >= 1, "the real model refuses some clearly harmful requests"
+    assert total == 6 and refused >= 1, ("the real model refuses some clearly harmful requests", err[-3000:])
     assert trial.values[1] > 0  # an edit moves the first-token distribution
     responses = [s["response"] for s in baseline.user_attrs["sample_responses"]]
     assert any(r.strip() for r in responses)
     if trial in study.best_trials:  # the front was verified with long answers on held-out prompts
-        assert "Verification: 16-token answers" in err
+        assert "Verification: 16-token answers" in err, err[-3000:]
         assert trial.user_attrs["verify"]["n_harmful"] == 3
