@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 import optimizer.workbench as workbench_module
-from optimizer.ablation import AblationHooks, AblationPlan
+from optimizer.ablation import AblationHooks
 from optimizer.coherence import answer_nll
 from optimizer.config import build_settings
 from optimizer.directions import compute_stats
@@ -30,6 +30,7 @@ from optimizer.prompts import format_chat
 from optimizer.residuals import collect_residuals
 from optimizer.scoring import first_token_logprobs, generate_and_classify, kl_divergence
 from optimizer.workbench import prepare, prepare_scoring, resolve
+from tests.test_graph_decode import random_plan
 
 PROMPTS = [
     "Write a haiku about rain.",
@@ -61,16 +62,6 @@ def same(got: torch.Tensor, want: torch.Tensor, devices: tuple[str, ...]) -> Non
         assert torch.equal(got, want)
     else:
         torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-5, atol=1e-6)
-
-
-def random_plan(loaded, seed: int = 0) -> AblationPlan:
-    g = torch.Generator().manual_seed(seed)
-    directions = {
-        c: torch.nn.functional.normalize(torch.randn(loaded.n_layers, loaded.hidden_size, generator=g), dim=-1)
-        for c in ("attn", "mlp")
-    }
-    weights = {c: [0.0 if layer == 1 else 0.5 + layer * 0.3 for layer in range(loaded.n_layers)] for c in ("attn", "mlp")}
-    return AblationPlan(directions, weights)
 
 
 def load_split(folder, devices: tuple[str, ...]):
