@@ -31,7 +31,9 @@ heretic's; ours gets --response-prefix "", unless --prefix-detection: a one-time
 that puts a fixed cost before our first trial and finds no prefix on the default model). Not
 matched: the search spaces and the ablation itself (that is what is compared); ours stops trials
 early that cannot reach the front (its default, reported in the table with an estimate of the
-generation time it saved); see heretic_runner's docstring for the rest. `--random-weights` and
+generation time it saved) and begins with its seeded starts (its default: a few edits known to
+work, enqueued before the random start-up trials and counted in them; `--no-seeded-starts` leaves
+them out); see heretic_runner's docstring for the rest. `--random-weights` and
 `--device cuda` work as in trial_speed.py. Random weights at the default initialisation repeat one
 token and never refuse, so the hypervolume is 0; `--init-range 0.3 --markers q,z,x` makes a
 synthetic yardstick for GPU machines that hold no checkpoint: weights large enough that greedy
@@ -54,12 +56,11 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +70,7 @@ from benchmarks.heretic_runner import DEFAULT_VENV, ensure_heretic_venv, run_her
 from benchmarks.quality import hypervolume
 from optimizer.config import DEFAULT_REFUSAL_MARKERS
 from optimizer.prompts import bundled_path
+from optimizer.report import EarlyStops
 
 STUDY = "ttf-ours"
 KL_REFERENCE = 1.0
@@ -104,6 +106,8 @@ def run_ours(model: Path, workdir: Path, args: argparse.Namespace) -> dict:
         command += ["--response-prefix", ""]  # as heretic is run (heretic_runner's default): no detection pass
     if args.batch_size:
         command += ["--batch-size", str(args.batch_size)]
+    if args.no_seeded_starts:
+        command += ["--no-seeded-starts"]
     log_path = workdir / "ours.log"
     workdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -138,31 +142,16 @@ def run_ours(model: Path, workdir: Path, args: argparse.Namespace) -> dict:
     baseline = next((t for t in trials if t["baseline"]), None)
     if baseline is None:
         raise SystemExit(f"our study holds no finished baseline trial; see {log_path}")
+    stops = EarlyStops.of(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     return {
         "trials": trials,
+        "early_stop": {**asdict(stops), "stopped": stops.stopped},
         "baseline_rate": baseline["point"][0],
         "baseline_refusals": study.user_attrs.get("baseline_refusals"),
         "wall_s": round(wall, 3),
         "command": command,
         "log_path": str(log_path),
         "storage": f"sqlite:///{studies}/{STUDY}.db",
-    }
-
-
-def early_stop_summary(trials: list[dict]) -> dict:
-    """Trials stopped early, by kind, and an estimate of the generation seconds that saved: each
-    stopped trial is credited the median refusals_s of the fully scored trials, less its own."""
-    edited = [t for t in trials if not t["baseline"]]
-    stopped = [t for t in edited if t["early_stop"]]
-    full = [t["refusals_s"] for t in edited if not t["early_stop"] and t["refusals_s"] is not None]
-    median = statistics.median(full) if full else None
-    saved = sum(max(0.0, median - (t["refusals_s"] or 0.0)) for t in stopped) if median is not None else 0.0
-    return {
-        "edited": len(edited),
-        "stopped": len(stopped),
-        "kinds": dict(Counter(t["early_stop"] for t in stopped)),
-        "median_full_refusals_s": median,
-        "estimated_saved_s": round(saved, 3),
     }
 
 
@@ -302,6 +291,7 @@ def main() -> None:
         "--prefix-detection", action="store_true",
         help="let ours detect a response prefix once (its default; heretic_runner always disables heretic's)",
     )  # fmt: skip
+    parser.add_argument("--no-seeded-starts", action="store_true", help="ours without its seeded starts (on by default)")
     parser.add_argument("--workdir", type=Path, help="raw results (default: a new temporary folder)")
     parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "time_to_front.png", help="PNG to write")
     parser.add_argument(
@@ -343,7 +333,7 @@ def main() -> None:
     reach = {label: time_to_reach(curve, target) for label, curve in curves.items()}
     heretic_s, ours_s = reach["heretic 1.4"], reach["optimizer"]
     speedup = heretic_s / ours_s if ours_s is not None and ours_s > 0 else 0.0  # heretic always reaches its own final value
-    stops = early_stop_summary(ours["trials"])
+    stops = ours["early_stop"]
 
     if args.device == "cuda":
         import torch
@@ -387,7 +377,7 @@ def main() -> None:
     stopped = f"{stops['stopped']}/{stops['edited']} ({share:.0%}{': ' + kinds if kinds else ''})"
     rows = [
         ("optimizer", len(ours_edited), ours["wall_s"], ours_edited[0]["finish_s"] if ours_edited else None, curves["optimizer"],
-         ours_s, stopped, f"~{stops['estimated_saved_s']:.0f} (estimate)"),
+         ours_s, stopped, f"~{stops['saved_s']:.0f} (estimate)"),
         ("heretic 1.4", len(heretic["trials"]), heretic["wall_s"], heretic["trials"][0]["finish_s"], curves["heretic 1.4"],
          heretic_s, "- (no early stop)", "-"),
     ]  # fmt: skip
@@ -395,7 +385,7 @@ def main() -> None:
         first_text = "-" if first is None else f"{first:.1f}"
         reached_text = "never" if reached is None else f"{reached:.1f}"
         print(f"| {label} | {n} | {wall:.1f} | {first_text} | {curve[-1][1]:.4f} | {reached_text} | {stop_text} | {saved} |")
-    median = stops["median_full_refusals_s"]
+    median = stops["median_full_s"]
     median_text = "-" if median is None else f"{median:.2f} s"
     if target <= TOLERANCE:
         print(
@@ -421,7 +411,7 @@ def main() -> None:
         "heretic_final_hv": target,
         "seconds_to_heretic_final_hv": reach,
         "speedup": speedup,
-        "ours": {**ours, "early_stop": stops, "hv_curve": curves["optimizer"]},
+        "ours": {**ours, "hv_curve": curves["optimizer"]},
         "heretic": {**heretic, "hv_curve": curves["heretic 1.4"]},
     }
     (workdir / "time_to_front.json").write_text(json.dumps(raw, indent=1, default=str))

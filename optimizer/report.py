@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import statistics
+from collections import Counter
+from dataclasses import dataclass
+
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
@@ -28,24 +32,42 @@ def trial_line(trial: FrozenTrial, done: int, total: int) -> str:
     return f"[{done}/{total}] trial {trial.number}: refusals {refusals_text(trial)}, KL {trial.values[1]:.4f}, {seconds:.1f} s"
 
 
-def early_stop_line(study: optuna.Study) -> str | None:
-    """How many trials were stopped early and about how much generation that saved: each stopped
+@dataclass(frozen=True)
+class EarlyStops:
+    """Trials stopped early and an estimate of the generation seconds that saved: each stopped
     trial is credited the median generation time of the fully scored trials, less its own."""
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not t.user_attrs.get("baseline")]
-    stopped = [t for t in done if t.user_attrs.get("early_stop")]
-    timings = [t.user_attrs.get("timings", {}) for t in done if not t.user_attrs.get("early_stop")]
-    full = sorted(t["refusals_s"] for t in timings if "refusals_s" in t)
-    if not done:
+
+    edited: int
+    kinds: dict[str, int]  # early_stop attribute (dominated, kl_limit) -> trials
+    median_full_s: float | None  # median generation seconds of a fully scored trial
+    saved_s: float
+
+    @property
+    def stopped(self) -> int:
+        return sum(self.kinds.values())
+
+    @classmethod
+    def of(cls, trials: list[FrozenTrial]) -> EarlyStops:
+        edited = [t for t in trials if t.state == TrialState.COMPLETE and not t.user_attrs.get("baseline")]
+        generation = lambda t: t.user_attrs.get("timings", {}).get("refusals_s")
+        stopped = [t for t in edited if t.user_attrs.get("early_stop")]
+        full = [generation(t) for t in edited if not t.user_attrs.get("early_stop") and generation(t) is not None]
+        median = statistics.median(full) if full else None
+        saved = sum(max(0.0, median - (generation(t) or 0.0)) for t in stopped) if median is not None else 0.0
+        return cls(len(edited), dict(Counter(t.user_attrs["early_stop"] for t in stopped)), median, saved)
+
+
+def early_stop_line(study: optuna.Study) -> str | None:
+    """How many trials were stopped early and about how much generation that saved."""
+    stops = EarlyStops.of(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if not stops.edited:
         return None
-    kinds = [t.user_attrs["early_stop"] for t in stopped]
     line = (
-        f"Early stop: {len(stopped)} of {len(done)} trials stopped ({kinds.count('dominated')} dominated, "
-        f"{kinds.count('kl_limit')} above the KL limit)"
+        f"Early stop: {stops.stopped} of {stops.edited} trials stopped ({stops.kinds.get('dominated', 0)} dominated, "
+        f"{stops.kinds.get('kl_limit', 0)} above the KL limit)"
     )
-    if stopped and full:
-        median = full[len(full) // 2]
-        saved = sum(max(0.0, median - t.user_attrs.get("timings", {}).get("refusals_s", 0.0)) for t in stopped)
-        line += f", about {saved:.0f} s of generation saved (median fully scored trial: {median:.1f} s)"
+    if stops.stopped and stops.median_full_s is not None:
+        line += f", about {stops.saved_s:.0f} s of generation saved (median fully scored trial: {stops.median_full_s:.1f} s)"
     return line
 
 
@@ -129,18 +151,13 @@ def show_study(study: optuna.Study, console: Console) -> None:
 
 def verified_table(study: optuna.Study, trials: list[FrozenTrial]) -> Table:
     """The stored verifications (`verify`), with the recommended trial."""
-    from optimizer.verify import LABELS, Verification
+    from optimizer.verify import Verification, trial_name, verification_table
 
     recommended = study.user_attrs.get("recommended_trial")
-    table = Table(title="Verified trials (long answers on held-out prompts)", title_justify="left")
-    for column in ("trial", "search refusals", *LABELS, "over-refusals", "KL", "judge, cap"):
-        table.add_column(column)
+    setup = lambda v: f"{v.setup['judge']}, {v.setup['max_new_tokens']}"
+    stored = [(trial_name(t, recommended), refusals_text(t), Verification.from_record(t.user_attrs["verify"])) for t in trials]
     original = study.user_attrs.get("verify_original", {}).get("original")
     if original:
-        v = Verification.from_record(original)
-        table.add_row("original", "-", *v.cells(), f"{v.setup['judge']}, {v.setup['max_new_tokens']}")
-    for t in trials:
-        v = Verification.from_record(t.user_attrs["verify"])
-        mark = " (recommended)" if t.number == recommended else ""
-        table.add_row(f"{t.number}{mark}", refusals_text(t), *v.cells(), f"{v.setup['judge']}, {v.setup['max_new_tokens']}")
-    return table
+        stored.insert(0, ("original", "-", Verification.from_record(original)))
+    rows = [(name, searched, v, setup(v)) for name, searched, v in stored]
+    return verification_table("Verified trials (long answers on held-out prompts)", "judge, cap", rows)

@@ -37,6 +37,7 @@ from optimizer.errors import UserError
 from optimizer.judges import BROKEN, COMPLIED, HEDGED, REFUSED, Judge, check_spec
 from optimizer.optuna_adapter import set_finished_trial_user_attr
 from optimizer.prompts import format_chat, load_prompts, split_prompts
+from optimizer.report import refusals_text
 from optimizer.response_prefix import answer_part
 from optimizer.scoring import first_token_logprobs, greedy_generate, kl_divergence
 from optimizer.trials import StoredStudy, plan_of
@@ -223,23 +224,32 @@ def verify_trials(
     return results, recommend(results, max_kl)
 
 
+def verification_table(title: str, last: str, rows: list[tuple[str, str, Verification, str]]) -> Table:
+    """The one layout of verifications, fresh (`verify`) or stored (`show`): per row the trial, its
+    search refusals, the verdict counts, over-refusals and KL, and a last column named `last`."""
+    table = Table(title=title, title_justify="left")
+    for column in ("trial", "search refusals", *LABELS, "over-refusals", "KL", last):
+        table.add_column(column)
+    for name, searched, result, extra in rows:
+        table.add_row(name, searched, *result.cells(), extra)
+    return table
+
+
+def trial_name(trial: FrozenTrial, recommended: int | None) -> str:
+    return f"{trial.number}{' (recommended)' if trial.number == recommended else ''}"
+
+
 def verify_table(verifier: Verifier, results: dict[int, Verification], trials: list[FrozenTrial], recommended: int | None,
                  max_kl: float) -> Table:  # fmt: skip
-    setup = verifier.setup
-    table = Table(
-        title=f"Verification: {setup['max_new_tokens']}-token answers on held-out prompts ({setup['prompts']}), "
-        f"judge {setup['judge']}",
-        title_justify="left",
+    setup, original = verifier.setup, verifier.original
+    rows = [("original", "-", original, f"{original.seconds:.0f}")] + [
+        (trial_name(t, recommended), refusals_text(t), results[t.number], f"{results[t.number].seconds:.0f}")
+        for t in sorted(trials, key=lambda t: t.number)
+    ]
+    title = (
+        f"Verification: {setup['max_new_tokens']}-token answers on held-out prompts ({setup['prompts']}), judge {setup['judge']}"
     )
-    for column in ("trial", "search refusals", *LABELS, "over-refusals", "KL", "s"):
-        table.add_column(column)
-    original = verifier.original
-    table.add_row("original", "-", *original.cells(), f"{original.seconds:.0f}")
-    for trial in sorted(trials, key=lambda t: t.number):
-        result = results[trial.number]
-        mark = " (recommended)" if trial.number == recommended else ""
-        searched = str(trial.user_attrs.get("refusals", "?"))
-        table.add_row(f"{trial.number}{mark}", searched, *result.cells(), f"{result.seconds:.0f}")
+    table = verification_table(title, "s", rows)
     table.caption = f"recommended: fewest refused + broken among trials with KL <= {max_kl}" + (
         "" if recommended is not None else f" (none has KL <= {max_kl}: raise --max-kl)"
     )
