@@ -1,11 +1,34 @@
-"""Refusal/KL trade-off on held-out prompts: ours (alpha tuned), ours restricted to mean-diff, heretic 1.4.
+"""Refusal/KL trade-off on held-out prompts: our default space, ours with k = 1, ours restricted to
+mean-diff, and heretic 1.4, on one or more models.
 
-    python benchmarks/quality.py [--model DIR] [--trials 60] [--seeds 0 1 2] [--scoring-prompts 16]
+    python benchmarks/quality.py [--models default second] [--trials 60] [--seeds 0 1 2]
+                                 [--variants ours k1 meandiff heretic] [--scoring-prompts 16]
                                  [--direction-prompts 64] [--max-new-tokens 12] [--heldout-prompts 32]
+                                 [--workdir DIR]
 
-Three studies per seed with the same budget, scoring prompts, response cap and markers; every
-Pareto-front trial of each is then scored on the bundled held-out splits, which no study reads.
-Prints a table, writes benchmarks/quality.png, and ends with one machine-readable line.
+Models: `default` (the bundled Qwen2.5-Coder-0.5B-Instruct), `second` (the synthetic refusing
+SmolLM2-135M of benchmarks/make_refusing_model.py, built on first use), or a model folder.
+Variants, each one study per model and seed with the same budget, scoring prompts, response cap and
+markers:
+
+- `ours`: `optimizer run` with its defaults (refusal subspaces up to k = 4, seeded starts, both
+  direction methods, alpha tuned);
+- `k1`: the same with `--subspace-max 1` (one direction per layer: the space before subspaces);
+- `meandiff`: `--direction-methods mean_diff --subspace-max 1` (no principal component anywhere);
+- `heretic`: heretic 1.4 in its own venv (benchmarks/heretic_runner.py), seeded starts off by
+  construction (it has none).
+
+Every Pareto-front trial of each study is then scored on the bundled held-out splits, which no
+study reads: ours by `optimizer eval --pareto --refusals` (the study's judge and response cap),
+heretic's by re-applying the trial through heretic's own code and counting with its own counter at
+the same cap and markers. Hypervolume of the held-out (refusal rate, KL) points with one reference per
+model: (the unedited model's held-out refusal rate, KL 1.0). Also the best held-out refusal rate at
+KL <= 0.1 / 0.3 / 1.0, and which k, direction method and alpha our front trials used.
+
+Each study's result is kept as WORKDIR/results/<model>-<variant>-<seed>.json and reused when the
+script runs again with the same WORKDIR (a finished study is never run twice), so seeds can be added
+run by run. Prints a table per model, writes benchmarks/quality.png, and ends with one
+machine-readable line.
 """
 
 from __future__ import annotations
@@ -18,17 +41,25 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.heretic_runner import DEFAULT_VENV, ensure_heretic_venv, run_heretic  # noqa: E402
-from optimizer.config import DEFAULT_REFUSAL_MARKERS  # noqa: E402
-from optimizer.prompts import bundled_path, load_prompts, split_prompts  # noqa: E402
+from benchmarks.heretic_runner import DEFAULT_VENV, ensure_heretic_venv, run_heretic
+from optimizer.config import DEFAULT_REFUSAL_MARKERS
+from optimizer.prompts import bundled_path, load_prompts, split_prompts
 
 KL_LIMITS = (0.1, 0.3, 1.0)
 KL_REFERENCE = 1.0
+# variant -> (label, extra `optimizer run` arguments); None: heretic
+VARIANTS: dict[str, tuple[str, list[str] | None]] = {
+    "ours": ("ours (defaults)", []),
+    "k1": ("ours, k = 1", ["--subspace-max", "1"]),
+    "meandiff": ("ours, mean-diff only", ["--direction-methods", "mean_diff", "--subspace-max", "1"]),
+    "heretic": ("heretic 1.4", None),
+}
 
 
 def hypervolume(points: list[tuple[float, float]], reference: tuple[float, float]) -> float:
@@ -42,23 +73,39 @@ def hypervolume(points: list[tuple[float, float]], reference: tuple[float, float
     return area
 
 
+def model_folder(name: str) -> Path:
+    if name == "default":
+        from optimizer.fetch import ensure_model_folder
+
+        return ensure_model_folder()
+    if name == "second":
+        from benchmarks.make_refusing_model import refusing_model_folder
+
+        return refusing_model_folder()
+    path = Path(name)
+    if not (path / "config.json").exists():
+        raise SystemExit(f"--models: {name!r} is neither `default`, `second` nor a model folder with a config.json")
+    return path
+
+
 def run(command: list[str]) -> str:
-    result = subprocess.run([sys.executable, "-m", "optimizer", *command], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "optimizer", *command], check=False, capture_output=True, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
     if result.returncode != 0:
         raise SystemExit(f"`optimizer {' '.join(command[:3])}` failed:\n{result.stderr[-3000:]}")
     return result.stderr
 
 
-def ours(name: str, workdir: Path, args, seed: int, extra: list[str]) -> dict:
+def ours(name: str, model: Path, workdir: Path, args, seed: int, extra: list[str]) -> dict:
     import optuna
 
     studies = workdir / "studies"
     common = ["--study", name, "--studies-dir", str(studies)]
     start = time.perf_counter()
-    run(["run", "--model", str(args.model), *common, "--trials", str(args.trials), "--seed", str(seed),
+    run(["run", "--model", str(model), *common, "--trials", str(args.trials), "--seed", str(seed),
          "--startup-trials", str(args.startup_trials), "--scoring-prompts", str(args.scoring_prompts),
-         "--direction-prompts", str(args.direction_prompts), "--max-new-tokens", str(args.max_new_tokens), *extra])
+         "--direction-prompts", str(args.direction_prompts), "--max-new-tokens", str(args.max_new_tokens),
+         "--no-verify", *extra])
     wall = time.perf_counter() - start
     run(["eval", *common, "--pareto", "--refusals", "--limit", str(args.heldout_prompts)])
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{studies}/{name}.db")
@@ -69,16 +116,18 @@ def ours(name: str, workdir: Path, args, seed: int, extra: list[str]) -> dict:
             continue
         k = int(t.user_attrs["heldout_refusals"].split("/")[0])
         front.append({"number": t.number, "rate": k / n, "kl": t.user_attrs["heldout_kl_divergence"], "params": t.params,
-                      "alpha": t.user_attrs.get("alpha"), "direction": t.user_attrs.get("direction")})
+                      "alpha": t.user_attrs.get("alpha"), "direction": t.user_attrs.get("direction"),
+                      "k": t.params.get("subspace_k", 1), "method": t.params.get("direction_method", "mean_diff"),
+                      "seeded": t.user_attrs.get("seeded")})
     base = int(study.user_attrs["heldout_baseline_refusals"].split("/")[0]) / n
     return {"front": front, "baseline_rate": base, "wall_s": wall}
 
 
-def heretic(workdir: Path, args, seed: int, heldout: tuple[Path, Path]) -> dict:
+def heretic(model: Path, workdir: Path, args, seed: int, heldout: tuple[Path, Path]) -> dict:
     python = ensure_heretic_venv(DEFAULT_VENV)
     start = time.perf_counter()
     result = run_heretic(
-        python, args.model, bundled_path("harmful"), bundled_path("harmless"), n_direction=args.direction_prompts,
+        python, model, bundled_path("harmful"), bundled_path("harmless"), n_direction=args.direction_prompts,
         n_scoring=args.scoring_prompts, max_response_tokens=args.max_new_tokens, n_trials=args.trials,
         workdir=workdir, timeout_s=6 * 3600, batch_size=args.batch_size, refusal_markers=list(DEFAULT_REFUSAL_MARKERS),
         n_startup_trials=args.startup_trials, seed=seed, heldout_harmful=heldout[0], heldout_harmless=heldout[1],
@@ -86,7 +135,8 @@ def heretic(workdir: Path, args, seed: int, heldout: tuple[Path, Path]) -> dict:
     if result["returncode"] != 0 or not result.get("heldout"):
         raise SystemExit(f"heretic failed ({result['status']}); see {result['log_path']}")
     h = result["heldout"]
-    front = [{"number": t["number"], "rate": t["refusals"] / h["n_harmful"], "kl": t["kl"], "params": t.get("params")} for t in h["trials"]]
+    front = [{"number": t["number"], "rate": t["refusals"] / h["n_harmful"], "kl": t["kl"], "params": t.get("params")}
+             for t in h["trials"]]
     return {"front": front, "baseline_rate": h["baseline_refusals"] / h["n_harmful"], "wall_s": time.perf_counter() - start}
 
 
@@ -96,29 +146,89 @@ def summarise(result: dict, reference_rate: float) -> dict:
     return {"hv": hypervolume(points, (reference_rate, KL_REFERENCE)), "best": best}
 
 
-def plot(results: dict, path: Path) -> None:
+def composition(runs: list[dict]) -> str:
+    """Which k, direction method and alpha our front trials used, over all seeds."""
+    front = [p for r in runs for p in r["front"]]
+    if not front:
+        return "empty front"
+    ks = Counter(p["k"] for p in front)
+    methods = Counter(p["method"] for p in front)
+    alphas = sorted(round(p["alpha"], 2) for p in front if p.get("alpha") is not None)
+    seeded = Counter(p["seeded"] for p in front if p.get("seeded"))
+    return (f"{len(front)} front trials: k " + ", ".join(f"{k}: {n}" for k, n in sorted(ks.items()))
+            + "; " + ", ".join(f"{m}: {n}" for m, n in sorted(methods.items()))
+            + f"; alphas {alphas}" + (f"; seeded starts {dict(seeded)}" if seeded else ""))
+
+
+def plot(by_model: dict[str, dict[str, list[dict]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (label, runs), marker in zip(results.items(), "osd"):
-        points = [(p["rate"], p["kl"]) for run_ in runs for p in run_["front"]]
-        ax.scatter([p[0] for p in points], [p[1] for p in points], label=label, marker=marker, alpha=0.75)
-    ax.set_xlabel("held-out refusal rate")
-    ax.set_ylabel("held-out KL divergence")
-    ax.set_yscale("symlog", linthresh=0.01)
-    ax.axhline(KL_REFERENCE, color="grey", lw=0.5)
-    ax.legend()
-    ax.set_title("Pareto-front trials scored on held-out prompts")
+    fig, axes = plt.subplots(1, len(by_model), figsize=(6.5 * len(by_model), 4.5), squeeze=False)
+    for ax, (model, results) in zip(axes[0], by_model.items()):
+        for (label, runs), marker in zip(results.items(), "osdv"):
+            points = [(p["rate"], p["kl"]) for run_ in runs for p in run_["front"]]
+            ax.scatter([p[0] for p in points], [p[1] for p in points], label=label, marker=marker, alpha=0.7)
+        ax.set_xlabel("held-out refusal rate")
+        ax.set_ylabel("held-out KL divergence")
+        ax.set_yscale("symlog", linthresh=0.01)
+        ax.axhline(KL_REFERENCE, color="grey", lw=0.5)
+        ax.legend()
+        ax.set_title(f"{model}: Pareto-front trials on held-out prompts")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
+def keep(path: Path, result: dict) -> dict:
+    """Write a finished study's result where a later run of the script finds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".tmp").write_text(json.dumps(result, indent=1, default=str))
+    path.with_suffix(".tmp").replace(path)
+    return result
+
+
+def report(model_name: str, model: Path, results: dict[str, list[dict]], args) -> dict[str, float]:
+    reference_rate = statistics.mean(r["baseline_rate"] for r in next(iter(results.values())))
+    print(f"\n# {model_name} ({model.name}), cpu, {args.trials} trials per study ({args.startup_trials} random), seeds "
+          f"{args.seeds}, {args.scoring_prompts} scoring prompts per set, {args.max_new_tokens} new tokens; held-out: "
+          f"{args.heldout_prompts} prompts per set; hypervolume reference (refusal rate {reference_rate:.3f}, KL {KL_REFERENCE})")
+    print("| approach | held-out HV (mean ± half range) | per seed | best refusal rate at KL <= 0.1 | <= 0.3 | <= 1.0 "
+          "| front size | wall s per study |")
+    print("|---|---|---|---|---|---|---|---|")
+    hv_means, best01 = {}, {}
+    for variant, runs in results.items():
+        summaries = [summarise(r, reference_rate) for r in runs]
+        hvs = [s["hv"] for s in summaries]
+        hv_means[variant] = statistics.mean(hvs)
+        best01[variant] = [s["best"][0.1] for s in summaries]
+        spread = (max(hvs) - min(hvs)) / 2
+        best = ["/".join("-" if s["best"][limit] is None else f"{s['best'][limit]:.3f}" for s in summaries)
+                for limit in KL_LIMITS]
+        fronts = "/".join(str(len(r["front"])) for r in runs)
+        wall = statistics.mean(r["wall_s"] for r in runs)
+        per_seed = "/".join(f"{h:.4f}" for h in hvs)
+        print(f"| {VARIANTS[variant][0]} | {hv_means[variant]:.4f} ± {spread:.4f} | {per_seed} | {best[0]} | {best[1]} | "
+              f"{best[2]} | {fronts} | {wall:.0f} |")
+    for variant in ("ours", "k1", "meandiff"):
+        if variant in results:
+            print(f"# {VARIANTS[variant][0]}: {composition(results[variant])}")
+    if "ours" in hv_means and "heretic" in hv_means and hv_means["heretic"] > 0:
+        ratio = hv_means["ours"] / hv_means["heretic"]
+        ours01 = [b for b in best01["ours"] if b is not None]
+        heretic01 = [b for b in best01["heretic"] if b is not None]
+        usable = ours01 and heretic01 and statistics.mean(heretic01) > 0
+        rate_ratio = statistics.mean(ours01) / statistics.mean(heretic01) if usable else float("nan")
+        print(f"# targets: HV ours / heretic = {ratio:.3f} (>= 1.10 wanted); best rate at KL <= 0.1, mean over seeds, "
+              f"ours / heretic = {rate_ratio:.3f} (<= 0.70 wanted)")
+    return hv_means
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path)
+    parser.add_argument("--models", nargs="+", default=["default"], help="default, second, or model folders")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--startup-trials", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -127,13 +237,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--heldout-prompts", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16, help="heretic's (ours measures its own)")
-    parser.add_argument("--workdir", type=Path)
-    parser.add_argument("--skip-heretic", action="store_true")
+    parser.add_argument("--workdir", type=Path, help="studies and results; rerun with the same one to add seeds")
     args = parser.parse_args()
-    if args.model is None:
-        from optimizer.fetch import ensure_model_folder
-
-        args.model = ensure_model_folder()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="quality-"))
     workdir.mkdir(parents=True, exist_ok=True)
     heldout_files = []
@@ -142,38 +247,32 @@ def main() -> None:
         path.write_text("\n".join(split_prompts(load_prompts(None, kind)).heldout[: args.heldout_prompts]) + "\n")
         heldout_files.append(path)
 
-    results: dict[str, list[dict]] = {"ours (alpha tuned)": [], "ours, mean-diff only": [], "heretic 1.4": []}
-    for seed in args.seeds:
-        results["ours (alpha tuned)"].append(ours(f"q-ours-{seed}", workdir, args, seed, []))
-        results["ours, mean-diff only"].append(ours(f"q-md-{seed}", workdir, args, seed, ["--direction-methods", "mean_diff"]))
-        if not args.skip_heretic:
-            results["heretic 1.4"].append(heretic(workdir / f"heretic-{seed}", args, seed, tuple(heldout_files)))
-    results = {k: v for k, v in results.items() if v}
-    (workdir / "quality.json").write_text(json.dumps(results, indent=1, default=str))
-
-    reference_rate = statistics.mean(r["baseline_rate"] for r in results["ours (alpha tuned)"])
-    print(f"# {args.model.name}, cpu, {args.trials} trials per study ({args.startup_trials} random), seeds {args.seeds}, "
-          f"{args.scoring_prompts} scoring prompts per set, {args.max_new_tokens} new tokens; held-out: {args.heldout_prompts} prompts "
-          f"per set; hypervolume reference (refusal rate {reference_rate:.3f}, KL {KL_REFERENCE})")
-    print("| approach | held-out HV (mean ± spread) | best refusal rate at KL <= 0.1 | <= 0.3 | <= 1.0 | front size | wall s per study |")
-    print("|---|---|---|---|---|---|---|")
-    hv_means = {}
-    for label, runs in results.items():
-        summaries = [summarise(r, reference_rate) for r in runs]
-        hvs = [s["hv"] for s in summaries]
-        hv_means[label] = statistics.mean(hvs)
-        spread = (max(hvs) - min(hvs)) / 2 if len(hvs) > 1 else 0.0
-        best = ["/".join("-" if s["best"][limit] is None else f"{s['best'][limit]:.3f}" for s in summaries) for limit in KL_LIMITS]
-        fronts = "/".join(str(len(r["front"])) for r in runs)
-        wall = statistics.mean(r["wall_s"] for r in runs)
-        print(f"| {label} | {hv_means[label]:.4f} ± {spread:.4f} | {best[0]} | {best[1]} | {best[2]} | {fronts} | {wall:.0f} |")
-    alphas = sorted(p["alpha"] for r in results["ours (alpha tuned)"] for p in r["front"] if p.get("alpha") is not None)
-    methods = [p["direction"] for r in results["ours (alpha tuned)"] for p in r["front"]]
-    print(f"# ours (alpha tuned): front directions {methods}; alphas of cPCA front trials {[round(a, 2) for a in alphas]}")
-    plot(results, ROOT / "benchmarks" / "quality.png")
+    budget = (f"t{args.trials}-s{args.startup_trials}-p{args.scoring_prompts}-d{args.direction_prompts}"
+              f"-n{args.max_new_tokens}-h{args.heldout_prompts}")
+    by_model: dict[str, dict[str, list[dict]]] = {}
+    last: list[str] = []
+    for model_name in args.models:
+        model = model_folder(model_name)
+        tag = Path(model_name).name
+        results: dict[str, list[dict]] = {v: [] for v in args.variants}
+        for seed in args.seeds:
+            for variant in args.variants:
+                path = workdir / "results" / f"{tag}-{variant}-{seed}-{budget}.json"
+                extra = VARIANTS[variant][1]
+                print(f"# {tag} {variant} seed {seed}: {'kept' if path.exists() else 'running'}", flush=True)
+                if path.exists():
+                    result = json.loads(path.read_text())
+                elif extra is None:
+                    result = keep(path, heretic(model, workdir / f"heretic-{tag}-{seed}", args, seed, tuple(heldout_files)))
+                else:
+                    result = keep(path, ours(f"q-{tag}-{variant}-{seed}", model, workdir, args, seed, extra))
+                results[variant].append(result)
+        by_model[tag] = {VARIANTS[v][0]: runs for v, runs in results.items()}
+        hv = report(tag, model, results, args)
+        last += [f"hv_{v}@{tag}={hv[v]:.4f}" for v in args.variants]
+    plot(by_model, ROOT / "benchmarks" / "quality.png")
     print(f"# plot: benchmarks/quality.png; raw: {workdir}")
-    print(f"hv_ours={hv_means.get('ours (alpha tuned)', 0):.4f} hv_meandiff={hv_means.get('ours, mean-diff only', 0):.4f} "
-          f"hv_heretic={hv_means.get('heretic 1.4', float('nan')):.4f} trials={args.trials} device=cpu")
+    print(" ".join(last) + f" trials={args.trials} seeds={len(args.seeds)} device=cpu")
 
 
 if __name__ == "__main__":
