@@ -2,7 +2,7 @@
 mean-diff, and heretic 1.4, on one or more models.
 
     python benchmarks/quality.py [--models default second] [--trials 60] [--seeds 0 1 2]
-                                 [--variants ours k1 meandiff heretic] [--scoring-prompts 16]
+                                 [--variants ours k1 meandiff np heretic] [--scoring-prompts 16]
                                  [--direction-prompts 64] [--max-new-tokens 12] [--heldout-prompts 32]
                                  [--workdir DIR]
 
@@ -15,6 +15,9 @@ markers:
   direction methods, alpha tuned);
 - `k1`: the same with `--subspace-max 1` (one direction per layer: the space before subspaces);
 - `meandiff`: `--direction-methods mean_diff --subspace-max 1` (no principal component anywhere);
+- `np`: the defaults with `--norm-preserving --projected-directions`, the two choices heretic 1.4
+  makes by default (row norms kept, directions orthogonal to the harmless mean); not run unless
+  named in `--variants`;
 - `heretic`: heretic 1.4 in its own venv (benchmarks/heretic_runner.py), seeded starts off by
   construction (it has none).
 
@@ -58,6 +61,7 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "ours": ("ours (defaults)", []),
     "k1": ("ours, k = 1", ["--subspace-max", "1"]),
     "meandiff": ("ours, mean-diff only", ["--direction-methods", "mean_diff", "--subspace-max", "1"]),
+    "np": ("ours, norm-preserving + projected", ["--norm-preserving", "--projected-directions"]),
     "heretic": ("heretic 1.4", None),
 }
 
@@ -168,7 +172,7 @@ def plot(by_model: dict[str, dict[str, list[dict]]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(by_model), figsize=(6.5 * len(by_model), 4.5), squeeze=False)
     for ax, (model, results) in zip(axes[0], by_model.items()):
-        for (label, runs), marker in zip(results.items(), "osdv"):
+        for (label, runs), marker in zip(results.items(), "osdv^"):
             points = [(p["rate"], p["kl"]) for run_ in runs for p in run_["front"]]
             ax.scatter([p[0] for p in points], [p[1] for p in points], label=label, marker=marker, alpha=0.7)
         ax.set_xlabel("held-out refusal rate")
@@ -211,7 +215,7 @@ def report(model_name: str, model: Path, results: dict[str, list[dict]], args) -
         per_seed = "/".join(f"{h:.4f}" for h in hvs)
         print(f"| {VARIANTS[variant][0]} | {hv_means[variant]:.4f} ± {spread:.4f} | {per_seed} | {best[0]} | {best[1]} | "
               f"{best[2]} | {fronts} | {wall:.0f} |")
-    for variant in ("ours", "k1", "meandiff"):
+    for variant in ("ours", "k1", "meandiff", "np"):
         if variant in results:
             print(f"# {VARIANTS[variant][0]}: {composition(results[variant])}")
     if "ours" in hv_means and "heretic" in hv_means and hv_means["heretic"] > 0:
@@ -228,7 +232,7 @@ def report(model_name: str, model: Path, results: dict[str, list[dict]], args) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["default"], help="default, second, or model folders")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["ours", "k1", "meandiff", "heretic"], choices=list(VARIANTS))
     parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--startup-trials", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])

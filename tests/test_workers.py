@@ -44,6 +44,13 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
 def wait_for_running_trial(storage: str, timeout: float = 120) -> int:
     """Poll until an edited (non-baseline) trial is RUNNING; return its number."""
     deadline = time.time() + timeout
+    url = storage
+    if storage.startswith("sqlite:///"):
+        # read-only: the poll can never hold a write lock on the worker's file. A read-write poll
+        # that caught the worker creating its tables could insert Optuna's version row itself, and
+        # an engine left half-built by an error kept that lock until garbage-collected: the
+        # worker's own writes then waited out SQLite's timeout and the trial was lost
+        url = f"sqlite:///file:{storage.removeprefix('sqlite:///')}?mode=ro&uri=true"
     while time.time() < deadline:
         if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
             time.sleep(0.05)
@@ -52,7 +59,7 @@ def wait_for_running_trial(storage: str, timeout: float = 120) -> int:
         try:
             # one engine per poll, closed at once: engines left to the garbage collector keep their
             # connections open, and a slow start could fill the server's connection slots
-            rdb = optuna.storages.RDBStorage(storage, skip_table_creation=True)
+            rdb = optuna.storages.RDBStorage(url, skip_table_creation=True)
         except (RuntimeError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError):
             rdb = None  # the worker has not created the tables yet
         if rdb is not None:
