@@ -47,9 +47,10 @@ def wait_for_running_trial(storage: str, timeout: float = 120) -> int:
     url = storage
     if storage.startswith("sqlite:///"):
         # read-only: the poll can never hold a write lock on the worker's file. A read-write poll
-        # that caught the worker creating its tables could insert Optuna's version row itself, and
-        # an engine left half-built by an error kept that lock until garbage-collected: the
-        # worker's own writes then waited out SQLite's timeout and the trial was lost
+        # that catches the worker creating its tables can insert Optuna's version row itself, and
+        # an engine left half-built by an error keeps its connection until garbage-collected: the
+        # likely cause of a run under heavy load whose worker waited out SQLite's lock timeout twice
+        # and could not record its interrupted trial
         url = f"sqlite:///file:{storage.removeprefix('sqlite:///')}?mode=ro&uri=true"
     while time.time() < deadline:
         if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
