@@ -62,6 +62,8 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "k1": ("ours, k = 1", ["--subspace-max", "1"]),
     "meandiff": ("ours, mean-diff only", ["--direction-methods", "mean_diff", "--subspace-max", "1"]),
     "np": ("ours, norm-preserving + projected", ["--norm-preserving", "--projected-directions"]),
+    "k1w": ("ours, k = 1, peak weight >= 0.8", ["--subspace-max", "1", "--min-weight", "0.8"]),
+    "oursw": ("ours, peak weight >= 0.8", ["--min-weight", "0.8"]),
     "heretic": ("heretic 1.4", None),
 }
 
@@ -215,7 +217,7 @@ def report(model_name: str, model: Path, results: dict[str, list[dict]], args) -
         per_seed = "/".join(f"{h:.4f}" for h in hvs)
         print(f"| {VARIANTS[variant][0]} | {hv_means[variant]:.4f} ± {spread:.4f} | {per_seed} | {best[0]} | {best[1]} | "
               f"{best[2]} | {fronts} | {wall:.0f} |")
-    for variant in ("ours", "k1", "meandiff", "np"):
+    for variant in [v for v in VARIANTS if v != "heretic"]:
         if variant in results:
             print(f"# {VARIANTS[variant][0]}: {composition(results[variant])}")
     if "ours" in hv_means and "heretic" in hv_means and hv_means["heretic"] > 0:

@@ -173,6 +173,7 @@ class Settings:
         },
     )
     alpha_max: float = field(default=4.0, metadata={"help": "upper end of the contrastive strength alpha"})
+    min_weight: float = field(default=0.0, metadata={"help": "lower end of the per-component peak ablation weight"})
     max_weight: float = field(default=1.5, metadata={"help": "upper end of the per-component peak ablation weight"})
     subspace_max: int = field(
         default=4,
@@ -268,6 +269,10 @@ def _check(settings: Settings) -> Settings:
         raise UserError(f"--max-kl must be a positive KL divergence (e.g. 0.1), got {settings.max_kl}")
     if not settings.max_weight > 0:
         raise UserError(f"--max-weight must be positive (e.g. 1.5), got {settings.max_weight}")
+    if not 0 <= settings.min_weight < settings.max_weight:
+        raise UserError(
+            f"--min-weight must be at least 0 and below --max-weight ({settings.max_weight:g}), got {settings.min_weight}"
+        )
     if not 1 <= settings.subspace_max <= 16:
         raise UserError(f"--subspace-max must be between 1 and 16 directions per layer (e.g. 4), got {settings.subspace_max}")
     if settings.alpha_max < 0:

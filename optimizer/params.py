@@ -118,7 +118,7 @@ def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Setti
     index = trial.suggest_float("direction_index", 0.2 * last, 0.9 * last) if scope == "global" else None
     kernels = {
         c: Kernel(
-            peak_weight=trial.suggest_float(f"{c}_peak_weight", 0.0, settings.max_weight),
+            peak_weight=trial.suggest_float(f"{c}_peak_weight", settings.min_weight, settings.max_weight),
             peak_layer=trial.suggest_float(f"{c}_peak_layer", 0.3 * last, last),
             min_ratio=trial.suggest_float(f"{c}_min_ratio", 0.0, 1.0),
             falloff=trial.suggest_float(f"{c}_falloff", 1.0, max(1.0, 0.6 * last)),
@@ -128,10 +128,16 @@ def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Setti
     return TrialParams(method, alpha, index, kernels, k, gamma)
 
 
-# Upper bounds of the space that a setting moves, by parameter name (suffix): where front trials crowd
-# against one, the end of a run says which flag widens it (`report.bound_warnings`). The other
-# bounds are the ends of what a parameter can mean (a weight of 0, the last layer, a ratio of 1).
-WIDENED_BY = {"peak_weight": "--max-weight", "alpha": "--alpha-max", "subspace_k": "--subspace-max"}  # upper bounds
+# Bounds of the space that a setting moves, by parameter name (suffix) and end: where front trials
+# crowd against one, the end of a run says which flag widens it (`report.bound_warnings`). The other
+# bounds are the ends of what a parameter can mean (the last layer, a ratio of 1), and so is a lower
+# bound of 0 (a weight of 0 is no edit).
+WIDENED_BY = {
+    ("peak_weight", "high"): "--max-weight",
+    ("peak_weight", "low"): "--min-weight",
+    ("alpha", "high"): "--alpha-max",
+    ("subspace_k", "high"): "--subspace-max",
+}
 
 
 def separation(stats: ContrastiveStats) -> torch.Tensor:

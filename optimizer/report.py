@@ -17,7 +17,7 @@ from optimizer.components import COMPONENTS
 PROGRESS_KL_LIMIT = 1.0
 SHOWN_SETTINGS = (
     "trials", "direction_prompts", "scoring_prompts", "max_new_tokens", "system_prompt", "response_prefix", "seed",
-    "direction_methods", "alpha_max", "max_weight",
+    "direction_methods", "alpha_max", "min_weight", "max_weight",
 )  # fmt: skip
 
 
@@ -80,29 +80,36 @@ EDGE = 0.02  # a value within this share of its range from a bound sits at that 
 
 
 def bound_warnings(study: optuna.Study) -> list[str]:
-    """For each upper bound that a setting moves (`params.WIDENED_BY`), a line when at least half of
-    the front's edited trials that use the parameter (and at least two) sit at it: the best
-    trade-offs may lie beyond it."""
+    """For each bound that a setting moves (`params.WIDENED_BY`), a line when at least half of the
+    front's edited trials that use the parameter (and at least two) sit at it: the best trade-offs
+    may lie beyond it. A lower bound of 0 is where the parameter's meaning ends, not a setting."""
     from optimizer.params import WIDENED_BY
 
     front = front_trials(study)
     lines = []
     for name in sorted({n for t in front for n in t.params}):
-        flag = next((f for suffix, f in WIDENED_BY.items() if name.endswith(suffix)), None)
-        if flag is None:
-            continue
         using = [t for t in front if name in t.params]
         ranges = {t.number: (t.distributions[name].low, t.distributions[name].high) for t in using}  # type: ignore[attr-defined]
-        at_edge = [
-            t.number for t in using if ranges[t.number][1] - t.params[name] <= EDGE * (ranges[t.number][1] - ranges[t.number][0])
-        ]
-        if len(at_edge) >= 2 and 2 * len(at_edge) >= len(using):
-            bound = max(high for _, high in ranges.values())
-            lines.append(
-                f"{len(at_edge)} of {len(using)} Pareto-optimal trials have {name} at its upper bound {bound:g} "
-                f"(trials {', '.join(map(str, at_edge))}): better trade-offs may lie beyond it; widen it with "
-                f"{flag} (e.g. {flag} {2 * bound:g}) in a new study"
-            )
+        for (suffix, end), flag in WIDENED_BY.items():
+            if not name.endswith(suffix):
+                continue
+            high = end == "high"
+            bound = max(r[1] for r in ranges.values()) if high else min(r[0] for r in ranges.values())
+            if not high and bound <= 0:
+                continue
+            at_edge = [
+                t.number
+                for t in using
+                if abs((ranges[t.number][1] if high else ranges[t.number][0]) - t.params[name])
+                <= EDGE * (ranges[t.number][1] - ranges[t.number][0])
+            ]
+            if len(at_edge) >= 2 and 2 * len(at_edge) >= len(using):
+                example = f"{flag} {2 * bound:g}" if high else f"{flag} {bound / 2:g}"
+                lines.append(
+                    f"{len(at_edge)} of {len(using)} Pareto-optimal trials have {name} at its {'upper' if high else 'lower'} "
+                    f"bound {bound:g} (trials {', '.join(map(str, at_edge))}): better trade-offs may lie beyond it; "
+                    f"widen it with {flag} (e.g. {example}) in a new study"
+                )
     return lines
 
 

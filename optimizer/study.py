@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -126,7 +127,10 @@ def make_objective(scorer: Scorer) -> Callable[[optuna.Trial], tuple[float, floa
 
     def score_and_record(trial: optuna.Trial) -> tuple[float, float]:
         start = time.perf_counter()
-        params = suggest_params(trial, spec.loaded.n_layers, settings)
+        with warnings.catch_warnings():
+            if trial.user_attrs.get("baseline"):  # its weight 0 lies below a --min-weight range on purpose
+                warnings.filterwarnings("ignore", message="Fixed parameter .* out of range")
+            params = suggest_params(trial, spec.loaded.n_layers, settings)
         plan, info = build_plan(params, stats, settings.projected_directions)
         directions_s = time.perf_counter() - start
         front = finished_front(trial.study, n_harmful) if settings.early_stop else None

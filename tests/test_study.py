@@ -1,5 +1,6 @@
 """A study on a tiny model: trials, resume to a total, cache reuse, recorded attributes."""
 
+import warnings
 from pathlib import Path
 
 import optuna
@@ -123,6 +124,12 @@ def test_front_crowding_an_upper_bound_is_reported_with_the_flag_that_widens_it(
     assert "--max-weight" in line and "(trials 1, 2)" in line
     # one trial at the bound is not a crowd; alpha near but not at 4.0 is not at its bound
     assert bound_warnings(study_of(trial(1.5, 3.5, (0.1, 0.3)), trial(0.7, 3.6, (0.2, 0.2)))) == []
+    # a weight of 0 is no edit, not a bound a flag moves; a raised lower bound (--min-weight) is one
+    assert bound_warnings(study_of(trial(0.0, 1.0, (0.1, 0.3)), trial(0.01, 2.0, (0.2, 0.2)))) == []
+    weight = FloatDistribution(0.8, 1.5)
+    (line,) = bound_warnings(study_of(trial(0.8, 1.0, (0.1, 0.3)), trial(0.81, 2.0, (0.2, 0.2)), trial(1.2, 2.0, (0.3, 0.1))))
+    assert "2 of 3 Pareto-optimal trials have attn_peak_weight at its lower bound 0.8 (trials 0, 1)" in line
+    assert "--min-weight 0.4" in line
 
 
 def test_max_weight_sets_the_peak_weight_range(tiny_dir, tmp_path, capsys):
@@ -139,3 +146,22 @@ def test_max_weight_sets_the_peak_weight_range(tiny_dir, tmp_path, capsys):
     assert "--max-weight must be positive" in capsys.readouterr().err
     assert main(run_args(tiny_dir, studies, "--subspace-max", "0")) == 2
     assert "--subspace-max must be between 1 and 16" in capsys.readouterr().err
+
+
+def test_min_weight_narrows_every_sampled_peak_weight_and_keeps_the_unedited_baseline(tiny_dir, tmp_path, capsys):
+    studies = tmp_path / "studies"
+    for bad in ("-0.1", "1.5"):  # below 0; not below --max-weight
+        assert main(run_args(tiny_dir, studies, "--min-weight", bad)) == 2
+        assert "--min-weight must be at least 0 and below --max-weight (1.5)" in capsys.readouterr().err
+    assert not studies.exists() or not list(studies.glob("*.db"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the baseline's weight 0, below the range, must not warn
+        assert main(run_args(tiny_dir, studies, "--trials", "5", "--seed", "1", "--min-weight", "0.8")) == 0
+    baseline, *trials = load(studies).trials
+    assert baseline.params["attn_peak_weight"] == 0.0 and baseline.values[1] == 0.0
+    assert len(trials) == 4  # 2 random start-up trials, then TPE with the baseline in its history
+    for t in trials:
+        for c in ("attn", "mlp"):
+            assert t.distributions[f"{c}_peak_weight"].low == 0.8
+            assert 0.8 <= t.params[f"{c}_peak_weight"] <= 1.5
+
