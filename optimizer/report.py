@@ -88,11 +88,11 @@ def bound_warnings(study: optuna.Study) -> list[str]:
     front = front_trials(study)
     lines = []
     for name in sorted({n for t in front for n in t.params}):
-        using = [t for t in front if name in t.params]
-        ranges = {t.number: (t.distributions[name].low, t.distributions[name].high) for t in using}  # type: ignore[attr-defined]
         for (suffix, end), flag in WIDENED_BY.items():
             if not name.endswith(suffix):
                 continue
+            using = [t for t in front if name in t.params]
+            ranges = {t.number: (t.distributions[name].low, t.distributions[name].high) for t in using}  # type: ignore[attr-defined]
             high = end == "high"
             bound = max(r[1] for r in ranges.values()) if high else min(r[0] for r in ranges.values())
             if not high and bound <= 0:

@@ -97,15 +97,18 @@ def test_toml_config_and_cli_override(tiny_dir, tmp_path):
 
 
 def test_front_crowding_an_upper_bound_is_reported_with_the_flag_that_widens_it():
-    from optuna.distributions import FloatDistribution
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
 
     from optimizer.report import bound_warnings
 
     weight, alpha = FloatDistribution(0.0, 1.5), FloatDistribution(0.0, 4.0)
 
+    scope = CategoricalDistribution(["global", "per_layer"])  # no bounds: never warned about
+
     def trial(w: float, a: float, values: tuple[float, float], **attrs) -> optuna.trial.FrozenTrial:
         return optuna.trial.create_trial(
-            params={"attn_peak_weight": w, "alpha": a}, distributions={"attn_peak_weight": weight, "alpha": alpha},
+            params={"attn_peak_weight": w, "alpha": a, "direction_scope": "global"},
+            distributions={"attn_peak_weight": weight, "alpha": alpha, "direction_scope": scope},
             values=list(values), user_attrs=attrs,
         )  # fmt: skip
 
