@@ -18,6 +18,8 @@ markers:
 - `np`: the defaults with `--norm-preserving --projected-directions`, the two choices heretic 1.4
   makes by default (row norms kept, directions orthogonal to the harmless mean); not run unless
   named in `--variants`;
+- `k1w` / `oursw`: k = 1 / the defaults with `--min-weight 0.8` (heretic's floor on the peak weight;
+  not run unless named);
 - `heretic`: heretic 1.4 in its own venv (benchmarks/heretic_runner.py), seeded starts off by
   construction (it has none).
 

@@ -167,4 +167,3 @@ def test_min_weight_narrows_every_sampled_peak_weight_and_keeps_the_unedited_bas
         for c in ("attn", "mlp"):
             assert t.distributions[f"{c}_peak_weight"].low == 0.8
             assert 0.8 <= t.params[f"{c}_peak_weight"] <= 1.5
-
