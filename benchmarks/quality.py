@@ -18,8 +18,7 @@ markers:
 - `np`: the defaults with `--norm-preserving --projected-directions`, the two choices heretic 1.4
   makes by default (row norms kept, directions orthogonal to the harmless mean); not run unless
   named in `--variants`;
-- `k1w` / `oursw`: k = 1 / the defaults with `--min-weight 0.8` (heretic's floor on the peak weight;
-  not run unless named);
+- `k1w`: k = 1 with `--min-weight 0.8` (heretic's floor on the peak weight; not run unless named);
 - `heretic`: heretic 1.4 in its own venv (benchmarks/heretic_runner.py), seeded starts off by
   construction (it has none).
 
@@ -65,7 +64,6 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "meandiff": ("ours, mean-diff only", ["--direction-methods", "mean_diff", "--subspace-max", "1"]),
     "np": ("ours, norm-preserving + projected", ["--norm-preserving", "--projected-directions"]),
     "k1w": ("ours, k = 1, peak weight >= 0.8", ["--subspace-max", "1", "--min-weight", "0.8"]),
-    "oursw": ("ours, peak weight >= 0.8", ["--min-weight", "0.8"]),
     "heretic": ("heretic 1.4", None),
 }
 

@@ -133,10 +133,10 @@ def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Setti
 # bounds are the ends of what a parameter can mean (the last layer, a ratio of 1), and so is a lower
 # bound of 0 (a weight of 0 is no edit).
 WIDENED_BY = {
-    ("peak_weight", "high"): "--max-weight",
-    ("peak_weight", "low"): "--min-weight",
-    ("alpha", "high"): "--alpha-max",
-    ("subspace_k", "high"): "--subspace-max",
+    ("peak_weight", "upper"): "--max-weight",
+    ("peak_weight", "lower"): "--min-weight",
+    ("alpha", "upper"): "--alpha-max",
+    ("subspace_k", "upper"): "--subspace-max",
 }
 
 

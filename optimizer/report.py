@@ -88,26 +88,26 @@ def bound_warnings(study: optuna.Study) -> list[str]:
     front = front_trials(study)
     lines = []
     for name in sorted({n for t in front for n in t.params}):
-        for (suffix, end), flag in WIDENED_BY.items():
-            if not name.endswith(suffix):
-                continue
-            using = [t for t in front if name in t.params]
-            ranges = {t.number: (t.distributions[name].low, t.distributions[name].high) for t in using}  # type: ignore[attr-defined]
-            high = end == "high"
-            bound = max(r[1] for r in ranges.values()) if high else min(r[0] for r in ranges.values())
-            if not high and bound <= 0:
+        ends = [(end, flag) for (suffix, end), flag in WIDENED_BY.items() if name.endswith(suffix)]
+        if not ends:
+            continue
+        using = [t for t in front if name in t.params]
+        ranges = {t.number: (t.distributions[name].low, t.distributions[name].high) for t in using}  # type: ignore[attr-defined]
+        for end, flag in ends:
+            side = 1 if end == "upper" else 0  # index into (low, high)
+            bound = max(r[1] for r in ranges.values()) if side else min(r[0] for r in ranges.values())
+            if not side and bound <= 0:
                 continue
             at_edge = [
                 t.number
                 for t in using
-                if abs((ranges[t.number][1] if high else ranges[t.number][0]) - t.params[name])
-                <= EDGE * (ranges[t.number][1] - ranges[t.number][0])
+                if abs(ranges[t.number][side] - t.params[name]) <= EDGE * (ranges[t.number][1] - ranges[t.number][0])
             ]
             if len(at_edge) >= 2 and 2 * len(at_edge) >= len(using):
-                example = f"{flag} {2 * bound:g}" if high else f"{flag} {bound / 2:g}"
+                example = f"{flag} {2 * bound:g}" if side else f"{flag} {bound / 2:g}"
                 lines.append(
-                    f"{len(at_edge)} of {len(using)} Pareto-optimal trials have {name} at its {'upper' if high else 'lower'} "
-                    f"bound {bound:g} (trials {', '.join(map(str, at_edge))}): better trade-offs may lie beyond it; "
+                    f"{len(at_edge)} of {len(using)} Pareto-optimal trials have {name} at its {end} bound {bound:g} "
+                    f"(trials {', '.join(map(str, at_edge))}): better trade-offs may lie beyond it; "
                     f"widen it with {flag} (e.g. {example}) in a new study"
                 )
     return lines
