@@ -137,13 +137,16 @@ def _dispatch(args: argparse.Namespace, console: Console) -> None:
     elif args.command == "eval":
         from optimizer import evaluate
         from optimizer.trials import load_edited_model
+        from optimizer.workbench import cpu_fast_paths
 
         if not args.tasks and not args.refusals:
             raise UserError(f"eval needs --tasks T1,T2 (e.g. {evaluate.LOCAL_TASK}) or --refusals")
         trials = evaluate.select_trials(stored.study, args.trial, args.pareto)
         edited = load_edited_model(stored, trials[0].number, console, model=args.model, device=args.device)
         if args.refusals:
-            console.print(evaluate.evaluate_refusals(stored, edited, trials, args.harmful, args.harmless, args.limit, console))
+            paths = cpu_fast_paths(edited.prepared.spec, edited.prepared.batch_size)
+            table = evaluate.evaluate_refusals(stored, edited, trials, args.harmful, args.harmless, args.limit, console, paths)
+            console.print(table)
         if args.tasks:
             console.print(evaluate.evaluate_tasks(stored, edited, trials, args.tasks, args.limit, console))
 

@@ -17,7 +17,7 @@ from optimizer.response_prefix import answer_part
 from optimizer.scoring import first_token_logprobs, generate_and_classify, kl_divergence
 from optimizer.trials import EditedModel, StoredStudy, finished_trial
 from optimizer.verify import heldout_prompts
-from optimizer.workbench import load_judge
+from optimizer.workbench import FastPaths, load_judge
 
 LOCAL_TASK = "optimizer_everyday_mc"
 LOCAL_TASK_YAML = """task: {name}
@@ -122,18 +122,23 @@ def evaluate_refusals(
     harmless: str | None,
     limit: int | None,
     console: Console,
+    paths: FastPaths,
 ) -> Table:
-    """Refusals k/N and KL on prompts the study never saw (default: the bundled held-out splits)."""
+    """Refusals k/N and KL on prompts the study never saw (default: the bundled held-out splits),
+    generated through `paths` (workbench.cpu_fast_paths; `FastPaths()` for the plain path)."""
     study, settings, loaded = stored.study, edited.prepared.settings, edited.prepared.loaded
     answer = answer_part(settings.response_prefix or "")
     judge = load_judge(settings, loaded)
     held = heldout_prompts(edited.prepared, harmful, harmless, limit)
     harmful_texts, harmless_texts, source = held.harmful_texts, held.harmless_texts, held.source
-    batch, cap = edited.prepared.batch_size, settings.max_new_tokens
-    refusals = lambda: generate_and_classify(loaded, harmful_texts, cap, judge, batch, held.harmful, answer_prefix=answer)
+    batch, cap, packed = edited.prepared.batch_size, settings.max_new_tokens, paths.packed_prefill
+    refusals = lambda: generate_and_classify(
+        loaded, harmful_texts, cap, judge, batch, held.harmful, answer_prefix=answer, packed=packed
+    )
+    logprobs = lambda: first_token_logprobs(loaded, harmless_texts, batch, packed)
     apply_trial(edited, None)
     with console.status("Held-out prompts: original model..."):
-        base_logprobs = first_token_logprobs(loaded, harmless_texts, batch)
+        base_logprobs = logprobs()
         base = refusals()
     study.set_user_attr("heldout_baseline_refusals", f"{base.count}/{len(base.refused)}")
     table = Table(title=f"Held-out refusals and KL ({source})")
@@ -143,7 +148,7 @@ def evaluate_refusals(
     for trial in trials:
         apply_trial(edited, trial)
         with console.status(f"Held-out prompts: trial {trial.number}..."):
-            kl = kl_divergence(base_logprobs, first_token_logprobs(loaded, harmless_texts, batch))
+            kl = kl_divergence(base_logprobs, logprobs())
             result = refusals()
         stored.annotate(trial, "heldout_refusals", f"{result.count}/{len(result.refused)}")
         stored.annotate(trial, "heldout_kl_divergence", round(kl, 6))

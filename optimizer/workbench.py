@@ -314,14 +314,12 @@ def choose_fast_paths(spec: RunSpec, batch_size: int) -> tuple[FastPaths, Ablati
     """The fast paths this model and device allow, each checked against the plain path on the
     study's own prompts, and the hooks that go with them (fixed buffers for a captured graph).
 
-    Only a study calls this: packing and capture assume that the weights never change afterwards
-    (trials edit through hooks; export bakes into a model loaded without them).
+    Only a study calls this (and `eval --refusals` the CPU's, `cpu_fast_paths`): packing and capture
+    assume that the weights never change afterwards (trials edit through hooks; export bakes into a
+    model loaded without them).
     """
     loaded, console = spec.loaded, spec.console
-    packed_linears, packed_prefill = 0, False
-    if loaded.device.type == "cpu":
-        packed_linears = pack_linear_layers(loaded, console)
-        packed_prefill = _packed_prefill_agrees(spec, batch_size)
+    cpu = cpu_fast_paths(spec, batch_size)
     if supports_graph_decoding(loaded) and loaded.split:
         spread = f"the model is spread by a device map ({loaded.placement()})"
         console.print(f"[yellow]Decoding eagerly: a CUDA graph is captured on one device, and {spread}[/]")
@@ -329,9 +327,19 @@ def choose_fast_paths(spec: RunSpec, batch_size: int) -> tuple[FastPaths, Ablati
         hooks = AblationHooks(loaded, spec.settings.norm_preserving, static=True, rank=spec.settings.subspace_max)
         graph = _graph_decoder(spec, batch_size)
         if graph is not None:
-            return FastPaths(packed_linears, packed_prefill, graph), hooks
+            return dataclasses.replace(cpu, graph=graph), hooks
         hooks.remove()
-    return FastPaths(packed_linears, packed_prefill), AblationHooks(loaded, spec.settings.norm_preserving)
+    return cpu, AblationHooks(loaded, spec.settings.norm_preserving)
+
+
+def cpu_fast_paths(spec: RunSpec, batch_size: int) -> FastPaths:
+    """The CPU's fast paths (packed linear weights, the packed prefill), each checked against the
+    plain path; none on other devices. `eval --refusals` takes these: the weights never change under
+    it either (trials are hooked), and it answers prompts of any length, which a captured decode
+    graph, sized for the study's prompts, could not hold."""
+    if spec.loaded.device.type != "cpu":
+        return FastPaths()
+    return FastPaths(pack_linear_layers(spec.loaded, spec.console), _packed_prefill_agrees(spec, batch_size))
 
 
 def _packed_prefill_agrees(spec: RunSpec, batch_size: int) -> bool:

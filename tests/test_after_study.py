@@ -116,6 +116,27 @@ def test_eval_refusals_and_local_task_store_results(finished_study, capsys):
     assert 0 <= study.user_attrs["eval_original/optimizer_everyday_mc/acc"] <= 1
 
 
+def test_eval_refusals_on_the_cpu_fast_paths_equal_the_plain_path(finished_study):
+    from optimizer.evaluate import evaluate_refusals
+    from optimizer.workbench import FastPaths, cpu_fast_paths
+
+    stored = open_study("t", None, str(finished_study))
+    number = max(stored.study.get_trials(states=[optuna.trial.TrialState.COMPLETE]), key=lambda t: t.values[1]).number
+    edited = load_edited_model(stored, number, Console(file=io.StringIO()))
+    trials = [stored.study.trials[number]]
+    heldout = lambda: optuna.load_study(study_name="t", storage=f"sqlite:///{finished_study}/t.db").trials[number].user_attrs
+
+    evaluate_refusals(stored, edited, trials, None, None, 8, Console(file=io.StringIO()), FastPaths())
+    plain = heldout()
+    paths = cpu_fast_paths(edited.prepared.spec, edited.prepared.batch_size)
+    assert paths.packed_linears > 0 and paths.packed_prefill and paths.graph is None
+    evaluate_refusals(stored, edited, trials, None, None, 8, Console(file=io.StringIO()), paths)
+    fast = heldout()
+    assert fast["heldout_refusals"] == plain["heldout_refusals"] and plain["heldout_refusals"].endswith("/8")
+    assert plain["heldout_kl_divergence"] > 1e-4  # the trial that moves the model most
+    assert fast["heldout_kl_divergence"] == pytest.approx(plain["heldout_kl_divergence"], rel=1e-3)
+
+
 def test_chat_from_a_pipe(finished_study):
     number = edited_trial(finished_study)
     edited = load_edited_model(open_study("t", None, str(finished_study)), number, Console(file=io.StringIO()))
