@@ -4,7 +4,7 @@ mean-diff, and heretic 1.4, on one or more models.
     python benchmarks/quality.py [--models default second] [--trials 60] [--seeds 0 1 2]
                                  [--variants ours k1 meandiff np heretic] [--scoring-prompts 16]
                                  [--direction-prompts 64] [--max-new-tokens 12] [--heldout-prompts 32]
-                                 [--workdir DIR]
+                                 [--workdir DIR] [--report-only]
 
 Models: `default` (the bundled Qwen2.5-Coder-0.5B-Instruct), `second` (the synthetic refusing
 SmolLM2-135M of benchmarks/make_refusing_model.py, built on first use), or a model folder.
@@ -28,6 +28,8 @@ heretic's by re-applying the trial through heretic's own code and counting with 
 the same cap and markers. Hypervolume of the held-out (refusal rate, KL) points with one reference per
 model: (the unedited model's held-out refusal rate, KL 1.0). Also the best held-out refusal rate at
 KL <= 0.1 / 0.3 / 1.0, and which k, direction method and alpha our front trials used.
+`--report-only` prints the tables from the results a workdir keeps (studies run apart, gathered
+into one `results/` folder) and runs nothing; a missing study is named and left out.
 
 Each study's result is kept as WORKDIR/results/<model>-<variant>-<seed>.json and reused when the
 script runs again with the same WORKDIR (a finished study is never run twice), so seeds can be added
@@ -244,6 +246,7 @@ def main() -> None:
     parser.add_argument("--heldout-prompts", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16, help="heretic's (ours measures its own)")
     parser.add_argument("--workdir", type=Path, help="studies and results; rerun with the same one to add seeds")
+    parser.add_argument("--report-only", action="store_true", help="tables from the workdir's kept results; run nothing")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="quality-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -265,20 +268,26 @@ def main() -> None:
             for variant in args.variants:
                 path = workdir / "results" / f"{tag}-{variant}-{seed}-{budget}.json"
                 extra = VARIANTS[variant][1]
-                print(f"# {tag} {variant} seed {seed}: {'kept' if path.exists() else 'running'}", flush=True)
+                state = "kept" if path.exists() else "missing, skipped" if args.report_only else "running"
+                print(f"# {tag} {variant} seed {seed}: {state}", flush=True)
                 if path.exists():
                     result = json.loads(path.read_text())
+                elif args.report_only:
+                    continue
                 elif extra is None:
                     result = keep(path, heretic(model, workdir / f"heretic-{tag}-{seed}", args, seed, tuple(heldout_files)))
                 else:
                     result = keep(path, ours(f"q-{tag}-{variant}-{seed}", model, workdir, args, seed, extra))
                 results[variant].append(result)
+        results = {v: runs for v, runs in results.items() if runs}
+        if not results:
+            continue
         by_model[tag] = {VARIANTS[v][0]: runs for v, runs in results.items()}
         hv = report(tag, model, results, args)
-        last += [f"hv_{v}@{tag}={hv[v]:.4f}" for v in args.variants]
+        last += [f"hv_{v}@{tag}={hv[v]:.4f}" for v in results]
     plot(by_model, ROOT / "benchmarks" / "quality.png")
     print(f"# plot: benchmarks/quality.png; raw: {workdir}")
-    print(" ".join(last) + f" trials={args.trials} seeds={len(args.seeds)} device=cpu")
+    print(" ".join(last) + f" trials={args.trials} seeds={len(args.seeds)} device=cpu")  # seeds asked for; tables say which ran
 
 
 if __name__ == "__main__":
