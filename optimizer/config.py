@@ -165,6 +165,13 @@ class Settings:
         default=1.0,
         metadata={"help": "with --early-stop, a trial whose KL is above this is not generated and counts as refusing all"},
     )
+    kl_floor: float = field(
+        default=0.0,
+        metadata={
+            "help": "a trial whose KL is below this is marked infeasible: kept off the Pareto front and out of the "
+            "sampler's good trials (nearly unedited models that still refuse; heretic's kl_divergence_target); 0 = off"
+        },
+    )
     seeded_starts: bool = field(
         default=True,
         metadata={
@@ -264,6 +271,11 @@ def _check(settings: Settings) -> Settings:
         raise UserError("--startup-trials, --batch-size and --db-retry-s must not be negative")
     if not settings.kl_limit > 0:
         raise UserError(f"--kl-limit must be a positive KL divergence (e.g. 1.0), got {settings.kl_limit}")
+    if not 0 <= settings.kl_floor < settings.kl_limit:
+        raise UserError(
+            f"--kl-floor must be at least 0 and below --kl-limit ({settings.kl_limit:g}), got {settings.kl_floor} "
+            "(e.g. 0.01; 0 turns it off)"
+        )
     check_spec(settings.judge)
     if not settings.max_kl > 0:
         raise UserError(f"--max-kl must be a positive KL divergence (e.g. 0.1), got {settings.max_kl}")
@@ -372,6 +384,7 @@ def settings_from_record(stored: dict[str, Any], **overrides: Any) -> Settings:
     values = {k: v for k, v in stored.items() if k in FIELDS and k not in LOCATION}
     values.setdefault("response_prefix", "")
     values.setdefault("judge", "markers:plain")  # studies from before judges were scored by the plain markers
+    values.setdefault("kl_floor", 0.0)  # and those from before the floor had none
     values.setdefault("subspace_max", 1)  # studies from before subspaces searched one direction per layer
     values.update({k: v for k, v in overrides.items() if v is not None})
     return _make(values)

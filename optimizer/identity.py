@@ -34,6 +34,8 @@ from optimizer.model import LoadedModel
 
 # Settings that change what a trial's parameters do to the model (not what is cached).
 EDIT_VARIANTS = ("projected_directions", "norm_preserving")
+# Settings that change which trials count (the Pareto front), stored on each trial as it finishes.
+OBJECTIVE_VARIANTS = ("kl_floor",)
 
 
 def _hash(*parts: object) -> str:
@@ -81,7 +83,7 @@ def comparable_settings(settings: Settings) -> dict[str, Any]:
         "template_kwargs": s.template_kwargs(),
         "response_prefix": s.response_prefix,
         "winsorize": s.winsorize,
-        **{k: getattr(s, k) for k in EDIT_VARIANTS},
+        **{k: getattr(s, k) for k in EDIT_VARIANTS + OBJECTIVE_VARIANTS},
     }
 
 
@@ -165,6 +167,13 @@ class StudyIdentity:
             raise UserError(
                 f"study {name!r} was run with {', '.join(f'{k}={stored.get(k, False)}' for k in changed)}; the same "
                 "parameters would edit the model differently now: run with the original settings or use another --study name"
+            )
+        changed = [k for k in OBJECTIVE_VARIANTS if stored.get(k, 0.0) != self.settings[k]]
+        if changed:
+            flags = ", ".join(f"--{k.replace('_', '-')} {stored.get(k, 0.0):g}" for k in changed)
+            raise UserError(
+                f"study {name!r} was run with {flags}, which decides which of its trials count; resume it with that "
+                "or use another --study name"
             )
 
 

@@ -107,9 +107,16 @@ def load_or_create_study(
     return study, created
 
 
+def feasible(trial: FrozenTrial) -> bool:
+    """Optuna's rule: every constraint the trial set (here only --kl-floor's) is at most 0."""
+    return all(value <= 0 for value in trial.constraints.values())
+
+
 def finished_front(study: optuna.Study, n_harmful: int) -> Front:
-    """The trials finished so far (by any worker), for early stopping."""
-    return Front.of((t.values for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))), n_harmful)
+    """The feasible trials finished so far (by any worker), for early stopping: the Pareto front
+    (`study.best_trials`) is made of feasible trials only, so only they may settle another's place."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return Front.of((t.values for t in done if feasible(t)), n_harmful)
 
 
 def make_objective(scorer: Scorer) -> Callable[[optuna.Trial], tuple[float, float]]:
@@ -146,6 +153,8 @@ def make_objective(scorer: Scorer) -> Callable[[optuna.Trial], tuple[float, floa
         if scores.stopped:
             trial.set_user_attr("early_stop", scores.stopped)
         trial.set_user_attr("kl_divergence", round(scores.kl, 6))
+        if settings.kl_floor > 0:
+            trial.set_constraint("kl_floor", settings.kl_floor - scores.kl)
         trial.set_user_attr("alpha", params.alpha)
         trial.set_user_attr("direction", params.describe_direction())
         trial.set_user_attr("fallback_layers", info.fallback_layers)

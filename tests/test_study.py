@@ -151,6 +151,22 @@ def test_max_weight_sets_the_peak_weight_range(tiny_dir, tmp_path, capsys):
     assert "--subspace-max must be between 1 and 16" in capsys.readouterr().err
 
 
+def test_kl_floor_is_checked_and_kept_by_a_resumed_study(tiny_dir, tmp_path, capsys):
+    studies = tmp_path / "studies"
+    for bad in ("-0.01", "1.0"):  # below 0; not below --kl-limit
+        assert main(run_args(tiny_dir, studies, "--kl-floor", bad)) == 2
+        assert "--kl-floor must be at least 0 and below --kl-limit (1)" in capsys.readouterr().err
+    assert not studies.exists() or not list(studies.glob("*.db"))
+    assert main(run_args(tiny_dir, studies, "--trials", "2", "--kl-floor", "0.01")) == 0
+    capsys.readouterr()
+    assert main(run_args(tiny_dir, studies, "--trials", "3", "--kl-floor", "0.02")) == 2
+    assert "was run with --kl-floor 0.01, which decides which of its trials count" in capsys.readouterr().err
+    assert len(load(studies).trials) == 2
+    assert main(run_args(tiny_dir, studies, "--trials", "3", "--kl-floor", "0.01")) == 0
+    baseline, *_ = load(studies).trials
+    assert baseline.constraints == {"kl_floor": 0.01}  # the unedited model: KL 0, below any floor
+
+
 def test_min_weight_narrows_every_sampled_peak_weight_and_keeps_the_unedited_baseline(tiny_dir, tmp_path, capsys):
     studies = tmp_path / "studies"
     for bad in ("-0.1", "1.5"):  # below 0; not below --max-weight
