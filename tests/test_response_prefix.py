@@ -202,7 +202,7 @@ def test_run_on_a_thinking_template_stores_the_prefix_and_every_later_process_re
 
     texts = []
     logprobs = evaluate.first_token_logprobs
-    monkeypatch.setattr(evaluate, "first_token_logprobs", lambda loaded, t, b: texts.extend(t) or logprobs(loaded, t, b))
+    monkeypatch.setattr(evaluate, "first_token_logprobs", lambda loaded, t, *rest: texts.extend(t) or logprobs(loaded, t, *rest))
     assert main(["eval", "--study", "t", "--studies-dir", str(studies), "--trial", str(number), "--refusals", "--limit", "2"]) == 0
     assert texts and all(t.endswith("<think>\n</think>") for t in texts)
 
