@@ -151,12 +151,19 @@ def test_max_weight_sets_the_peak_weight_range(tiny_dir, tmp_path, capsys):
     assert "--subspace-max must be between 1 and 16" in capsys.readouterr().err
 
 
+def assert_refused(model: Path, studies: Path, capsys, flag: str, values: tuple[str, ...], message: str) -> None:
+    """Each of `values` for `flag` stops the run with exit 2 and `message`, before any study is written."""
+    for bad in values:
+        assert main(run_args(model, studies, flag, bad)) == 2
+        assert message in capsys.readouterr().err
+    assert not studies.exists() or not list(studies.glob("*.db"))
+
+
 def test_kl_floor_is_checked_and_kept_by_a_resumed_study(tiny_dir, tmp_path, capsys):
     studies = tmp_path / "studies"
-    for bad in ("-0.01", "1.0"):  # below 0; not below --kl-limit
-        assert main(run_args(tiny_dir, studies, "--kl-floor", bad)) == 2
-        assert "--kl-floor must be at least 0 and below --kl-limit (1)" in capsys.readouterr().err
-    assert not studies.exists() or not list(studies.glob("*.db"))
+    # below 0; not below --kl-limit
+    message = "--kl-floor must be at least 0 and below --kl-limit (1)"
+    assert_refused(tiny_dir, studies, capsys, "--kl-floor", ("-0.01", "1.0"), message)
     assert main(run_args(tiny_dir, studies, "--trials", "2", "--kl-floor", "0.01")) == 0
     capsys.readouterr()
     assert main(run_args(tiny_dir, studies, "--trials", "3", "--kl-floor", "0.02")) == 2
@@ -169,10 +176,9 @@ def test_kl_floor_is_checked_and_kept_by_a_resumed_study(tiny_dir, tmp_path, cap
 
 def test_min_weight_narrows_every_sampled_peak_weight_and_keeps_the_unedited_baseline(tiny_dir, tmp_path, capsys):
     studies = tmp_path / "studies"
-    for bad in ("-0.1", "1.5"):  # below 0; not below --max-weight
-        assert main(run_args(tiny_dir, studies, "--min-weight", bad)) == 2
-        assert "--min-weight must be at least 0 and below --max-weight (1.5)" in capsys.readouterr().err
-    assert not studies.exists() or not list(studies.glob("*.db"))
+    # below 0; not below --max-weight
+    message = "--min-weight must be at least 0 and below --max-weight (1.5)"
+    assert_refused(tiny_dir, studies, capsys, "--min-weight", ("-0.1", "1.5"), message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the baseline's weight 0, below the range, must not warn
         assert main(run_args(tiny_dir, studies, "--trials", "5", "--seed", "1", "--min-weight", "0.8")) == 0
