@@ -28,7 +28,9 @@ study reads: ours by `optimizer eval --pareto --refusals` (the study's judge and
 heretic's by re-applying the trial through heretic's own code and counting with its own counter at
 the same cap and markers. Hypervolume of the held-out (refusal rate, KL) points with one reference per
 model: (the unedited model's held-out refusal rate, KL 1.0). Also the best held-out refusal rate at
-KL <= 0.1 / 0.3 / 1.0, and which k, direction method and alpha our front trials used.
+KL <= 0.1 / 0.3 / 1.0, which k, direction method and alpha our front trials used, and the
+hypervolume of every trial on the study's own scoring prompts (what the search saw: a tool can lead
+there and trail on held-out prompts, or the reverse).
 `--report-only` prints the tables from the results a workdir keeps (studies run apart, gathered
 into one `results/` folder) and runs nothing; a missing study is named and left out.
 
@@ -130,7 +132,10 @@ def ours(name: str, model: Path, workdir: Path, args, seed: int, extra: list[str
                       "k": t.params.get("subspace_k", 1), "method": t.params.get("direction_method", "mean_diff"),
                       "seeded": t.user_attrs.get("seeded")})
     base = int(study.user_attrs["heldout_baseline_refusals"].split("/")[0]) / n
-    return {"front": front, "baseline_rate": base, "wall_s": wall}
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    scoring = {"baseline_rate": next(t.values[0] for t in done if t.user_attrs.get("baseline")),
+               "points": [list(t.values) for t in done if not t.user_attrs.get("baseline")]}
+    return {"front": front, "baseline_rate": base, "wall_s": wall, "scoring": scoring}
 
 
 def heretic(model: Path, workdir: Path, args, seed: int, heldout: tuple[Path, Path]) -> dict:
@@ -147,13 +152,27 @@ def heretic(model: Path, workdir: Path, args, seed: int, heldout: tuple[Path, Pa
     h = result["heldout"]
     front = [{"number": t["number"], "rate": t["refusals"] / h["n_harmful"], "kl": t["kl"], "params": t.get("params")}
              for t in h["trials"]]
-    return {"front": front, "baseline_rate": h["baseline_refusals"] / h["n_harmful"], "wall_s": time.perf_counter() - start}
+    done = [t for t in result["trials"] if t["state"] == "TrialState.COMPLETE"]
+    scoring = {"baseline_rate": result["baseline_refusals"] / args.scoring_prompts,
+               "points": [[t["refusals"] / t["n_bad_prompts"], t["kl_divergence"]] for t in done]}
+    return {"front": front, "baseline_rate": h["baseline_refusals"] / h["n_harmful"], "wall_s": time.perf_counter() - start,
+            "scoring": scoring}
 
 
 def summarise(result: dict, reference_rate: float) -> dict:
     points = [(p["rate"], p["kl"]) for p in result["front"]]
     best = {limit: min((r for r, kl in points if kl <= limit), default=None) for limit in KL_LIMITS}
     return {"hv": hypervolume(points, (reference_rate, KL_REFERENCE)), "best": best}
+
+
+def scoring_hv(result: dict) -> float | None:
+    """Hypervolume of all the study's trials on its own scoring prompts (reference: the unedited
+    model's scoring refusal rate, KL 1): how well the search did on what it saw, apart from how its
+    front carries over to held-out prompts. None for a result kept before it was recorded."""
+    scoring = result.get("scoring")
+    if scoring is None:
+        return None
+    return hypervolume([tuple(p) for p in scoring["points"]], (scoring["baseline_rate"], KL_REFERENCE))
 
 
 def composition(runs: list[dict]) -> str:
@@ -205,8 +224,8 @@ def report(model_name: str, model: Path, results: dict[str, list[dict]], args) -
           f"{args.seeds}, {args.scoring_prompts} scoring prompts per set, {args.max_new_tokens} new tokens; held-out: "
           f"{args.heldout_prompts} prompts per set; hypervolume reference (refusal rate {reference_rate:.3f}, KL {KL_REFERENCE})")
     print("| approach | held-out HV (mean ± half range) | per seed | best refusal rate at KL <= 0.1 | <= 0.3 | <= 1.0 "
-          "| front size | wall s per study |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| front size | scoring-prompt HV | wall s per study |")
+    print("|---|---|---|---|---|---|---|---|---|")
     hv_means, best01 = {}, {}
     for variant, runs in results.items():
         summaries = [summarise(r, reference_rate) for r in runs]
@@ -219,8 +238,9 @@ def report(model_name: str, model: Path, results: dict[str, list[dict]], args) -
         fronts = "/".join(str(len(r["front"])) for r in runs)
         wall = statistics.mean(r["wall_s"] for r in runs)
         per_seed = "/".join(f"{h:.4f}" for h in hvs)
+        seen = "/".join("-" if h is None else f"{h:.4f}" for h in map(scoring_hv, runs))
         print(f"| {VARIANTS[variant][0]} | {hv_means[variant]:.4f} ± {spread:.4f} | {per_seed} | {best[0]} | {best[1]} | "
-              f"{best[2]} | {fronts} | {wall:.0f} |")
+              f"{best[2]} | {fronts} | {seen} | {wall:.0f} |")
     for variant in [v for v in VARIANTS if v != "heretic"]:
         if variant in results:
             print(f"# {VARIANTS[variant][0]}: {composition(results[variant])}")
