@@ -26,8 +26,9 @@ late, and dominated either way.
 
 A trial whose KL alone is past `--kl-limit` (1 by default, the hypervolume reference: such a trial
 adds nothing to the hypervolume) is not generated at all and recorded as refusing every prompt
-(`early_stop: kl_limit`). That value is not a bound but a verdict: the unedited model (KL 0)
-dominates it, so it is never on the front, and the sampler learns to stay away from such edits. The
+(`early_stop: kl_limit`). That value is not a bound but a verdict: it refuses more often than the
+unedited model, so the trial is infeasible (`study.REFUSES_LESS`): never on the front, and among the
+sampler's bad trials, which teaches it to stay away from such edits. The
 one result it can change: a trial past the limit with fewer refusals than every trial inside it would
 have been on the unbounded front; a model that broken is not a result anyone exports.
 """

@@ -123,9 +123,11 @@ def pareto_table(study: optuna.Study) -> Table:
     for column in ("trial", "refusals", "KL divergence", "direction", "attn kernel", "mlp kernel"):
         table.add_column(column)
     table.caption = "kernel: peak weight @ peak layer, weight ratio at the edge, falloff in layers"
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    for t in (t for t in done if t.user_attrs.get("baseline")):  # for reference: infeasible, so off the front
+        table.add_row(f"{t.number} (baseline)", refusals_text(t), f"{t.values[1]:.4f}", "none (unedited)", "-", "-")
     for t in sorted(study.best_trials, key=lambda t: (t.values[0], t.values[1])):
-        if t.user_attrs.get("baseline"):
-            table.add_row(f"{t.number} (baseline)", refusals_text(t), f"{t.values[1]:.4f}", "none (unedited)", "-", "-")
+        if t.user_attrs.get("baseline"):  # a study from before the baseline was infeasible: shown above
             continue
         kernels = [
             f"{t.params[f'{c}_peak_weight']:.2f} @{t.params[f'{c}_peak_layer']:.1f}, "

@@ -108,21 +108,36 @@ def load_or_create_study(
 
 
 def feasible(trial: FrozenTrial) -> bool:
-    """Optuna's rule: every constraint the trial set (here only --kl-floor's) is at most 0."""
+    """Optuna's rule: every constraint the trial set (`REFUSES_LESS`, --kl-floor's) is at most 0."""
     return all(value <= 0 for value in trial.constraints.values())
 
 
+# A trial is feasible only if it refuses less often than the unedited model. The baseline trial (the
+# unedited model, enqueued first for reference) has KL 0, which no edit beats, so it sat on every
+# Pareto front, and the TPE sampler builds its density of good parameters from front trials: with
+# ceil(10%) of the trials in that set, the baseline was one of its three from trial 21 to 30 of a
+# 60-trial study, and the sampler proposed edits near weight 0 that changed nothing. On the second
+# benchmark model one seed spent 41 of 59 trials there (benchmarks/RESULTS.md). Optuna's sampler
+# puts infeasible trials among the bad ones, and `best_trials` leaves them out; an edit that
+# refuses as often as the unedited model is no trade-off anyway. The value is in refusal rates with
+# half a prompt of margin: one refusal fewer than the baseline is feasible, as many is not.
+REFUSES_LESS = "refuses_less"
+
+
 def finished_front(study: optuna.Study, n_harmful: int) -> Front:
-    """The feasible trials finished so far (by any worker), for early stopping: the Pareto front
-    (`study.best_trials`) is made of feasible trials only, so only they may settle another's place."""
+    """The feasible trials finished so far (by any worker), and the baseline, for early stopping:
+    the Pareto front (`study.best_trials`) is made of feasible trials only, so only they may settle
+    another's place; the baseline may too, since a trial it dominates refuses at least as often,
+    before and after the stop, and is infeasible either way."""
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return Front.of((t.values for t in done if feasible(t)), n_harmful)
+    return Front.of((t.values for t in done if feasible(t) or t.user_attrs.get("baseline")), n_harmful)
 
 
 def make_objective(scorer: Scorer) -> Callable[[optuna.Trial], tuple[float, float]]:
     spec, stats = scorer.spec, scorer.prepared.stats
     settings = spec.settings
     n_harmful = len(scorer.baseline_refusals.refused)
+    baseline_rate = scorer.baseline_refusals.count / n_harmful
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         # Ctrl-C or SIGTERM anywhere in the trial, the writes of its results included: not counted, re-run
@@ -153,6 +168,7 @@ def make_objective(scorer: Scorer) -> Callable[[optuna.Trial], tuple[float, floa
         if scores.stopped:
             trial.set_user_attr("early_stop", scores.stopped)
         trial.set_user_attr("kl_divergence", round(scores.kl, 6))
+        trial.set_constraint(REFUSES_LESS, scores.refusal_rate - baseline_rate + 0.5 / n_harmful)
         if settings.kl_floor > 0:
             trial.set_constraint("kl_floor", settings.kl_floor - scores.kl)
         trial.set_user_attr("alpha", params.alpha)

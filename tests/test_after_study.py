@@ -44,6 +44,10 @@ def test_show(finished_study, capsys):
     assert main(["show", "--study", "t", "--studies-dir", str(finished_study)]) == 0
     out = capsys.readouterr().err
     assert "Baseline refusals:" in out and "4 complete" in out and "Pareto-optimal trials" in out
+    # the baseline is infeasible (it refuses as often as itself), so off the front, but shown for reference
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{finished_study}/t.db")
+    assert study.trials[0].user_attrs["baseline"] and study.trials[0] not in study.best_trials
+    assert "0 (baseline)" in out and "none (unedited)" in out
 
 
 def test_export_round_trip_equals_hooked_model(finished_study, tmp_path, capsys):
