@@ -171,7 +171,8 @@ def test_kl_floor_is_checked_and_kept_by_a_resumed_study(tiny_dir, tmp_path, cap
     assert len(load(studies).trials) == 2
     assert main(run_args(tiny_dir, studies, "--trials", "3", "--kl-floor", "0.01")) == 0
     baseline, *_ = load(studies).trials
-    assert baseline.constraints == {"kl_floor": 0.01}  # the unedited model: KL 0, below any floor
+    # the unedited model: KL 0, below any floor; and refusing as often as itself (half a prompt over, of 4)
+    assert baseline.constraints == {"kl_floor": 0.01, "refuses_less": 0.5 / 4}
 
 
 def test_min_weight_narrows_every_sampled_peak_weight_and_keeps_the_unedited_baseline(tiny_dir, tmp_path, capsys):
