@@ -152,9 +152,10 @@ def heretic(model: Path, workdir: Path, args, seed: int, heldout: tuple[Path, Pa
     h = result["heldout"]
     front = [{"number": t["number"], "rate": t["refusals"] / h["n_harmful"], "kl": t["kl"], "params": t.get("params")}
              for t in h["trials"]]
-    done = [t for t in result["trials"] if t["state"] == "TrialState.COMPLETE"]
-    scoring = {"baseline_rate": result["baseline_refusals"] / args.scoring_prompts,
-               "points": [[t["refusals"] / t["n_bad_prompts"], t["kl_divergence"]] for t in done]}
+    done = [t for t in result["trials"] if t["state"] == "TrialState.COMPLETE" and t["refusals"] is not None]
+    scoring = None if result["baseline_refusals"] is None or not done else {  # None: not found in heretic's output
+        "baseline_rate": result["baseline_refusals"] / done[0]["n_bad_prompts"],
+        "points": [[t["refusals"] / t["n_bad_prompts"], t["kl_divergence"]] for t in done]}
     return {"front": front, "baseline_rate": h["baseline_refusals"] / h["n_harmful"], "wall_s": time.perf_counter() - start,
             "scoring": scoring}
 
