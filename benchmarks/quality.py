@@ -20,6 +20,8 @@ markers:
   named in `--variants`;
 - `k1w`: k = 1 with `--min-weight 0.8` (heretic's floor on the peak weight; not run unless named);
 - `kf`: the defaults with `--kl-floor 0.01` (heretic's kl_divergence_target; not run unless named);
+- `sw`: the defaults with `--separation-weighted` (per-layer edits scaled by each layer's separation
+  of the two sets; not run unless named);
 - `heretic`: heretic 1.4 in its own venv (benchmarks/heretic_runner.py), seeded starts off by
   construction (it has none).
 
@@ -70,6 +72,7 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "np": ("ours, norm-preserving + projected", ["--norm-preserving", "--projected-directions"]),
     "k1w": ("ours, k = 1, peak weight >= 0.8", ["--subspace-max", "1", "--min-weight", "0.8"]),
     "kf": ("ours, KL floor 0.01", ["--kl-floor", "0.01"]),
+    "sw": ("ours, separation-weighted per-layer edits", ["--separation-weighted"]),
     "heretic": ("heretic 1.4", None),
 }
 

@@ -196,6 +196,13 @@ class Settings:
     projected_directions: bool = field(
         default=False, metadata={"help": "remove each direction's component along the harmless mean"}
     )
+    separation_weighted: bool = field(
+        default=False,
+        metadata={
+            "help": "with per-layer directions, scale each layer's edit weight by how well its own direction separates "
+            "the two prompt sets, relative to the best layer (Fisher ratio of the mean difference)"
+        },
+    )
     norm_preserving: bool = field(default=False, metadata={"help": "keep the norm of every edited weight row (dense models)"})
     winsorize: float = field(
         default=0.0,
@@ -386,6 +393,7 @@ def settings_from_record(stored: dict[str, Any], **overrides: Any) -> Settings:
     values.setdefault("judge", "markers:plain")  # studies from before judges were scored by the plain markers
     values.setdefault("kl_floor", 0.0)  # and those from before the floor had none
     values.setdefault("subspace_max", 1)  # studies from before subspaces searched one direction per layer
+    values.setdefault("separation_weighted", False)  # and those from before it edited every layer by its kernel alone
     values.update({k: v for k, v in overrides.items() if v is not None})
     return _make(values)
 

@@ -69,15 +69,26 @@ class PlanInfo:
     fallback_layers: list[int]
 
 
-def build_plan(params: TrialParams, stats: ContrastiveStats, projected: bool = False) -> tuple[AblationPlan, PlanInfo]:
+def build_plan(
+    params: TrialParams, stats: ContrastiveStats, projected: bool = False, separation_weighted: bool = False
+) -> tuple[AblationPlan, PlanInfo]:
     """Turn parameters into per-layer directions and weights, computing only the directions needed.
 
     `projected` removes from the direction used at each layer its component along that layer's
     harmless mean (for a global direction too: each layer gets its own projection). With k > 1,
     each edited layer also gets k - 1 contrastive components of its own statistics orthogonal to
-    its (final) first direction (`subspace_components`)."""
+    its (final) first direction (`subspace_components`).
+
+    `separation_weighted` scales, for per-layer directions only, each layer's kernel weight by its
+    separation over the best layer's (`separation`): a layer whose own mean difference hardly
+    separates the sets (early layers) is edited little, because its direction is not a refusal
+    direction, and a wide per-layer kernel would otherwise remove one unrelated direction per layer."""
     n_layers = stats.n_layers
     weights = {c: params.kernels[c].weights(n_layers) for c in COMPONENTS}
+    if separation_weighted and params.direction_index is None:
+        scores = separation(stats)
+        ratio = (scores / scores.max().clamp_min(1e-12)).tolist()
+        weights = {c: [w * r for w, r in zip(ws, ratio, strict=True)] for c, ws in weights.items()}
     d = stats.mean_diff.shape[1]
     needed = sorted({layer for ws in weights.values() for layer, w in enumerate(ws) if w != 0})
     if params.direction_index is None:

@@ -153,7 +153,7 @@ def make_objective(scorer: Scorer) -> Callable[[optuna.Trial], tuple[float, floa
             if trial.user_attrs.get("baseline"):  # its weight 0 lies below a --min-weight range on purpose
                 warnings.filterwarnings("ignore", message="Fixed parameter .* out of range")
             params = suggest_params(trial, spec.loaded.n_layers, settings)
-        plan, info = build_plan(params, stats, settings.projected_directions)
+        plan, info = build_plan(params, stats, settings.projected_directions, settings.separation_weighted)
         directions_s = time.perf_counter() - start
         front = finished_front(trial.study, n_harmful) if settings.early_stop else None
         scores = scorer.score(plan, front)

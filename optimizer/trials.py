@@ -104,7 +104,7 @@ def plan_of(prepared: Prepared, trial: FrozenTrial) -> AblationPlan:
     """The ablation plan of a trial of the study, on this model and statistics."""
     settings = prepared.settings
     params = replay_params(trial.params, prepared.loaded.n_layers, settings)
-    return build_plan(params, prepared.stats, settings.projected_directions)[0]
+    return build_plan(params, prepared.stats, settings.projected_directions, settings.separation_weighted)[0]
 
 
 def load_edited_model(
@@ -127,5 +127,5 @@ def load_edited_model(
     spec.identity.check_model(stored.study.user_attrs)
     prepared = prepare(spec, settings.cache_path())
     params = replay_params(trial.params, spec.loaded.n_layers, spec.settings)
-    plan, info = build_plan(params, prepared.stats, spec.settings.projected_directions)
+    plan, info = build_plan(params, prepared.stats, spec.settings.projected_directions, spec.settings.separation_weighted)
     return EditedModel(prepared, trial, params, plan, info)

@@ -65,3 +65,31 @@ def test_a_new_study_runs_the_seeded_starts_first_and_only_once(tiny_dir, tmp_pa
     plain = tmp_path / "plain"
     assert main(run_args(tiny_dir, plain, "--trials", "3")) == 0
     assert not any("seeded" in t.user_attrs for t in load(plain).trials)
+
+
+def test_separation_weighting_scales_per_layer_edits_by_each_layers_fisher_ratio():
+    harmful, harmless = synthetic(6, 30, 40, 24, seed=5)
+    harmful[4] = harmful[4] * 0.2 + 3.0  # layer 4 separates best; the others barely
+    stats = compute_stats(harmful, harmless)
+    settings = Settings(direction_methods=["mean_diff"], subspace_max=1)
+    kernel = {"peak_weight": 1.2, "peak_layer": 3.0, "min_ratio": 0.5, "falloff": 3.0}
+    per_layer = replay_params({"direction_scope": "per_layer", **{f"{c}_{k}": v for c in COMPONENTS for k, v in kernel.items()}},
+                              stats.n_layers, settings)
+    plain, _ = build_plan(per_layer, stats)
+    weighted, _ = build_plan(per_layer, stats, separation_weighted=True)
+    fisher = []  # the reference: each layer's Fisher ratio from the residuals themselves
+    for layer in range(stats.n_layers):
+        b, g = harmful[layer].double(), harmless[layer].double()
+        r = b.mean(0) - g.mean(0)
+        unit = r / r.norm()
+        fisher.append(float(r.norm() ** 2 / ((b @ unit).var(unbiased=False) + (g @ unit).var(unbiased=False))))
+    for layer in range(stats.n_layers):
+        for c in COMPONENTS:
+            assert weighted.weights[c][layer] == pytest.approx(plain.weights[c][layer] * fisher[layer] / max(fisher), rel=1e-3)
+    assert weighted.weights["attn"][4] == pytest.approx(plain.weights["attn"][4])  # the best layer keeps its weight
+    assert weighted.weights["attn"][0] < 0.5 * plain.weights["attn"][0]  # a layer that hardly separates is edited little
+    for c in COMPONENTS:  # the directions themselves are unchanged
+        torch.testing.assert_close(weighted.directions[c], plain.directions[c])
+    global_params = replay_params({"direction_scope": "global", "direction_index": 2.0,
+                                   **{f"{c}_{k}": v for c in COMPONENTS for k, v in kernel.items()}}, stats.n_layers, settings)
+    assert build_plan(global_params, stats, separation_weighted=True)[0].weights == build_plan(global_params, stats)[0].weights
