@@ -50,12 +50,21 @@ def renote(study: optuna.Study, storage: optuna.storages.BaseStorage, trial: Fro
 
 
 class _Server(ThreadingMixIn, WSGIServer):
-    """A browser asks for several things at once; a slow one must not hold up the others."""
+    """A browser asks for several things at once; a slow one must not hold up the others.
 
-    daemon_threads = True
+    Request threads are not daemons: `server_close` joins them (`block_on_close`), so the process
+    exits only after every answer in flight is finished. A daemon thread would be frozen wherever it
+    stood when the interpreter shut down, perhaps holding a lock (a logging handler's, the storage's
+    connection pool's) that an exit handler then waits on for ever. A client that connects and never
+    sends its request cannot hold up the exit past the handler's socket `timeout`."""
+
+    daemon_threads = False
+    block_on_close = True
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = 2  # seconds a connection may stay silent before its thread gives up (and holds up the exit)
+
     def log_message(self, format: str, *args: object) -> None:  # one line per request is noise here
         pass
 
