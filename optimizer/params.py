@@ -116,6 +116,12 @@ def build_plan(
     return plan, PlanInfo(fallback)
 
 
+def plan_for(params: TrialParams, stats: ContrastiveStats, settings: Settings) -> tuple[AblationPlan, PlanInfo]:
+    """A trial's plan as its study builds it: `build_plan` with the study's settings that shape an
+    edit (the one place trials, export, eval and verification take them from)."""
+    return build_plan(params, stats, settings.projected_directions, settings.separation_weighted)
+
+
 def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Settings) -> TrialParams:
     """A trial's parameters, sampled (or replayed, with a FixedTrial) from the search space."""
     last = n_layers - 1

@@ -25,7 +25,7 @@ from optimizer.errors import UserError
 from optimizer.front import Front
 from optimizer.locks import file_lock
 from optimizer.optuna_adapter import is_told_elsewhere
-from optimizer.params import baseline_params, build_plan, seeded_starts, suggest_params
+from optimizer.params import baseline_params, plan_for, seeded_starts, suggest_params
 from optimizer.report import best_tradeoff, bound_warnings, early_stop_line, front_trials, pareto_table, refusals_text, trial_line
 from optimizer.storage import (
     check_url,
@@ -153,7 +153,7 @@ def make_objective(scorer: Scorer) -> Callable[[optuna.Trial], tuple[float, floa
             if trial.user_attrs.get("baseline"):  # its weight 0 lies below a --min-weight range on purpose
                 warnings.filterwarnings("ignore", message="Fixed parameter .* out of range")
             params = suggest_params(trial, spec.loaded.n_layers, settings)
-        plan, info = build_plan(params, stats, settings.projected_directions, settings.separation_weighted)
+        plan, info = plan_for(params, stats, settings)
         directions_s = time.perf_counter() - start
         front = finished_front(trial.study, n_harmful) if settings.early_stop else None
         scores = scorer.score(plan, front)

@@ -15,7 +15,7 @@ from optimizer.components import COMPONENTS
 from optimizer.config import Settings, replace_checked, settings_from_record
 from optimizer.errors import UserError
 from optimizer.optuna_adapter import set_finished_trial_user_attr
-from optimizer.params import PlanInfo, TrialParams, build_plan, replay_params
+from optimizer.params import PlanInfo, TrialParams, plan_for, replay_params
 from optimizer.storage import check_url, connect, redacted, sqlite_path
 from optimizer.workbench import Prepared, prepare, resolve
 
@@ -102,9 +102,8 @@ class EditedModel:
 
 def plan_of(prepared: Prepared, trial: FrozenTrial) -> AblationPlan:
     """The ablation plan of a trial of the study, on this model and statistics."""
-    settings = prepared.settings
-    params = replay_params(trial.params, prepared.loaded.n_layers, settings)
-    return build_plan(params, prepared.stats, settings.projected_directions, settings.separation_weighted)[0]
+    params = replay_params(trial.params, prepared.loaded.n_layers, prepared.settings)
+    return plan_for(params, prepared.stats, prepared.settings)[0]
 
 
 def load_edited_model(
@@ -127,5 +126,5 @@ def load_edited_model(
     spec.identity.check_model(stored.study.user_attrs)
     prepared = prepare(spec, settings.cache_path())
     params = replay_params(trial.params, spec.loaded.n_layers, spec.settings)
-    plan, info = build_plan(params, prepared.stats, spec.settings.projected_directions, spec.settings.separation_weighted)
+    plan, info = plan_for(params, prepared.stats, spec.settings)
     return EditedModel(prepared, trial, params, plan, info)

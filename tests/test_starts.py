@@ -72,9 +72,8 @@ def test_separation_weighting_scales_per_layer_edits_by_each_layers_fisher_ratio
     harmful[4] = harmful[4] * 0.2 + 3.0  # layer 4 separates best; the others barely
     stats = compute_stats(harmful, harmless)
     settings = Settings(direction_methods=["mean_diff"], subspace_max=1)
-    kernel = {"peak_weight": 1.2, "peak_layer": 3.0, "min_ratio": 0.5, "falloff": 3.0}
-    per_layer = replay_params({"direction_scope": "per_layer", **{f"{c}_{k}": v for c in COMPONENTS for k, v in kernel.items()}},
-                              stats.n_layers, settings)
+    kernel = {f"{c}_{k}": v for c in COMPONENTS for k, v in {"peak_weight": 1.2, "peak_layer": 3.0, "min_ratio": 0.5, "falloff": 3.0}.items()}
+    per_layer = replay_params({"direction_scope": "per_layer", **kernel}, stats.n_layers, settings)
     plain, _ = build_plan(per_layer, stats)
     weighted, _ = build_plan(per_layer, stats, separation_weighted=True)
     fisher = []  # the reference: each layer's Fisher ratio from the residuals themselves
@@ -90,6 +89,5 @@ def test_separation_weighting_scales_per_layer_edits_by_each_layers_fisher_ratio
     assert weighted.weights["attn"][0] < 0.5 * plain.weights["attn"][0]  # a layer that hardly separates is edited little
     for c in COMPONENTS:  # the directions themselves are unchanged
         torch.testing.assert_close(weighted.directions[c], plain.directions[c])
-    global_params = replay_params({"direction_scope": "global", "direction_index": 2.0,
-                                   **{f"{c}_{k}": v for c in COMPONENTS for k, v in kernel.items()}}, stats.n_layers, settings)
+    global_params = replay_params({"direction_scope": "global", "direction_index": 2.0, **kernel}, stats.n_layers, settings)
     assert build_plan(global_params, stats, separation_weighted=True)[0].weights == build_plan(global_params, stats)[0].weights
