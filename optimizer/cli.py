@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import warnings
 
 from rich.console import Console
 
+from optimizer import signals
 from optimizer.config import FIELDS, add_setting_arguments, help_text
 from optimizer.errors import UserError
+from optimizer.signals import Terminated
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -151,25 +152,16 @@ def _dispatch(args: argparse.Namespace, console: Console) -> None:
             console.print(evaluate.evaluate_tasks(stored, edited, trials, args.tasks, args.limit, console))
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a container stopping, a scheduler's preemption, `kill`), handled as Ctrl-C is: the
-    running trial is marked interrupted and not counted, locks and temporary files are released on
-    the way out."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # set_metric_names and TPE's `group` are stable in practice; their notices only add noise
     warnings.filterwarnings("ignore", message=".*experimental.*")
     # a log file gets a wide console, so that tables are not folded into 80 columns
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        _dispatch(args, console)
+        with signals.handled():
+            _dispatch(args, console)
+            signals.raise_pending()  # exit as asked, even where the signal landed in code that could not pass it on
     except UserError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
@@ -180,8 +172,6 @@ def main(argv: list[str] | None = None) -> int:
         resume = " Finished trials are saved; run the same command again to resume." if args.command == "run" else ""
         console.print(f"\n[yellow]{said}[/]{resume}")
         return code
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -19,6 +19,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
+from optimizer import signals
 from optimizer.config import Settings
 from optimizer.dashboard import trial_note
 from optimizer.errors import UserError
@@ -142,6 +143,7 @@ def make_objective(scorer: Scorer) -> Callable[[optuna.Trial], tuple[float, floa
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         # Ctrl-C or SIGTERM anywhere in the trial, the writes of its results included: not counted, re-run
         try:
+            signals.raise_pending()  # one that landed where Python could only print it, in the last trial
             return score_and_record(trial)
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
@@ -341,7 +343,7 @@ def _hide_interrupt_tracebacks() -> None:
 
     class NoInterrupts(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            error = record.exc_info[1] if record.exc_info else None  # Ctrl-C, or SIGTERM (cli.Terminated)
+            error = record.exc_info[1] if record.exc_info else None  # Ctrl-C, or SIGTERM (signals.Terminated)
             return not isinstance(error, KeyboardInterrupt) and "KeyboardInterrupt" not in record.getMessage()
 
     for handler in logging.getLogger("optuna").handlers:
