@@ -22,6 +22,9 @@ markers:
 - `kf`: the defaults with `--kl-floor 0.01` (heretic's kl_divergence_target; not run unless named);
 - `sw`: the defaults with `--separation-weighted` (per-layer edits scaled by each layer's separation
   of the two sets; not run unless named);
+- `pl`: the defaults with `--direction-scopes per_layer` (every layer its own direction, the scope of
+  heretic's front trials on the second model; the seeded starts reduced to the per-layer one; not run
+  unless named);
 - `heretic`: heretic 1.4 in its own venv (benchmarks/heretic_runner.py), seeded starts off by
   construction (it has none).
 
@@ -73,6 +76,7 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "k1w": ("ours, k = 1, peak weight >= 0.8", ["--subspace-max", "1", "--min-weight", "0.8"]),
     "kf": ("ours, KL floor 0.01", ["--kl-floor", "0.01"]),
     "sw": ("ours, separation-weighted per-layer edits", ["--separation-weighted"]),
+    "pl": ("ours, per-layer directions only", ["--direction-scopes", "per_layer"]),
     "heretic": ("heretic 1.4", None),
 }
 

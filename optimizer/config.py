@@ -193,6 +193,14 @@ class Settings:
         default_factory=lambda: ["contrastive", "mean_diff"],
         metadata={"help": "comma-separated: contrastive,mean_diff", "default_text": "both"},
     )
+    direction_scopes: list[str] = field(
+        default_factory=lambda: ["global", "per_layer"],
+        metadata={
+            "help": "comma-separated: global (one layer's direction, interpolated, for every layer), per_layer "
+            "(each layer its own)",
+            "default_text": "both",
+        },
+    )
     projected_directions: bool = field(
         default=False, metadata={"help": "remove each direction's component along the harmless mean"}
     )
@@ -301,6 +309,9 @@ def _check(settings: Settings) -> Settings:
     unknown = set(settings.direction_methods) - {"contrastive", "mean_diff"}
     if unknown or not settings.direction_methods:
         raise UserError(f"--direction-methods takes contrastive and/or mean_diff, got {settings.direction_methods}")
+    unknown = set(settings.direction_scopes) - {"global", "per_layer"}
+    if unknown or not settings.direction_scopes:
+        raise UserError(f"--direction-scopes takes global and/or per_layer, got {settings.direction_scopes}")
     if settings.winsorize and not 0.5 < settings.winsorize < 1:
         raise UserError(f"--winsorize takes a quantile between 0.5 and 1 (e.g. 0.995), or 0 for off; got {settings.winsorize}")
     if settings.quantization not in (None, "4bit"):
@@ -394,6 +405,7 @@ def settings_from_record(stored: dict[str, Any], **overrides: Any) -> Settings:
     values.setdefault("kl_floor", 0.0)  # and those from before the floor had none
     values.setdefault("subspace_max", 1)  # studies from before subspaces searched one direction per layer
     values.setdefault("separation_weighted", False)  # and those from before it edited every layer by its kernel alone
+    values.setdefault("direction_scopes", ["global", "per_layer"])  # and those from before the scopes could be chosen
     values.update({k: v for k, v in overrides.items() if v is not None})
     return _make(values)
 

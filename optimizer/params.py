@@ -131,7 +131,8 @@ def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Setti
     gamma = trial.suggest_float("subspace_gamma", 0.0, 1.0) if k > 1 else None
     uses_alpha = method == "contrastive" or k > 1
     alpha = trial.suggest_float("alpha", 0.0, settings.alpha_max) if uses_alpha else None
-    scope = trial.suggest_categorical("direction_scope", ["global", "per_layer"])
+    scopes = settings.direction_scopes
+    scope = scopes[0] if len(scopes) == 1 else trial.suggest_categorical("direction_scope", scopes)
     index = trial.suggest_float("direction_index", 0.2 * last, 0.9 * last) if scope == "global" else None
     kernels = {
         c: Kernel(
@@ -177,7 +178,8 @@ def seeded_starts(stats: ContrastiveStats, settings: Settings) -> dict[str, dict
     the global direction's range). `tapered` and `tapered-per-layer`: a kernel like the middle of
     heretic's ranges (weight 1 at 3/4 depth, half of it at the edge, 0.4 of the layers wide) with
     that global direction, and with per-layer directions. All are mean-difference edits of one
-    direction; none is offered without `mean_diff` among --direction-methods."""
+    direction; none is offered without `mean_diff` among --direction-methods, and only those of the
+    scopes among --direction-scopes."""
     if "mean_diff" not in settings.direction_methods:
         return {}
     last = stats.n_layers - 1
@@ -189,18 +191,22 @@ def seeded_starts(stats: ContrastiveStats, settings: Settings) -> dict[str, dict
     if settings.subspace_max > 1:
         common["subspace_k"] = 1
 
+    def scoped(scope: str, params: dict) -> dict:
+        chosen = {"direction_scope": scope} if len(settings.direction_scopes) > 1 else {}
+        return {**common, **chosen, **params}
+
     def kernel(weight: float, peak: float, ratio: float, falloff: float) -> dict:
         values = {"peak_weight": weight, "peak_layer": peak, "min_ratio": ratio, "falloff": max(1.0, falloff)}
         return {f"{c}_{name}": value for c in COMPONENTS for name, value in values.items()}
 
     uniform = kernel(1.0, 0.5 * last, 1.0, 0.6 * last)  # within the falloff of every layer: weight 1 everywhere
     tapered = kernel(1.0, 0.75 * last, 0.5, 0.4 * last)
-    global_best = {"direction_scope": "global", "direction_index": best}
-    return {
-        "uniform": {**common, **global_best, **uniform},
-        "tapered": {**common, **global_best, **tapered},
-        "tapered-per-layer": {**common, "direction_scope": "per_layer", **tapered},
+    starts = {
+        "uniform": ("global", {"direction_index": best, **uniform}),
+        "tapered": ("global", {"direction_index": best, **tapered}),
+        "tapered-per-layer": ("per_layer", tapered),
     }
+    return {name: scoped(scope, params) for name, (scope, params) in starts.items() if scope in settings.direction_scopes}
 
 
 def replay_params(params: dict, n_layers: int, settings: Settings) -> TrialParams:
@@ -211,7 +217,10 @@ def replay_params(params: dict, n_layers: int, settings: Settings) -> TrialParam
 def baseline_params(n_layers: int, settings: Settings) -> dict:
     """Parameters of the unedited model inside the search space: every peak weight 0."""
     last = n_layers - 1
-    params: dict = {"direction_scope": "global", "direction_index": 0.5 * last}
+    scope = "global" if "global" in settings.direction_scopes else "per_layer"
+    params: dict = {"direction_index": 0.5 * last} if scope == "global" else {}
+    if len(settings.direction_scopes) > 1:
+        params["direction_scope"] = scope
     if len(settings.direction_methods) > 1:
         params["direction_method"] = "mean_diff" if "mean_diff" in settings.direction_methods else settings.direction_methods[0]
     if settings.subspace_max > 1:

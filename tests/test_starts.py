@@ -10,7 +10,7 @@ from optimizer.cli import main
 from optimizer.components import COMPONENTS
 from optimizer.config import Settings
 from optimizer.directions import compute_stats
-from optimizer.params import build_plan, replay_params, seeded_starts, separation
+from optimizer.params import baseline_params, build_plan, replay_params, seeded_starts, separation, suggest_params
 from tests.test_directions import synthetic
 from tests.test_study import load, run_args
 
@@ -50,6 +50,27 @@ def test_every_start_replays_inside_the_search_space(methods, subspace_max):
             weights = plan.weights["attn"]
             assert 0.9 < max(weights) <= 1.0 and min(weights) == 0.0  # a taper: near 1 at its peak, 0 far from it
     assert seeded_starts(stats, dataclasses.replace(settings, direction_methods=["contrastive"])) == {}
+
+
+@pytest.mark.parametrize("scopes", [["per_layer"], ["global"]])
+def test_one_direction_scope_leaves_the_other_out_of_the_space_and_the_starts(scopes):
+    harmful, harmless = synthetic(10, 20, 20, 16, seed=1)
+    stats = compute_stats(harmful, harmless)
+    settings = Settings(direction_scopes=scopes)
+    per_layer = scopes == ["per_layer"]
+    starts = seeded_starts(stats, settings)
+    assert set(starts) == ({"tapered-per-layer"} if per_layer else {"uniform", "tapered"})
+    baseline = baseline_params(stats.n_layers, settings)
+    for params in [*starts.values(), baseline]:
+        assert "direction_scope" not in params  # one scope: no choice to record
+        assert (replay_params(params, stats.n_layers, settings).direction_index is None) == per_layer
+    assert all(w == 0 for ws in build_plan(replay_params(baseline, stats.n_layers, settings), stats)[0].weights.values() for w in ws)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        trial = study.ask()
+        assert (suggest_params(trial, stats.n_layers, settings).direction_index is None) == per_layer
+        assert "direction_scope" not in trial.params and ("direction_index" in trial.params) != per_layer
+        study.tell(trial, 0.0)
 
 
 def test_a_new_study_runs_the_seeded_starts_first_and_only_once(tiny_dir, tmp_path):
