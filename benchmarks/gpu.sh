@@ -1,11 +1,14 @@
 #!/bin/bash
 # The GPU rows of benchmarks/RESULTS.md, on a lent GPU machine (no network, 64 MiB of files per call).
 #
-#   bash benchmarks/gpu.sh STEP...      STEP: graph | speed | 32b | moe | pca | early | ttf
+#   bash benchmarks/gpu.sh STEP...      STEP: graph | speed | 32b | moe | pca | early | ttf | ttf-real
 #
 # Expects, beside the repository (git-ignored, carried with the call; made by benchmarks/gpu_assets.sh):
 #   .whl/common, .whl/ours, .whl/heretic  wheels missing on the machine (optuna 5 for us, optuna 4.9 + heretic 1.4 for heretic)
 #   .gpu_assets/qwen2.5-coder-0.5b-instruct  config.json and tokenizer files of the default model (no weights)
+#   .part1 .part2 .part3  (ttf-real) the synthetic refusing SmolLM2-135M in int8 parts, one call each (the
+#                         first with the wheels; later calls carry only their part: ignored folders stay on
+#                         a warm machine), made by `python benchmarks/pack_model.py pack MODEL_DIR .part`
 # Logs and summaries go to $OUT (the device tool brings that folder back).
 set -u
 OUT=${OUT:-/tmp/gpu-out}
@@ -57,6 +60,17 @@ for step in "$@"; do
                 --batch-size 0 --workdir /tmp/ttf --plot "$OUT/time_to_front_gpu.png" --heretic-python /tmp/heretic-python \
                 2>&1 | tee "$OUT/ttf.log"
             cp /tmp/ttf/time_to_front.json "$OUT/ttf.json" 2>/dev/null ;;
+        ttf-real)  # time to a good front on a real refusing checkpoint (carried in parts), default prompt counts
+            python3 benchmarks/pack_model.py unpack /tmp/refusing .part1 .part2 .part3 || exit 1
+            rm -rf /tmp/ttf-real
+            timeout ${TTF_S:-330} python3 benchmarks/time_to_front.py --device cuda --model /tmp/refusing \
+                --trials ${TTF_TRIALS:-100} --seed ${TTF_SEED:-0} --scoring-prompts 64 --direction-prompts 128 \
+                --batch-size 0 --workdir /tmp/ttf-real --plot "$OUT/ttf_real_seed${TTF_SEED:-0}.png" \
+                --heretic-python /tmp/heretic-python 2>&1 | tee "$OUT/ttf_real_seed${TTF_SEED:-0}.log"
+            cp /tmp/ttf-real/time_to_front.json "$OUT/ttf_real_seed${TTF_SEED:-0}.json" 2>/dev/null
+            # what a run cut off by its timeout leaves: our log and study, heretic's trial events and log's end
+            cp /tmp/ttf-real/ours.log /tmp/ttf-real/studies/ttf-ours.db /tmp/ttf-real/heretic/timings.jsonl "$OUT/" 2>/dev/null
+            tail -c 200000 /tmp/ttf-real/heretic/heretic.log > "$OUT/ttf_real_heretic.log" 2>/dev/null ;;
         pca)
             timeout ${PCA_S:-120} python3 benchmarks/pca.py --device cuda 2>&1 | tee "$OUT/pca.log" ;;
         *) echo "unknown step $step" ;;
