@@ -25,6 +25,8 @@ markers:
 - `pl`: the defaults with `--direction-scopes per_layer` (every layer its own direction, the scope of
   heretic's front trials on the second model; the seeded starts reduced to the per-layer one; not run
   unless named);
+- `bl`: the defaults with `--blended-directions` (per-layer directions moved towards the best-separated
+  layer's where their own layer separates the sets less; not run unless named);
 - `heretic`: heretic 1.4 in its own venv (benchmarks/heretic_runner.py), seeded starts off by
   construction (it has none).
 
@@ -77,6 +79,7 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "kf": ("ours, KL floor 0.01", ["--kl-floor", "0.01"]),
     "sw": ("ours, separation-weighted per-layer edits", ["--separation-weighted"]),
     "pl": ("ours, per-layer directions only", ["--direction-scopes", "per_layer"]),
+    "bl": ("ours, per-layer directions blended with the best layer's", ["--blended-directions"]),
     "heretic": ("heretic 1.4", None),
 }
 

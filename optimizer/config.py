@@ -211,6 +211,13 @@ class Settings:
             "the two prompt sets, relative to the best layer (Fisher ratio of the mean difference)"
         },
     )
+    blended_directions: bool = field(
+        default=False,
+        metadata={
+            "help": "with per-layer directions, move each layer's direction towards the best-separated layer's, the "
+            "more the less its own separates the two prompt sets (weights unchanged)"
+        },
+    )
     norm_preserving: bool = field(default=False, metadata={"help": "keep the norm of every edited weight row (dense models)"})
     winsorize: float = field(
         default=0.0,
@@ -405,6 +412,7 @@ def settings_from_record(stored: dict[str, Any], **overrides: Any) -> Settings:
     values.setdefault("kl_floor", 0.0)  # and those from before the floor had none
     values.setdefault("subspace_max", 1)  # studies from before subspaces searched one direction per layer
     values.setdefault("separation_weighted", False)  # and those from before it edited every layer by its kernel alone
+    values.setdefault("blended_directions", False)  # and those from before a layer's direction could be blended
     values.setdefault("direction_scopes", ["global", "per_layer"])  # and those from before the scopes could be chosen
     values.update({k: v for k, v in overrides.items() if v is not None})
     return _make(values)

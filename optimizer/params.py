@@ -70,7 +70,11 @@ class PlanInfo:
 
 
 def build_plan(
-    params: TrialParams, stats: ContrastiveStats, projected: bool = False, separation_weighted: bool = False
+    params: TrialParams,
+    stats: ContrastiveStats,
+    projected: bool = False,
+    separation_weighted: bool = False,
+    blended: bool = False,
 ) -> tuple[AblationPlan, PlanInfo]:
     """Turn parameters into per-layer directions and weights, computing only the directions needed.
 
@@ -82,7 +86,16 @@ def build_plan(
     `separation_weighted` scales, for per-layer directions only, each layer's kernel weight by its
     separation over the best layer's (`separation`): a layer whose own mean difference hardly
     separates the sets (early layers) is edited little, because its direction is not a refusal
-    direction, and a wide per-layer kernel would otherwise remove one unrelated direction per layer."""
+    direction, and a wide per-layer kernel would otherwise remove one unrelated direction per layer.
+
+    `blended` keeps, for per-layer directions only, the kernel's weights and changes the directions
+    instead: layer l's unit direction u_l becomes normalize(s_l u_l + (1 - s_l) u_best), where
+    u_best is the direction of the best-separated layer (`best_separated_layer`) and s_l the ratio of
+    layer l's separation to that layer's, at most 1 (u_l's sign turned towards u_best first: an
+    ablation does not depend on the sign). A layer whose own mean difference does not separate the
+    sets is edited as strongly, along the refusal direction the residual stream carries, rather than
+    along its own noise (Arditi et al. use the best layer's direction at every layer; heretic each
+    layer's own)."""
     n_layers = stats.n_layers
     weights = {c: params.kernels[c].weights(n_layers) for c in COMPONENTS}
     if separation_weighted and params.direction_index is None:
@@ -96,6 +109,8 @@ def build_plan(
         fallback: list[int] = []
         if needed:
             chosen, fallback = directions(stats, params.method, params.alpha or 0.0, needed)
+            if blended:
+                chosen = blend_with_best(stats, chosen, needed, params.method, params.alpha or 0.0)
             per_layer[needed] = chosen
     else:
         low = min(math.floor(params.direction_index), n_layers - 1)
@@ -119,7 +134,7 @@ def build_plan(
 def plan_for(params: TrialParams, stats: ContrastiveStats, settings: Settings) -> tuple[AblationPlan, PlanInfo]:
     """A trial's plan as its study builds it: `build_plan` with the study's settings that shape an
     edit (the one place trials, export, eval and verification take them from)."""
-    return build_plan(params, stats, settings.projected_directions, settings.separation_weighted)
+    return build_plan(params, stats, settings.projected_directions, settings.separation_weighted, settings.blended_directions)
 
 
 def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Settings) -> TrialParams:
@@ -170,6 +185,26 @@ def separation(stats: ContrastiveStats) -> torch.Tensor:
     return norm.square() / variance.clamp_min(1e-12)
 
 
+def best_separated_layer(stats: ContrastiveStats) -> int:
+    """The layer whose mean difference separates the two sets best (`separation`), inside the global
+    direction's range (0.2 to 0.9 of the depth)."""
+    last = stats.n_layers - 1
+    scores = separation(stats)
+    inside = [layer for layer in range(stats.n_layers) if 0.2 * last <= layer <= 0.9 * last] or [round(0.6 * last)]
+    return max(inside, key=lambda layer: float(scores[layer]))
+
+
+def blend_with_best(stats: ContrastiveStats, chosen: torch.Tensor, layers: list[int], method: str, alpha: float) -> torch.Tensor:
+    """`build_plan`'s `blended` rule: each layer's unit direction moved towards the best-separated
+    layer's by how much less its own mean difference separates the sets."""
+    best = best_separated_layer(stats)
+    (best_direction,), _ = directions(stats, method, alpha, [best])
+    scores = separation(stats)
+    trust = (scores[layers] / scores[best].clamp_min(1e-12)).clamp(max=1.0).unsqueeze(-1)
+    signs = torch.where(chosen @ best_direction < 0, -1.0, 1.0).unsqueeze(-1)
+    return torch.nn.functional.normalize(trust * signs * chosen + (1 - trust) * best_direction, dim=-1)
+
+
 def seeded_starts(stats: ContrastiveStats, settings: Settings) -> dict[str, dict]:
     """Known-good edits tried before the random start-up trials (`--seeded-starts`), by name.
 
@@ -183,10 +218,7 @@ def seeded_starts(stats: ContrastiveStats, settings: Settings) -> dict[str, dict
     if "mean_diff" not in settings.direction_methods:
         return {}
     last = stats.n_layers - 1
-    low, high = 0.2 * last, 0.9 * last
-    scores = separation(stats)
-    inside = [layer for layer in range(stats.n_layers) if low <= layer <= high] or [round(0.6 * last)]
-    best = float(max(inside, key=lambda layer: float(scores[layer])))
+    best = float(best_separated_layer(stats))
     common: dict = {"direction_method": "mean_diff"} if len(settings.direction_methods) > 1 else {}
     if settings.subspace_max > 1:
         common["subspace_k"] = 1

@@ -10,7 +10,7 @@ from optimizer.cli import main
 from optimizer.components import COMPONENTS
 from optimizer.config import Settings
 from optimizer.directions import compute_stats
-from optimizer.params import baseline_params, build_plan, replay_params, seeded_starts, separation, suggest_params
+from optimizer.params import baseline_params, build_plan, plan_for, replay_params, seeded_starts, separation, suggest_params
 from tests.test_directions import synthetic
 from tests.test_study import load, run_args
 
@@ -88,6 +88,40 @@ def test_a_new_study_runs_the_seeded_starts_first_and_only_once(tiny_dir, tmp_pa
     assert not any("seeded" in t.user_attrs for t in load(plain).trials)
 
 
+def fisher_ratios(harmful, harmless) -> list[float]:
+    """The reference: each layer's Fisher ratio along its mean difference, from the residuals themselves."""
+    ratios = []
+    for b, g in zip(harmful, harmless, strict=True):
+        b, g = b.double(), g.double()
+        r = b.mean(0) - g.mean(0)
+        unit = r / r.norm()
+        ratios.append(float(r.norm() ** 2 / ((b @ unit).var(unbiased=False) + (g @ unit).var(unbiased=False))))
+    return ratios
+
+
+def test_blended_directions_lean_on_the_best_layer_where_a_layer_separates_less():
+    harmful, harmless = synthetic(6, 30, 40, 24, seed=5)
+    harmful[4] = harmful[4] * 0.2 + 3.0  # layer 4 separates best; the others barely
+    stats = compute_stats(harmful, harmless)
+    settings = Settings(direction_methods=["mean_diff"], subspace_max=1, blended_directions=True)
+    kernel = {f"{c}_{k}": v for c in COMPONENTS for k, v in {"peak_weight": 1.2, "peak_layer": 3.0, "min_ratio": 0.5, "falloff": 3.0}.items()}
+    per_layer = replay_params({"direction_scope": "per_layer", **kernel}, stats.n_layers, settings)
+    plain, _ = build_plan(per_layer, stats)
+    blended, _ = plan_for(per_layer, stats, settings)
+    fisher = fisher_ratios(harmful, harmless)
+    means = [torch.nn.functional.normalize(b.double().mean(0) - g.double().mean(0), dim=0) for b, g in zip(harmful, harmless)]
+    for layer in range(stats.n_layers):
+        trust = min(1.0, fisher[layer] / fisher[4])
+        own = means[layer] if means[layer] @ means[4] >= 0 else -means[layer]
+        expected = torch.nn.functional.normalize(trust * own + (1 - trust) * means[4], dim=0)
+        for c in COMPONENTS:
+            torch.testing.assert_close(blended.directions[c][layer].double(), expected, rtol=1e-4, atol=1e-4)
+    assert blended.weights == plain.weights  # the weights are the kernel's
+    assert float(blended.directions["attn"][0] @ means[4].float()) > 0.9  # a noise layer is edited along the best layer's direction
+    global_params = replay_params({"direction_scope": "global", "direction_index": 2.0, **kernel}, stats.n_layers, settings)
+    torch.testing.assert_close(plan_for(global_params, stats, settings)[0].directions["attn"], build_plan(global_params, stats)[0].directions["attn"])
+
+
 def test_separation_weighting_scales_per_layer_edits_by_each_layers_fisher_ratio():
     harmful, harmless = synthetic(6, 30, 40, 24, seed=5)
     harmful[4] = harmful[4] * 0.2 + 3.0  # layer 4 separates best; the others barely
@@ -97,12 +131,7 @@ def test_separation_weighting_scales_per_layer_edits_by_each_layers_fisher_ratio
     per_layer = replay_params({"direction_scope": "per_layer", **kernel}, stats.n_layers, settings)
     plain, _ = build_plan(per_layer, stats)
     weighted, _ = build_plan(per_layer, stats, separation_weighted=True)
-    fisher = []  # the reference: each layer's Fisher ratio from the residuals themselves
-    for layer in range(stats.n_layers):
-        b, g = harmful[layer].double(), harmless[layer].double()
-        r = b.mean(0) - g.mean(0)
-        unit = r / r.norm()
-        fisher.append(float(r.norm() ** 2 / ((b @ unit).var(unbiased=False) + (g @ unit).var(unbiased=False))))
+    fisher = fisher_ratios(harmful, harmless)
     for layer in range(stats.n_layers):
         for c in COMPONENTS:
             assert weighted.weights[c][layer] == pytest.approx(plain.weights[c][layer] * fisher[layer] / max(fisher), rel=1e-3)
