@@ -27,6 +27,7 @@ markers:
   unless named);
 - `bl`: the defaults with `--blended-directions` (per-layer directions moved towards the best-separated
   layer's where their own layer separates the sets less; not run unless named);
+- `plb`: `pl` and `bl` together (not run unless named);
 - `heretic`: heretic 1.4 in its own venv (benchmarks/heretic_runner.py), seeded starts off by
   construction (it has none).
 
@@ -80,6 +81,7 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "sw": ("ours, separation-weighted per-layer edits", ["--separation-weighted"]),
     "pl": ("ours, per-layer directions only", ["--direction-scopes", "per_layer"]),
     "bl": ("ours, per-layer directions blended with the best layer's", ["--blended-directions"]),
+    "plb": ("ours, per-layer only, blended", ["--direction-scopes", "per_layer", "--blended-directions"]),
     "heretic": ("heretic 1.4", None),
 }
 
