@@ -10,13 +10,16 @@ in ..." and carries on, and the run would finish as if nothing had been asked.
 
 So the handler also writes the signal down before raising, and `raise_pending` raises it again at
 the next trial boundary if it was swallowed: the first raise keeps the stop immediate in the usual
-case, the record makes it certain. `handled()` installs both handlers for one CLI command and puts
-the previous ones back afterwards (the CLI is also called in-process by tests).
+case, the record makes it certain. Python's "Exception ignored" report of such a swallowed signal
+(a traceback through the library's internals) is left out: the signal is not ignored, it is acted on
+shortly. `handled()` installs both handlers and that quieter report for one CLI command and puts the
+previous ones back afterwards (the CLI is also called in-process by tests).
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -46,9 +49,17 @@ def handled() -> Iterator[None]:
     global _pending
     _pending = None
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    report = sys.unraisablehook
+
+    def quiet_about_signals(unraisable: sys.UnraisableHookArgs) -> None:
+        if not (_pending is not None and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+            report(unraisable)
+
+    sys.unraisablehook = quiet_about_signals
     try:
         yield
     finally:
+        sys.unraisablehook = report
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _pending = None
