@@ -185,21 +185,20 @@ def separation(stats: ContrastiveStats) -> torch.Tensor:
     return norm.square() / variance.clamp_min(1e-12)
 
 
-def best_separated_layer(stats: ContrastiveStats) -> int:
-    """The layer whose mean difference separates the two sets best (`separation`), inside the global
-    direction's range (0.2 to 0.9 of the depth)."""
-    last = stats.n_layers - 1
-    scores = separation(stats)
-    inside = [layer for layer in range(stats.n_layers) if 0.2 * last <= layer <= 0.9 * last] or [round(0.6 * last)]
+def best_separated_layer(scores: torch.Tensor) -> int:
+    """The layer whose mean difference separates the two sets best by `scores` (`separation`, one per
+    layer), inside the global direction's range (0.2 to 0.9 of the depth)."""
+    last = len(scores) - 1
+    inside = [layer for layer in range(len(scores)) if 0.2 * last <= layer <= 0.9 * last] or [round(0.6 * last)]
     return max(inside, key=lambda layer: float(scores[layer]))
 
 
 def blend_with_best(stats: ContrastiveStats, chosen: torch.Tensor, layers: list[int], method: str, alpha: float) -> torch.Tensor:
     """`build_plan`'s `blended` rule: each layer's unit direction moved towards the best-separated
     layer's by how much less its own mean difference separates the sets."""
-    best = best_separated_layer(stats)
-    (best_direction,), _ = directions(stats, method, alpha, [best])
     scores = separation(stats)
+    best = best_separated_layer(scores)
+    (best_direction,), _ = directions(stats, method, alpha, [best])
     trust = (scores[layers] / scores[best].clamp_min(1e-12)).clamp(max=1.0).unsqueeze(-1)
     signs = torch.where(chosen @ best_direction < 0, -1.0, 1.0).unsqueeze(-1)
     return torch.nn.functional.normalize(trust * signs * chosen + (1 - trust) * best_direction, dim=-1)
@@ -218,7 +217,7 @@ def seeded_starts(stats: ContrastiveStats, settings: Settings) -> dict[str, dict
     if "mean_diff" not in settings.direction_methods:
         return {}
     last = stats.n_layers - 1
-    best = float(best_separated_layer(stats))
+    best = float(best_separated_layer(separation(stats)))
     common: dict = {"direction_method": "mean_diff"} if len(settings.direction_methods) > 1 else {}
     if settings.subspace_max > 1:
         common["subspace_k"] = 1
