@@ -6,9 +6,13 @@
 # Expects, beside the repository (git-ignored, carried with the call; made by benchmarks/gpu_assets.sh):
 #   .whl/common, .whl/ours, .whl/heretic  wheels missing on the machine (optuna 5 for us, optuna 4.9 + heretic 1.4 for heretic)
 #   .gpu_assets/qwen2.5-coder-0.5b-instruct  config.json and tokenizer files of the default model (no weights)
-#   .part1 .part2 .part3  (ttf-real) the synthetic refusing SmolLM2-135M in int8 parts, one call each (the
-#                         first with the wheels; later calls carry only their part: ignored folders stay on
-#                         a warm machine), made by `python benchmarks/pack_model.py pack MODEL_DIR .part`
+#   .part1 .part2 .part3  (ttf-real) the synthetic refusing SmolLM2-135M in int8 parts, made by
+#                         `python benchmarks/pack_model.py pack MODEL_DIR .part`, one call each: the working
+#                         copy there is replaced on every call, so each call keeps what it carried in /tmp
+#                         (call 1, carry .part1 .whl: `mkdir -p /tmp/parts && cp -r .part1 /tmp/parts/ &&
+#                         cp -r .whl /tmp/whl`; call 2, carry .part2: `cp -r .part2 /tmp/parts/`; call 3,
+#                         carry .part3: `cp -r /tmp/whl .whl && bash benchmarks/gpu.sh ttf-real`), all on
+#                         one warm machine (it goes back 30 s after a call)
 # Logs and summaries go to $OUT (the device tool brings that folder back).
 set -u
 OUT=${OUT:-/tmp/gpu-out}
@@ -61,7 +65,8 @@ for step in "$@"; do
                 2>&1 | tee "$OUT/ttf.log"
             cp /tmp/ttf/time_to_front.json "$OUT/ttf.json" 2>/dev/null ;;
         ttf-real)  # time to a good front on a real refusing checkpoint (carried in parts), default prompt counts
-            python3 benchmarks/pack_model.py unpack /tmp/refusing .part1 .part2 .part3 || exit 1
+            mkdir -p /tmp/parts && cp -r .part[0-9]* /tmp/parts/ 2>/dev/null  # the part this call carried
+            python3 benchmarks/pack_model.py unpack /tmp/refusing /tmp/parts/.part* || exit 1
             rm -rf /tmp/ttf-real
             timeout ${TTF_S:-330} python3 benchmarks/time_to_front.py --device cuda --model /tmp/refusing \
                 --trials ${TTF_TRIALS:-100} --seed ${TTF_SEED:-0} --scoring-prompts 64 --direction-prompts 128 \

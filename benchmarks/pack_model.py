@@ -5,9 +5,9 @@
 
 Why: a lent GPU machine reaches no model hub and a device call carries at most 64 MiB, so no real
 checkpoint was ever on the card and the GPU time-to-front runs had to use random weights, which
-refuse nothing (benchmarks/RESULTS.md). Ignored folders left in the working copy on a warm machine
-stay there between calls, so a checkpoint can travel in parts, one call each, and be put together
-by the call that uses it. The synthetic refusing SmolLM2-135M (benchmarks/make_refusing_model.py)
+refuse nothing (benchmarks/RESULTS.md). A warm machine keeps its /tmp between calls (not its working
+copy, which each call replaces), so a checkpoint can travel in parts, one call each, kept in /tmp,
+and be put together by the call that uses it (benchmarks/gpu.sh, step ttf-real, says how). The synthetic refusing SmolLM2-135M (benchmarks/make_refusing_model.py)
 is 538 MB in float32, 269 MB in bfloat16: too many parts. In int8 it is 135 MB, three parts.
 
 Quantisation: every matrix is stored as int8 with one float32 scale per output row (symmetric,
