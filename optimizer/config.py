@@ -202,7 +202,11 @@ class Settings:
         },
     )
     projected_directions: bool = field(
-        default=False, metadata={"help": "remove each direction's component along the harmless mean"}
+        default=False,
+        metadata={
+            "help": "remove each direction's component along its layer's harmless mean (projected abliteration), so "
+            "the edit leaves the average harmless activation alone"
+        },
     )
     separation_weighted: bool = field(
         default=False,
@@ -438,6 +442,15 @@ def default_text(name: str) -> str:
 def help_text(name: str) -> str:
     """The help line of setting `name`: its description and its default."""
     return f"{FIELDS[name].metadata['help']} (default: {default_text(name)})"
+
+
+def bool_flag_for(name: str, value: bool) -> str:
+    """How to ask for boolean setting `name` = `value` on the command line (`add_setting_arguments`' flags), as
+    "with --flag", "with --no-flag" (a setting on by default) or "without --flag"."""
+    flag = "--" + name.replace("_", "-")
+    if value:
+        return "with " + flag
+    return "with --no-" + flag[2:] if FIELDS[name].default else "without " + flag
 
 
 def _comma_list(text: str) -> list[str]:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from optimizer.config import Settings, settings_from_record
+from optimizer.config import Settings, bool_flag_for, settings_from_record
 from optimizer.errors import UserError
 from optimizer.model import LoadedModel
 
@@ -164,9 +164,10 @@ class StudyIdentity:
             )
         changed = [k for k in EDIT_VARIANTS if stored.get(k, False) != self.settings[k]]
         if changed:
+            flags = ", ".join(bool_flag_for(k, stored.get(k, False)) for k in changed)
             raise UserError(
                 f"study {name!r} was run with {', '.join(f'{k}={stored.get(k, False)}' for k in changed)}; the same "
-                "parameters would edit the model differently now: run with the original settings or use another --study name"
+                f"parameters would edit the model differently now: resume it {flags} or use another --study name"
             )
         changed = [k for k in OBJECTIVE_VARIANTS if stored.get(k, 0.0) != self.settings[k]]
         if changed:

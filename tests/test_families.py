@@ -306,7 +306,8 @@ def test_study_with_variants_records_them_and_exports_exactly(tiny_llama_bias_di
     }
     # the same parameters would edit the model differently without the variant: refused
     assert main(run_args(tiny_llama_bias_dir, studies, "--trials", "4", "--projected-directions", "--winsorize", "0.99")) == 2
-    assert "was run with norm_preserving=True" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "was run with norm_preserving=True" in err and "resume it with --norm-preserving" in err
     edited = next(t.number for t in study.trials if not t.user_attrs.get("baseline"))
     target = tmp_path / "exported"
     assert main(["export", "--study", "t", "--studies-dir", str(studies), "--trial", str(edited), "--out", str(target)]) == 0

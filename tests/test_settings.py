@@ -8,7 +8,9 @@ import dataclasses
 import pytest
 
 from optimizer.cli import build_parser, main
-from optimizer.config import DEFAULT_REFUSAL_MARKERS, FIELDS, Settings, build_settings, default_text, settings_from_record
+from optimizer.config import (
+    DEFAULT_REFUSAL_MARKERS, FIELDS, Settings, bool_flag_for, build_settings, default_text, settings_from_record,
+)
 from optimizer.errors import UserError
 
 FLAGGED = [name for name, f in FIELDS.items() if f.metadata.get("cli", True)]
@@ -129,6 +131,13 @@ def test_a_record_ignores_unknown_keys_and_old_records_mean_no_prefix():
     record["a_setting_from_a_later_version"] = 1
     settings = settings_from_record(record, study="s")
     assert settings.trials == 5 and settings.response_prefix == "" and settings.study == "s"
+
+
+def test_a_boolean_setting_is_asked_for_by_the_flag_its_default_gives():
+    assert bool_flag_for("projected_directions", True) == "with --projected-directions"
+    assert bool_flag_for("projected_directions", False) == "without --projected-directions"  # off by default: no --no- flag
+    assert bool_flag_for("seeded_starts", False) == "with --no-seeded-starts"  # on by default
+    assert bool_flag_for("seeded_starts", True) == "with --seeded-starts"
 
 
 def test_a_record_takes_the_location_from_the_command_line_and_skips_none():

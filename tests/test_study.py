@@ -159,6 +159,20 @@ def assert_refused(model: Path, studies: Path, capsys, flag: str, values: tuple[
     assert not studies.exists() or not list(studies.glob("*.db"))
 
 
+def test_a_study_run_with_projected_directions_is_resumed_only_with_them(tiny_dir, tmp_path, capsys):
+    studies = tmp_path / "studies"
+    assert main(run_args(tiny_dir, studies, "--trials", "2", "--projected-directions")) == 0
+    assert load(studies).user_attrs["run_settings"]["projected_directions"] is True
+    capsys.readouterr()
+    # without the flag the same parameters would be another edit: refused, and told the flag
+    assert main(run_args(tiny_dir, studies, "--trials", "3")) == 2
+    err = capsys.readouterr().err
+    assert "was run with projected_directions=True" in err and "resume it with --projected-directions" in err
+    assert len(load(studies).trials) == 2
+    assert main(run_args(tiny_dir, studies, "--trials", "3", "--projected-directions")) == 0
+    assert len(load(studies).trials) == 3
+
+
 def test_kl_floor_is_checked_and_kept_by_a_resumed_study(tiny_dir, tmp_path, capsys):
     studies = tmp_path / "studies"
     # below 0; not below --kl-limit
