@@ -28,6 +28,8 @@ markers:
 - `bl`: the defaults with `--blended-directions` (per-layer directions moved towards the best-separated
   layer's where their own layer separates the sets less; not run unless named);
 - `plb`: `pl` and `bl` together (not run unless named);
+- `pj`: the defaults with `--projected-directions` (each direction made orthogonal to its layer's
+  harmless mean; not run unless named);
 - `heretic`: heretic 1.4 in its own venv (benchmarks/heretic_runner.py), seeded starts off by
   construction (it has none).
 
@@ -42,9 +44,11 @@ there and trail on held-out prompts, or the reverse).
 `--report-only` prints the tables from the results a workdir keeps (studies run apart, gathered
 into one `results/` folder) and runs nothing; a missing study is named and left out.
 
-Each study's result is kept as WORKDIR/results/<model>-<variant>-<seed>.json and reused when the
-script runs again with the same WORKDIR (a finished study is never run twice), so seeds can be added
-run by run. Prints a table per model, writes benchmarks/quality.png, and ends with one
+Each study's result is kept as WORKDIR/results/<model>-<variant>-<seed>-<budget>.json and reused when
+the script runs again with the same WORKDIR (a finished study is never run twice), so seeds can be
+added run by run. The study itself (and heretic's working folder) is named by the same budget, so a
+run with another budget (e.g. `--startup-trials 60`, random search) starts its own study instead of
+resuming one made with another. Prints a table per model, writes benchmarks/quality.png, and ends with one
 machine-readable line.
 """
 
@@ -82,6 +86,7 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "pl": ("ours, per-layer directions only", ["--direction-scopes", "per_layer"]),
     "bl": ("ours, per-layer directions blended with the best layer's", ["--blended-directions"]),
     "plb": ("ours, per-layer only, blended", ["--direction-scopes", "per_layer", "--blended-directions"]),
+    "pj": ("ours, projected directions", ["--projected-directions"]),
     "heretic": ("heretic 1.4", None),
 }
 
@@ -310,9 +315,9 @@ def main() -> None:
                 elif args.report_only:
                     continue
                 elif extra is None:
-                    result = keep(path, heretic(model, workdir / f"heretic-{tag}-{seed}", args, seed, tuple(heldout_files)))
+                    result = keep(path, heretic(model, workdir / f"heretic-{tag}-{seed}-{budget}", args, seed, tuple(heldout_files)))
                 else:
-                    result = keep(path, ours(f"q-{tag}-{variant}-{seed}", model, workdir, args, seed, extra))
+                    result = keep(path, ours(f"q-{tag}-{variant}-{seed}-{budget}", model, workdir, args, seed, extra))
                 results[variant].append(result)
         results = {v: runs for v, runs in results.items() if runs}
         if not results:
