@@ -289,8 +289,7 @@ def _check(settings: Settings) -> Settings:
         raise UserError(f"--trials must be a positive number of trials, got {settings.trials}")
     for name in ("direction_prompts", "scoring_prompts", "max_new_tokens", "verify_max_new_tokens", "verify_prompts"):
         if getattr(settings, name) <= 0:
-            flag = "--" + name.replace("_", "-")
-            raise UserError(f"{flag} must be positive, got {getattr(settings, name)}")
+            raise UserError(f"{flag_of(name)} must be positive, got {getattr(settings, name)}")
     if settings.heartbeat_interval <= 0 or settings.heartbeat_grace <= settings.heartbeat_interval:
         raise UserError("--heartbeat-interval must be positive and --heartbeat-grace larger than it")
     if settings.startup_trials < 0 or settings.batch_size < 0 or settings.db_retry_s < 0:
@@ -444,13 +443,17 @@ def help_text(name: str) -> str:
     return f"{FIELDS[name].metadata['help']} (default: {default_text(name)})"
 
 
+def flag_of(name: str) -> str:
+    """The command-line flag of setting `name` (`add_setting_arguments`)."""
+    return "--" + name.replace("_", "-")
+
+
 def bool_flag_for(name: str, value: bool) -> str:
     """How to ask for boolean setting `name` = `value` on the command line (`add_setting_arguments`' flags), as
     "with --flag", "with --no-flag" (a setting on by default) or "without --flag"."""
-    flag = "--" + name.replace("_", "-")
     if value:
-        return "with " + flag
-    return "with --no-" + flag[2:] if FIELDS[name].default else "without " + flag
+        return "with " + flag_of(name)
+    return "with --no-" + flag_of(name)[2:] if FIELDS[name].default else "without " + flag_of(name)
 
 
 def _comma_list(text: str) -> list[str]:
@@ -483,4 +486,4 @@ def add_setting_arguments(
         # str and dict (a JSON text, parsed by _check) stay text
         if "choices" in f.metadata:
             options["choices"] = f.metadata["choices"]
-        parser.add_argument("--" + name.replace("_", "-"), **options)
+        parser.add_argument(flag_of(name), **options)

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from optimizer.config import Settings, bool_flag_for, settings_from_record
+from optimizer.config import Settings, bool_flag_for, flag_of, settings_from_record
 from optimizer.errors import UserError
 from optimizer.model import LoadedModel
 
@@ -162,16 +162,16 @@ class StudyIdentity:
                 f"study {name!r} was created with other settings ({', '.join(differ)} differ), so its trials are not "
                 "comparable; run with the original settings or use another --study name"
             )
-        changed = [k for k in EDIT_VARIANTS if stored.get(k, False) != self.settings[k]]
-        if changed:
-            flags = ", ".join(bool_flag_for(k, stored.get(k, False)) for k in changed)
+        was = {k: stored.get(k, False) for k in EDIT_VARIANTS if stored.get(k, False) != self.settings[k]}
+        if was:
             raise UserError(
-                f"study {name!r} was run with {', '.join(f'{k}={stored.get(k, False)}' for k in changed)}; the same "
-                f"parameters would edit the model differently now: resume it {flags} or use another --study name"
+                f"study {name!r} was run with {', '.join(f'{k}={v}' for k, v in was.items())}; the same parameters would "
+                f"edit the model differently now: resume it {', '.join(bool_flag_for(k, v) for k, v in was.items())} "
+                "or use another --study name"
             )
         changed = [k for k in OBJECTIVE_VARIANTS if stored.get(k, 0.0) != self.settings[k]]
         if changed:
-            flags = ", ".join(f"--{k.replace('_', '-')} {stored.get(k, 0.0):g}" for k in changed)
+            flags = ", ".join(f"{flag_of(k)} {stored.get(k, 0.0):g}" for k in changed)
             raise UserError(
                 f"study {name!r} was run with {flags}, which decides which of its trials count; resume it with that "
                 "or use another --study name"
