@@ -7,8 +7,9 @@ Why: a lent GPU machine reaches no model hub and a device call carries at most 6
 checkpoint was ever on the card and the GPU time-to-front runs had to use random weights, which
 refuse nothing (benchmarks/RESULTS.md). A warm machine keeps its /tmp between calls (not its working
 copy, which each call replaces), so a checkpoint can travel in parts, one call each, kept in /tmp,
-and be put together by the call that uses it (benchmarks/gpu.sh, step ttf-real, says how). The synthetic refusing SmolLM2-135M (benchmarks/make_refusing_model.py)
-is 538 MB in float32, 269 MB in bfloat16: too many parts. In int8 it is 135 MB, three parts.
+and be put together by the call that uses it (benchmarks/gpu.sh, step ttf-real, says how). The
+synthetic refusing SmolLM2-135M (benchmarks/make_refusing_model.py) is 538 MB in float32, 269 MB
+in bfloat16: too many parts. In int8 it is 135 MB, three parts.
 
 Quantisation: every matrix is stored as int8 with one float32 scale per output row (symmetric,
 scale = max |w| of the row / 127); vectors (norms, biases) stay as they are. Unpacking multiplies
