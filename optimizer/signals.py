@@ -10,10 +10,15 @@ in ..." and carries on, and the run would finish as if nothing had been asked.
 
 So the handler also writes the signal down before raising, and `raise_pending` raises it again at
 the next trial boundary if it was swallowed: the first raise keeps the stop immediate in the usual
-case, the record makes it certain. Python's "Exception ignored" report of such a swallowed signal
-(a traceback through the library's internals) is left out: the signal is not ignored, it is acted on
-shortly. `handled()` installs both handlers and that quieter report for one CLI command and puts the
-previous ones back afterwards (the CLI is also called in-process by tests).
+case, the record makes it certain. Inside the database layer (SQLAlchemy, Optuna's storages, the
+drivers) the handler only records: an exception raised half-way through a commit or a connection's
+return to its pool can leave a SQLite write lock held, so that the interrupted trial could not be
+recorded (seen once in CI: the FAIL commit waited out the lock timeout and Optuna stopped with
+"Should not reach"); the signal is then raised at the next trial's start. Python's "Exception
+ignored" report of a swallowed signal (a traceback through the library's internals) is left out: the
+signal is not ignored, it is acted on shortly. `handled()` installs both handlers and that quieter
+report for one CLI command and puts the previous ones back afterwards (the CLI is also called
+in-process by tests).
 """
 
 from __future__ import annotations
@@ -32,10 +37,29 @@ class Terminated(KeyboardInterrupt):
 _pending: type[KeyboardInterrupt] | None = None
 
 
+# Modules in which a raise could leave a database connection half-way (a SQLite write lock held by a
+# connection nobody will close, so the next commit waits out the lock timeout and fails).
+_DATABASE_LAYER = ("sqlalchemy", "optuna.storages", "sqlite3", "psycopg")
+
+
+def _in_database_layer(frame: FrameType | None) -> bool:
+    """Whether the code the signal interrupted is the database layer's, called from ours: the frames
+    from the innermost up to the first of this package."""
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith("optimizer"):
+            return False
+        if module.startswith(_DATABASE_LAYER):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     global _pending
     _pending = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
-    raise _pending()
+    if not _in_database_layer(frame):  # there it is only recorded, for `raise_pending` at the next safe point
+        raise _pending()
 
 
 def raise_pending() -> None:

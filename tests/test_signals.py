@@ -3,6 +3,7 @@
 import os
 import signal
 import sys
+import types
 
 import pytest
 
@@ -39,3 +40,17 @@ def test_a_signal_swallowed_in_a_finaliser_is_raised_at_the_next_safe_point(monk
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     FailsWhenCollected()
     assert reported == [ValueError, ValueError]  # the previous hook is back
+
+
+def test_a_signal_inside_the_database_layer_waits_for_the_next_safe_point():
+    def send(sig):  # runs as if it were SQLAlchemy's code (the module a frame belongs to is its globals' name)
+        os.kill(os.getpid(), sig)
+        return sum(range(1000))  # bytecodes after the kill, where a handler that raised would raise
+
+    in_database = types.FunctionType(send.__code__, {"__name__": "sqlalchemy.engine.base", "os": os, "sum": sum, "range": range})
+    with signals.handled():
+        assert in_database(signal.SIGINT) == 499500  # not raised inside the database layer
+        with pytest.raises(KeyboardInterrupt):
+            signals.raise_pending()  # but at the next safe point
+    with signals.handled(), pytest.raises(signals.Terminated):
+        send(signal.SIGTERM)  # anywhere else: at once
