@@ -87,6 +87,7 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "bl": ("ours, per-layer directions blended with the best layer's", ["--blended-directions"]),
     "plb": ("ours, per-layer only, blended", ["--direction-scopes", "per_layer", "--blended-directions"]),
     "pj": ("ours, projected directions", ["--projected-directions"]),
+    "rd": ("ours, directions from refused harmful prompts", ["--refused-directions"]),
     "heretic": ("heretic 1.4", None),
 }
 

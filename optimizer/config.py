@@ -223,6 +223,13 @@ class Settings:
         },
     )
     norm_preserving: bool = field(default=False, metadata={"help": "keep the norm of every edited weight row (dense models)"})
+    refused_directions: bool = field(
+        default=False,
+        metadata={
+            "help": "compute the directions only from the harmful direction prompts the unedited model refuses and the "
+            "harmless ones it answers (Arditi et al.'s filter), judged as the scoring prompts are"
+        },
+    )
     winsorize: float = field(
         default=0.0,
         metadata={

@@ -7,7 +7,8 @@ their parameters mean the same edit. Each of these is a fingerprint (a short has
 - model: config, chat template and a sample of every weight (`model_fingerprint`);
 - scoring: the model, the chat-formatted scoring prompts (response prefix included), the cap,
   the markers and the judge (`optimizer.judges`);
-- directions: the model, the chat-formatted direction prompts and the winsorizing quantile;
+- directions: the model, the chat-formatted direction prompts, the winsorizing quantile and, with
+  `--refused-directions`, how answers are judged (cap, markers, judge);
 - edit variants: settings that change what the same parameters do to the weights
   (`EDIT_VARIANTS`), compared by value.
 
@@ -83,6 +84,7 @@ def comparable_settings(settings: Settings) -> dict[str, Any]:
         "template_kwargs": s.template_kwargs(),
         "response_prefix": s.response_prefix,
         "winsorize": s.winsorize,
+        "refused_directions": s.refused_directions,
         **{k: getattr(s, k) for k in EDIT_VARIANTS + OBJECTIVE_VARIANTS},
     }
 
@@ -121,8 +123,10 @@ class StudyIdentity:
         scoring = _hash(
             model, harmful_texts, harmless_texts, settings.max_new_tokens, sorted(settings.refusal_markers), *_judge(settings)
         )
-        winsorize = [settings.winsorize] if settings.winsorize else []  # absent when off: older studies keep their hash
-        directions = _hash(model, direction_texts, *winsorize)
+        # each absent when off, so that older studies keep their hash; the refusal filter depends on how answers are judged
+        winsorize = [settings.winsorize] if settings.winsorize else []
+        refused = ["refused", settings.max_new_tokens, sorted(settings.refusal_markers), *_judge(settings)]
+        directions = _hash(model, direction_texts, *winsorize, *(refused if settings.refused_directions else []))
         numeric = (str(loaded.dtype), loaded.device.type)
         return cls(loaded.source, model, scoring, directions, numeric, comparable_settings(settings))
 

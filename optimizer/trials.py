@@ -91,6 +91,7 @@ class EditedModel:
             "response_prefix": settings.response_prefix,
             "chat_template_kwargs": settings.template_kwargs(),
             "projected_directions": settings.projected_directions,
+            "refused_directions": settings.refused_directions,
             "trust_remote_code": settings.trust_remote_code,
             "sites": [list(row) for row in loaded.discovery.table_rows()],
         }

@@ -99,12 +99,14 @@ class PromptTexts:
     harmful_prompts: list[str]  # scoring, raw (for the sample responses)
     harmful: list[str]  # scoring, chat-formatted
     harmless: list[str]
+    direction_prompts: tuple[list[str], list[str]]  # direction (harmful, harmless), raw (for judges that read prompts)
 
     def with_suffix(self, suffix: str) -> PromptTexts:
         add = lambda texts: [t + suffix for t in texts]
         return PromptTexts(
-            add(self.direction_harmful), add(self.direction_harmless), self.harmful_prompts, add(self.harmful), add(self.harmless)
-        )
+            add(self.direction_harmful), add(self.direction_harmless), self.harmful_prompts, add(self.harmful),
+            add(self.harmless), self.direction_prompts,
+        )  # fmt: skip
 
     def all(self) -> list[str]:
         return [*self.direction_harmful, *self.direction_harmless, *self.harmful, *self.harmless]
@@ -140,7 +142,7 @@ def resolve(settings: Settings, console: Console, portable: bool | None = None) 
         )  # fmt: skip
     print_discovery(loaded, console)
     fmt = lambda ps: format_chat(loaded.tokenizer, ps, settings.system_prompt, settings.template_kwargs())
-    texts = PromptTexts(fmt(dir_b), fmt(dir_g), score_b, fmt(score_b), fmt(score_g))
+    texts = PromptTexts(fmt(dir_b), fmt(dir_g), score_b, fmt(score_b), fmt(score_g), (dir_b, dir_g))
     check_lengths(loaded, texts, settings.max_new_tokens)
     batch_size = settings.batch_size or (64 if loaded.device.type == "cuda" else 16)
     prefix = _response_prefix(settings, loaded, texts, dir_b[:DETECTION_PROMPTS] + dir_g[:DETECTION_PROMPTS], batch_size, console)
@@ -223,7 +225,8 @@ class _CacheUse:
         self.spec.console.print(f"[yellow]{miss}[/]: computing it now")
         self.computed += 1
 
-    def stats(self, batch_size: int) -> ContrastiveStats:
+    def stats(self, batch_size: int, judge: Judge | None = None) -> ContrastiveStats:
+        """The direction statistics; `judge` (loaded here when needed and not given) for --refused-directions."""
         spec, console = self.spec, self.spec.console
         key = spec.identity.cache_key("directions")
         try:
@@ -232,11 +235,14 @@ class _CacheUse:
             return ContrastiveStats.from_tensors(tensors)
         except cache.CacheMiss as miss:
             self._miss(miss)
+        texts_b, texts_g = spec.texts.direction_harmful, spec.texts.direction_harmless
+        if spec.settings.refused_directions:
+            texts_b, texts_g = refused_direction_texts(spec, judge or load_judge(spec.settings, spec.loaded), batch_size)
         with progress_bar(console) as progress:
-            task = progress.add_task("Residuals", total=len(spec.texts.direction_harmful) + len(spec.texts.direction_harmless))
+            task = progress.add_task("Residuals", total=len(texts_b) + len(texts_g))
             advance = lambda n: progress.advance(task, n)
-            harmful = collect_residuals(spec.loaded, spec.texts.direction_harmful, batch_size, advance)
-            harmless = collect_residuals(spec.loaded, spec.texts.direction_harmless, batch_size, advance)
+            harmful = collect_residuals(spec.loaded, texts_b, batch_size, advance)
+            harmless = collect_residuals(spec.loaded, texts_g, batch_size, advance)
         start = time.perf_counter()
         if spec.settings.winsorize:
             harmful, harmless = winsorize(harmful, harmless, spec.settings.winsorize)
@@ -280,6 +286,53 @@ class _CacheUse:
         values = {"refused": refusals.refused, "responses": refusals.responses, "tokens": refusals.tokens_generated}
         cache.save_entry(self.folder, "baseline", key, {"logprobs": logprobs}, values)
         return logprobs, refusals
+
+
+# fewest direction prompts per set that --refused-directions keeps; below it, a set is too small for its mean
+MIN_REFUSED_DIRECTION_PROMPTS = 8
+
+
+def refused_direction_texts(spec: RunSpec, judge: Judge, batch_size: int) -> tuple[list[str], list[str]]:
+    """--refused-directions: the harmful direction prompts the unedited model refuses and the harmless
+    ones it answers, judged as the scoring prompts are (the same judge, cap and response prefix).
+
+    Why (Arditi et al. 2024 filter their sets the same way): a harmful prompt the model answers adds
+    its harmfulness to the harmful mean but none of the refusal the edit is meant to remove, and a
+    harmless prompt it refuses carries refusal into the harmless mean; the mean difference then mixes
+    "harmful" with "refused". Where a set keeps too few prompts for a mean (a model that barely
+    refuses), that set is used whole and the message says so.
+    """
+    s, console = spec.settings, spec.console
+    answer_prefix = answer_part(s.response_prefix or "")
+
+    def judged(texts: list[str], prompts: list[str], what: str) -> list[bool]:
+        with console.status(f"--refused-directions: answering the {len(texts)} {what} direction prompts..."):
+            return generate_and_classify(
+                spec.loaded, texts, s.max_new_tokens, judge, batch_size, prompts, answer_prefix=answer_prefix
+            ).refused
+
+    raw_b, raw_g = spec.texts.direction_prompts
+    refused_b = judged(spec.texts.direction_harmful, raw_b, "harmful")
+    refused_g = judged(spec.texts.direction_harmless, raw_g, "harmless")
+    kept_b = [t for t, r in zip(spec.texts.direction_harmful, refused_b) if r]
+    kept_g = [t for t, r in zip(spec.texts.direction_harmless, refused_g) if not r]
+    console.print(
+        f"Directions from the {len(kept_b)} of {len(refused_b)} harmful direction prompts the unedited model refuses "
+        f"and the {len(kept_g)} of {len(refused_g)} harmless ones it answers (--refused-directions)"
+    )
+    out = []
+    for kept, whole, what in (
+        (kept_b, spec.texts.direction_harmful, "harmful"),
+        (kept_g, spec.texts.direction_harmless, "harmless"),
+    ):
+        if len(kept) < MIN_REFUSED_DIRECTION_PROMPTS:
+            console.print(
+                f"[yellow]only {len(kept)} {what} direction prompts pass the filter (fewer than "
+                f"{MIN_REFUSED_DIRECTION_PROMPTS}): using all {len(whole)} of that set[/]"
+            )
+            kept = whole
+        out.append(kept)
+    return out[0], out[1]
 
 
 def _locked(spec: RunSpec, cache_dir: Path):
@@ -510,7 +563,7 @@ def prepare_scoring(spec: RunSpec, cache_dir: Path) -> Scorer:
     judge = load_judge(spec.settings, spec.loaded)
     use = _CacheUse(spec, cache_dir)
     with _locked(spec, cache_dir):
-        stats = use.stats(spec.default_batch_size)
+        stats = use.stats(spec.default_batch_size, judge)
         batch_size = use.batch_size()
         paths, hooks = choose_fast_paths(spec, batch_size)
         logprobs, refusals = use.baseline(batch_size, paths, judge)
