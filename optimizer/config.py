@@ -224,7 +224,7 @@ class Settings:
     )
     norm_preserving: bool = field(default=False, metadata={"help": "keep the norm of every edited weight row (dense models)"})
     refused_directions: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "compute the directions only from the harmful direction prompts the unedited model refuses and the "
             "harmless ones it answers (Arditi et al.'s filter), judged as the scoring prompts are"
@@ -424,6 +424,7 @@ def settings_from_record(stored: dict[str, Any], **overrides: Any) -> Settings:
     values.setdefault("separation_weighted", False)  # and those from before it edited every layer by its kernel alone
     values.setdefault("blended_directions", False)  # and those from before a layer's direction could be blended
     values.setdefault("direction_scopes", ["global", "per_layer"])  # and those from before the scopes could be chosen
+    values.setdefault("refused_directions", False)  # and those from before directions could come from refused prompts
     values.update({k: v for k, v in overrides.items() if v is not None})
     return _make(values)
 

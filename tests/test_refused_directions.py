@@ -67,7 +67,8 @@ def test_refused_directions_use_exactly_the_prompts_the_unedited_model_refuses(t
     assert not torch.allclose(cached.stats.mean_diff[:-1], unfiltered, rtol=1e-2, atol=1e-2), "the filter changed the directions"
 
     # the same parameters mean other directions without the filter: the study refuses to mix them
-    assert main(run_args(tiny_varied_dir, studies, "--trials", "3", *FILTER, *markers(tmp_path, "a"))) == 2
+    unfiltered_run = [*FILTER, *markers(tmp_path, "a"), "--no-refused-directions"]
+    assert main(run_args(tiny_varied_dir, studies, "--trials", "3", *unfiltered_run)) == 2
     assert "refused_directions" in capsys.readouterr().err
 
 
