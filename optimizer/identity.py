@@ -162,9 +162,11 @@ class StudyIdentity:
         stored = _stored_comparable(attrs)
         if attrs.get("scoring_fingerprint") != self.scoring or attrs.get("directions_fingerprint") != self.directions:
             differ = sorted(k for k in self.settings if stored.get(k) != self.settings[k]) or ["prompt contents"]
+            switches = [bool_flag_for(k, stored[k]) for k in differ if isinstance(stored.get(k), bool)]
+            how = f" (resume it {', '.join(switches)})" if switches else ""
             raise UserError(
                 f"study {name!r} was created with other settings ({', '.join(differ)} differ), so its trials are not "
-                "comparable; run with the original settings or use another --study name"
+                f"comparable; run with the original settings{how} or use another --study name"
             )
         was = {k: stored.get(k, False) for k in EDIT_VARIANTS if stored.get(k, False) != self.settings[k]}
         if was:

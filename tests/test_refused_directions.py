@@ -69,7 +69,7 @@ def test_refused_directions_use_exactly_the_prompts_the_unedited_model_refuses(t
     # the same parameters mean other directions without the filter: the study refuses to mix them
     unfiltered_run = [*FILTER, *markers(tmp_path, "a"), "--no-refused-directions"]
     assert main(run_args(tiny_varied_dir, studies, "--trials", "3", *unfiltered_run)) == 2
-    assert "refused_directions" in capsys.readouterr().err
+    assert "(refused_directions differ)" in (err := capsys.readouterr().err) and "resume it with --refused-directions" in err
 
 
 def test_refused_directions_use_a_set_whole_when_too_few_prompts_pass(tiny_varied_dir, tmp_path, capsys):
