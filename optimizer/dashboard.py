@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -60,6 +61,15 @@ class _Server(ThreadingMixIn, WSGIServer):
 
     daemon_threads = False
     block_on_close = True
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that went away (a closed tab, a timed-out request, a silent connection past the
+        handler's timeout) is no error of ours: socketserver would print a traceback for each, on a
+        busy machine dozens, and a process whose output nobody reads (a pipe that fills) then blocks
+        in that print. Anything else is printed as before."""
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
 
 
 class _QuietHandler(WSGIRequestHandler):
