@@ -120,12 +120,11 @@ class StudyIdentity:
         portable: bool,
     ) -> StudyIdentity:
         model = model_fingerprint(loaded, portable)
-        scoring = _hash(
-            model, harmful_texts, harmless_texts, settings.max_new_tokens, sorted(settings.refusal_markers), *_judge(settings)
-        )
+        judging = [settings.max_new_tokens, sorted(settings.refusal_markers), *_judge(settings)]  # how answers are judged
+        scoring = _hash(model, harmful_texts, harmless_texts, *judging)
         # each absent when off, so that older studies keep their hash; the refusal filter depends on how answers are judged
         winsorize = [settings.winsorize] if settings.winsorize else []
-        refused = ["refused", settings.max_new_tokens, sorted(settings.refusal_markers), *_judge(settings)]
+        refused = ["refused", *judging]
         directions = _hash(model, direction_texts, *winsorize, *(refused if settings.refused_directions else []))
         numeric = (str(loaded.dtype), loaded.device.type)
         return cls(loaded.source, model, scoring, directions, numeric, comparable_settings(settings))
