@@ -320,19 +320,17 @@ def refused_direction_texts(spec: RunSpec, judge: Judge, batch_size: int) -> tup
         f"Directions from the {len(kept_b)} of {len(refused_b)} harmful direction prompts the unedited model refuses "
         f"and the {len(kept_g)} of {len(refused_g)} harmless ones it answers (--refused-directions)"
     )
-    out = []
-    for kept, whole, what in (
-        (kept_b, spec.texts.direction_harmful, "harmful"),
-        (kept_g, spec.texts.direction_harmless, "harmless"),
-    ):
-        if len(kept) < MIN_REFUSED_DIRECTION_PROMPTS:
-            console.print(
-                f"[yellow]only {len(kept)} {what} direction prompts pass the filter (fewer than "
-                f"{MIN_REFUSED_DIRECTION_PROMPTS}): using all {len(whole)} of that set[/]"
-            )
-            kept = whole
-        out.append(kept)
-    return out[0], out[1]
+
+    def enough(kept: list[str], whole: list[str], what: str) -> list[str]:
+        if len(kept) >= MIN_REFUSED_DIRECTION_PROMPTS:
+            return kept
+        console.print(
+            f"[yellow]only {len(kept)} {what} direction prompts pass the filter (fewer than "
+            f"{MIN_REFUSED_DIRECTION_PROMPTS}): using all {len(whole)} of that set[/]"
+        )
+        return whole
+
+    return enough(kept_b, spec.texts.direction_harmful, "harmful"), enough(kept_g, spec.texts.direction_harmless, "harmless")
 
 
 def _locked(spec: RunSpec, cache_dir: Path):
