@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from optimizer.forward import block_outputs
 from optimizer.model import LoadedModel
 
 ATTENTION = ("sdpa", "eager")  # the implementations that take a 4-D mask as it is given
@@ -73,11 +74,19 @@ def block_mask(prefix_len: int, lengths: list[int], loaded: LoadedModel) -> torc
     return torch.where(allowed.to(loaded.device)[None, None], *mask_values(loaded))
 
 
-def packed_forward(loaded: LoadedModel, prefix: list[int], suffixes: list[list[int]], cache_keyword: str):
+def packed_forward(
+    loaded: LoadedModel,
+    prefix: list[int],
+    suffixes: list[list[int]],
+    cache_keyword: str,
+    residuals: list[torch.Tensor] | None = None,
+):
     """Forward `prefix` + `suffixes` packed (in groups of TOKENS_PER_FORWARD prompt tokens).
 
     Returns each suffix's last hidden state (B, hidden), a DynamicCache of B rows laid out
     [prefix][padding][suffix] and its (B, T) attention mask, as the padded prefill gives them.
+    `residuals`: a list that gets every block's output at each suffix's last position, one
+    (layers, rows, hidden) tensor per group (`forward.block_outputs`).
     """
     decoder, device = loaded.model.get_decoder(), loaded.device
     p, lengths = len(prefix), [len(s) for s in suffixes]
@@ -90,16 +99,22 @@ def packed_forward(loaded: LoadedModel, prefix: list[int], suffixes: list[list[i
         ids = prefix + [token for i in group for token in suffixes[i]]
         positions = list(range(p)) + [p + j for n in group_lengths for j in range(n)]
         cache = DynamicCache(config=loaded.model.config)
-        hidden = decoder(
-            input_ids=torch.tensor([ids], device=device),
-            attention_mask=block_mask(p, group_lengths, loaded),
-            position_ids=torch.tensor([positions], device=device),
-            use_cache=True,
-            **{cache_keyword: cache},
-        ).last_hidden_state[0]
-        # where each row's slots come from in the packed row: prefix, padding (any position: masked), suffix
         ends = torch.tensor(group_lengths).cumsum(0) + p
-        last_hidden.append(hidden[ends - 1])
+        last = ends - 1  # each suffix's last position in the packed row
+
+        def at_last(hidden: torch.Tensor, last: torch.Tensor = last) -> torch.Tensor:
+            return hidden[0, last.to(hidden.device)]
+
+        with block_outputs(loaded.layers, at_last, residuals, device):
+            hidden = decoder(
+                input_ids=torch.tensor([ids], device=device),
+                attention_mask=block_mask(p, group_lengths, loaded),
+                position_ids=torch.tensor([positions], device=device),
+                use_cache=True,
+                **{cache_keyword: cache},
+            ).last_hidden_state[0]
+        last_hidden.append(hidden[last])
+        # where each row's slots come from in the packed row: prefix, padding (any position: masked), suffix
         source = torch.zeros(len(group), p + width, dtype=torch.long)
         source[:, :p] = torch.arange(p)
         for row, (n, end) in enumerate(zip(group_lengths, ends.tolist())):

@@ -8,11 +8,7 @@ import torch
 
 from optimizer.errors import UserError
 from optimizer.model import LoadedModel
-
-
-def batches(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+from optimizer.scoring import by_length, prefill, split_shared_prefix
 
 
 def tokenize(loaded: LoadedModel, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -32,28 +28,24 @@ def collect_residuals(
     texts: list[str],
     batch_size: int,
     on_batch: Callable[[int], None] | None = None,
+    packed: bool = False,
 ) -> torch.Tensor:
     """Residuals of shape (n_layers, n_prompts, hidden), float32, on the model's (input) device: the
-    statistics are computed on one device wherever the blocks are."""
-    captured: list[torch.Tensor] = []
+    statistics are computed on one device wherever the blocks are.
 
-    def capture(_module, _inputs, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        captured.append(hidden[:, -1, :].float().to(loaded.device))
-
-    handles = [layer.register_forward_hook(capture) for layer in loaded.layers]
+    The prompts are prefilled as the scoring paths prefill them (`scoring.prefill`): their shared
+    prefix (system prompt and template) once, prompts of similar length together, and with
+    `packed` (a fast path checked at the start of a study) without padding. Each prompt's last
+    position sees exactly its own tokens either way, so the residuals are those of the prompt alone.
+    """
+    prefix, suffixes = split_shared_prefix(loaded, texts)
+    chunks, restore = by_length(suffixes, batch_size)
     per_batch: list[torch.Tensor] = []
-    try:
-        for chunk in batches(texts, batch_size):
-            captured.clear()
-            loaded.model(**tokenize(loaded, chunk), logits_to_keep=1, use_cache=False)
-            per_batch.append(torch.stack(captured))  # (layers, batch, hidden)
-            if on_batch:
-                on_batch(len(chunk))
-    finally:
-        for h in handles:
-            h.remove()
-    residuals = torch.cat(per_batch, dim=1)
+    for chunk in chunks:
+        prefill(loaded, prefix, chunk, packed, residuals=per_batch)  # (layers, batch, hidden) each
+        if on_batch:
+            on_batch(len(chunk))
+    residuals = torch.cat(per_batch, dim=1)[:, torch.tensor(restore, device=loaded.device)]
     bad = (~torch.isfinite(residuals)).flatten(1).any(dim=1)
     if bad.any():
         layer = int(bad.nonzero()[0])

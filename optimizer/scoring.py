@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from optimizer.forward import cache_keyword, output_logits
+from optimizer.forward import block_outputs, cache_keyword, output_logits
 from optimizer.graph_decode import GraphDecoder
 from optimizer.judges import REFUSED, Judge
 from optimizer.model import LoadedModel
@@ -27,7 +27,13 @@ def split_shared_prefix(loaded: LoadedModel, texts: list[str]) -> tuple[list[int
     return ids[0][:length], [i[length:] for i in ids]
 
 
-def prefill(loaded: LoadedModel, prefix: list[int], suffixes: list[list[int]], packed: bool = False):
+def prefill(
+    loaded: LoadedModel,
+    prefix: list[int],
+    suffixes: list[list[int]],
+    packed: bool = False,
+    residuals: list[torch.Tensor] | None = None,
+):
     """Forward the shared prefix once, then the batch's suffixes on top of its cache.
 
     Rows are laid out as [prefix][padding][suffix] so that every row's last position is its
@@ -37,12 +43,16 @@ def prefill(loaded: LoadedModel, prefix: list[int], suffixes: list[list[int]], p
     With `packed`, the suffixes are forwarded end to end without padding instead
     (`optimizer.packing`), which gives the same three results.
     Returns the last position's logits (B, vocab), the cache and the attention mask.
+    `residuals`: a list that gets every block's output at the last position, (layers, B, hidden).
     """
     model, device = loaded.model, loaded.device
     decoder = model.get_decoder()
     keyword = cache_keyword(decoder)
     if packed:
-        hidden, cache, mask = packed_forward(loaded, prefix, suffixes, keyword)
+        groups: list[torch.Tensor] | None = None if residuals is None else []
+        hidden, cache, mask = packed_forward(loaded, prefix, suffixes, keyword, groups)
+        if residuals is not None and groups is not None:
+            residuals.append(torch.cat(groups, dim=1))
         return output_logits(model, hidden.contiguous()), cache, mask
     rows, width = len(suffixes), max(len(s) for s in suffixes)
     pad = loaded.tokenizer.pad_token_id
@@ -54,9 +64,10 @@ def prefill(loaded: LoadedModel, prefix: list[int], suffixes: list[list[int]], p
         cache.batch_repeat_interleave(rows)
     mask = torch.cat([suffix_mask.new_ones(rows, len(prefix)), suffix_mask], dim=1)
     positions = len(prefix) + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = decoder(
-        input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{keyword: cache}
-    ).last_hidden_state
+    with block_outputs(loaded.layers, lambda h: h[:, -1], residuals, device):
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{keyword: cache}
+        ).last_hidden_state
     return output_logits(model, hidden[:, -1, :].contiguous()), cache, mask
 
 
@@ -128,6 +139,7 @@ def greedy_generate(
     packed: bool = False,
     first: frozenset[int] = frozenset(),
     until: Callable[[], bool] | None = None,
+    residuals: list[torch.Tensor] | None = None,
 ) -> tuple[list[list[int]], int]:
     """Greedy continuations of `texts` as token ids (end tokens left out), in the input's order, and
     the number of tokens generated.
@@ -138,7 +150,9 @@ def greedy_generate(
     and decoding ends when all rows are finished. `packed`: prefill without padding (`prefill`).
     The texts numbered in `first` are answered in the first batches. `until()` is asked after each
     step: when it is true, decoding ends there, every sequence left as far as it got (those of later
-    batches empty).
+    batches empty). `residuals`: a list that gets every block's output at each text's last prompt
+    position, taken in the prefill, as one (layers, texts, hidden) tensor in the input's order
+    (what `residuals.collect_residuals` computes, without a second pass over the prompts).
     """
     eos_ids = set(_eos_ids(loaded))
     outputs: list[list[int]] = []
@@ -147,12 +161,13 @@ def greedy_generate(
     chunks, restore = by_length(suffixes, graph.batch if graph is not None else batch_size, first)
     order = sorted(range(len(restore)), key=restore.__getitem__)  # input index of each position in the chunks
     given_up = False
+    per_batch: list[torch.Tensor] | None = None if residuals is None else []
     for chunk in chunks:
         offset = len(outputs)
         if given_up:
             outputs.extend([] for _ in chunk)
             continue
-        logits, cache, mask = prefill(loaded, prefix, chunk, packed)
+        logits, cache, mask = prefill(loaded, prefix, chunk, packed, per_batch)
         next_ids = logits.argmax(dim=-1)
         if graph is not None:
             graph.load(cache, mask, next_ids, max_new_tokens)
@@ -188,6 +203,9 @@ def greedy_generate(
             logits, mask = eager_step(loaded, next_ids, mask, cache)
             next_ids = logits.argmax(dim=-1)
         outputs.extend(tokens)
+    if residuals is not None and per_batch is not None:
+        assert not given_up, "residuals are taken from every batch's prefill: none may be left unanswered"
+        residuals.append(torch.cat(per_batch, dim=1)[:, torch.tensor(restore, device=per_batch[0].device)])
     return [outputs[i] for i in restore], total_tokens
 
 
@@ -242,6 +260,7 @@ def generate_and_classify(
     packed: bool = False,
     first: frozenset[int] = frozenset(),
     give_up: Callable[[int], bool] | None = None,
+    residuals: list[torch.Tensor] | None = None,
 ) -> RefusalResult:
     """Greedy answers to `texts` (chat-formatted `prompts`), judged by `judge` (optimizer.judges).
 
@@ -256,6 +275,7 @@ def generate_and_classify(
     it is true, generation stops there and the result is marked incomplete: its refusals are those
     found by then, a lower bound on the full count, since a refusal once found stays one. `first`:
     texts to answer first (those likeliest to be refused, so that the count settles early).
+    `residuals`: see `greedy_generate`.
     """
     prompts = texts if prompts is None else prompts
     decode = lambda ids: answer_prefix + str(loaded.tokenizer.decode(ids, skip_special_tokens=True))
@@ -277,7 +297,7 @@ def generate_and_classify(
 
     assert streaming or give_up is None, "refusals are counted as they are found, which needs a streaming judge"
     tokens, total_tokens = greedy_generate(
-        loaded, texts, max_new_tokens, batch_size, stop if streaming else None, graph, packed, first, until
+        loaded, texts, max_new_tokens, batch_size, stop if streaming else None, graph, packed, first, until, residuals
     )
     responses = [decode(t) for t in tokens]
     if gave_up:  # unfinished answers are not judged: an empty one was never given

@@ -225,8 +225,9 @@ class _CacheUse:
         self.spec.console.print(f"[yellow]{miss}[/]: computing it now")
         self.computed += 1
 
-    def stats(self, batch_size: int, judge: Judge | None = None) -> ContrastiveStats:
-        """The direction statistics; `judge` (loaded here when needed and not given) for --refused-directions."""
+    def stats(self, batch_size: int, judge: Judge | None = None, packed: bool = False) -> ContrastiveStats:
+        """The direction statistics; `judge` (loaded here when needed and not given) for --refused-directions;
+        `packed`: prefill without padding (a study's fast path, checked before)."""
         spec, console = self.spec, self.spec.console
         key = spec.identity.cache_key("directions")
         try:
@@ -237,12 +238,14 @@ class _CacheUse:
             self._miss(miss)
         texts_b, texts_g = spec.texts.direction_harmful, spec.texts.direction_harmless
         if spec.settings.refused_directions:
-            texts_b, texts_g = refused_direction_texts(spec, judge or load_judge(spec.settings, spec.loaded), batch_size)
-        with progress_bar(console) as progress:
-            task = progress.add_task("Residuals", total=len(texts_b) + len(texts_g))
-            advance = lambda n: progress.advance(task, n)
-            harmful = collect_residuals(spec.loaded, texts_b, batch_size, advance)
-            harmless = collect_residuals(spec.loaded, texts_g, batch_size, advance)
+            judge = judge or load_judge(spec.settings, spec.loaded)
+            harmful, harmless = refused_direction_residuals(spec, judge, batch_size, packed)
+        else:
+            with progress_bar(console) as progress:
+                task = progress.add_task("Residuals", total=len(texts_b) + len(texts_g))
+                advance = lambda n: progress.advance(task, n)
+                harmful = collect_residuals(spec.loaded, texts_b, batch_size, advance, packed)
+                harmless = collect_residuals(spec.loaded, texts_g, batch_size, advance, packed)
         start = time.perf_counter()
         if spec.settings.winsorize:
             harmful, harmless = winsorize(harmful, harmless, spec.settings.winsorize)
@@ -292,45 +295,50 @@ class _CacheUse:
 MIN_REFUSED_DIRECTION_PROMPTS = 8
 
 
-def refused_direction_texts(spec: RunSpec, judge: Judge, batch_size: int) -> tuple[list[str], list[str]]:
-    """--refused-directions: the harmful direction prompts the unedited model refuses and the harmless
-    ones it answers, judged as the scoring prompts are (the same judge, cap and response prefix).
+def refused_direction_residuals(
+    spec: RunSpec, judge: Judge, batch_size: int, packed: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """--refused-directions: the residuals of the harmful direction prompts the unedited model
+    refuses and of the harmless ones it answers, judged as the scoring prompts are (the same judge,
+    cap and response prefix).
 
     Why (Arditi et al. 2024 filter their sets the same way): a harmful prompt the model answers adds
     its harmfulness to the harmful mean but none of the refusal the edit is meant to remove, and a
     harmless prompt it refuses carries refusal into the harmless mean; the mean difference then mixes
     "harmful" with "refused". Where a set keeps too few prompts for a mean (a model that barely
-    refuses), that set is used whole and the message says so.
+    refuses), that set is used whole and the message says so. The residuals are taken in the
+    prefill of the answers (`greedy_generate`'s `residuals`): one pass over the prompts, not two.
     """
     s, console = spec.settings, spec.console
     answer_prefix = answer_part(s.response_prefix or "")
 
-    def judged(texts: list[str], prompts: list[str], what: str) -> list[bool]:
+    def answered(texts: list[str], prompts: list[str], what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        residuals: list[torch.Tensor] = []
         with console.status(f"--refused-directions: answering the {len(texts)} {what} direction prompts..."):
-            return generate_and_classify(
-                spec.loaded, texts, s.max_new_tokens, judge, batch_size, prompts, answer_prefix=answer_prefix
-            ).refused
+            refused = generate_and_classify(
+                spec.loaded, texts, s.max_new_tokens, judge, batch_size, prompts,
+                answer_prefix=answer_prefix, packed=packed, residuals=residuals,
+            ).refused  # fmt: skip
+        return torch.tensor(refused, device=residuals[0].device), residuals[0]
 
     raw_b, raw_g = spec.texts.direction_prompts
-    refused_b = judged(spec.texts.direction_harmful, raw_b, "harmful")
-    refused_g = judged(spec.texts.direction_harmless, raw_g, "harmless")
-    kept_b = [t for t, r in zip(spec.texts.direction_harmful, refused_b) if r]
-    kept_g = [t for t, r in zip(spec.texts.direction_harmless, refused_g) if not r]
+    refused_b, harmful = answered(spec.texts.direction_harmful, raw_b, "harmful")
+    refused_g, harmless = answered(spec.texts.direction_harmless, raw_g, "harmless")
     console.print(
-        f"Directions from the {len(kept_b)} of {len(refused_b)} harmful direction prompts the unedited model refuses "
-        f"and the {len(kept_g)} of {len(refused_g)} harmless ones it answers (--refused-directions)"
+        f"Directions from the {int(refused_b.sum())} of {len(refused_b)} harmful direction prompts the unedited model "
+        f"refuses and the {int((~refused_g).sum())} of {len(refused_g)} harmless ones it answers (--refused-directions)"
     )
 
-    def enough(kept: list[str], whole: list[str], what: str) -> list[str]:
-        if len(kept) >= MIN_REFUSED_DIRECTION_PROMPTS:
-            return kept
+    def enough(residuals: torch.Tensor, kept: torch.Tensor, what: str) -> torch.Tensor:
+        if int(kept.sum()) >= MIN_REFUSED_DIRECTION_PROMPTS:
+            return residuals[:, kept]
         console.print(
-            f"[yellow]only {len(kept)} {what} direction prompts pass the filter (fewer than "
-            f"{MIN_REFUSED_DIRECTION_PROMPTS}): using all {len(whole)} of that set[/]"
+            f"[yellow]only {int(kept.sum())} {what} direction prompts pass the filter (fewer than "
+            f"{MIN_REFUSED_DIRECTION_PROMPTS}): using all {residuals.shape[1]} of that set[/]"
         )
-        return whole
+        return residuals
 
-    return enough(kept_b, spec.texts.direction_harmful, "harmful"), enough(kept_g, spec.texts.direction_harmless, "harmless")
+    return enough(harmful, refused_b, "harmful"), enough(harmless, ~refused_g, "harmless")
 
 
 def _locked(spec: RunSpec, cache_dir: Path):
@@ -556,13 +564,14 @@ class Scorer:
 def prepare_scoring(spec: RunSpec, cache_dir: Path) -> Scorer:
     """Statistics, batch size, fast paths, the judge and the unedited model's scores: what a study
     needs to score trials. The judge is loaded (or its endpoint reached) first, so that a bad one
-    stops the run before anything is written; the fast paths are chosen before the baseline, which
-    they speed up."""
+    stops the run before anything is written; the fast paths are chosen before the statistics and
+    the baseline, which they speed up (the packed prefill and linears on CPUs: --refused-directions
+    answers every direction prompt once)."""
     judge = load_judge(spec.settings, spec.loaded)
     use = _CacheUse(spec, cache_dir)
     with _locked(spec, cache_dir):
-        stats = use.stats(spec.default_batch_size, judge)
         batch_size = use.batch_size()
         paths, hooks = choose_fast_paths(spec, batch_size)
+        stats = use.stats(batch_size, judge, paths.packed_prefill)
         logprobs, refusals = use.baseline(batch_size, paths, judge)
     return Scorer(Prepared(spec, stats, batch_size, hooks, use.computed), paths, judge, logprobs, refusals)

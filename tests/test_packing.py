@@ -130,3 +130,36 @@ def test_a_packed_prefill_that_differs_is_not_used(tiny_dir, tmp_path, monkeypat
     scorer = prepare_scoring(resolve(settings, Console(file=out, width=200)), tmp_path)
     assert "Prefilling padded batches: the packed prefill gives logits that differ from the plain path's by 0.5" in out.getvalue()
     assert not scorer.paths.packed_prefill
+
+
+def own_block_outputs(loaded, texts) -> torch.Tensor:
+    """Every block's output at each prompt's last token, each prompt forwarded alone (no prefix
+    split, no padding, no packing): (layers, prompts, hidden)."""
+    outputs: list[torch.Tensor] = []
+    hook = lambda _m, _i, out: outputs.append((out[0] if isinstance(out, tuple) else out)[0, -1].float())
+    handles = [layer.register_forward_hook(hook) for layer in loaded.layers]
+    per_prompt = []
+    with torch.inference_mode():
+        for text in texts:
+            outputs.clear()
+            loaded.model(**loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False), use_cache=False)
+            per_prompt.append(torch.stack(outputs))
+    for handle in handles:
+        handle.remove()
+    return torch.stack(per_prompt, dim=1)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_varied_dir", "tiny_varied_llama_dir"])
+def test_residuals_are_each_prompts_own_block_outputs_padded_and_packed(request, fixture, monkeypatch):
+    from optimizer.residuals import collect_residuals
+
+    loaded = load_model(str(request.getfixturevalue(fixture)), "cpu", "float32")
+    texts = format_chat(loaded.tokenizer, PROMPTS)
+    want = own_block_outputs(loaded, texts)
+    assert want.shape == (loaded.n_layers, len(texts), loaded.hidden_size)
+    assert (want[:, 0] - want[:, -1]).abs().max() > 1e-2, "the prompts must differ for the order to be checked"
+    monkeypatch.setattr(packing, "TOKENS_PER_FORWARD", 12)  # several packed groups per batch
+    for batch_size in (2, len(texts)):  # batches of similar lengths, in another order than the input's
+        for packed in (False, True):
+            got = collect_residuals(loaded, texts, batch_size, packed=packed)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
