@@ -30,6 +30,9 @@ markers:
 - `plb`: `pl` and `bl` together (not run unless named);
 - `pj`: the defaults with `--projected-directions` (each direction made orthogonal to its layer's
   harmless mean; not run unless named);
+- `rd`: the defaults with `--refused-directions` (directions from the harmful prompts the unedited
+  model refuses and the harmless ones it answers; the same as `ours` since it became the default);
+- `ad`: the defaults with `--no-refused-directions` (every direction prompt, as before that);
 - `heretic`: heretic 1.4 in its own venv (benchmarks/heretic_runner.py), seeded starts off by
   construction (it has none).
 
@@ -87,7 +90,8 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "bl": ("ours, per-layer directions blended with the best layer's", ["--blended-directions"]),
     "plb": ("ours, per-layer only, blended", ["--direction-scopes", "per_layer", "--blended-directions"]),
     "pj": ("ours, projected directions", ["--projected-directions"]),
-    "rd": ("ours, directions from refused harmful prompts", ["--refused-directions"]),
+    "rd": ("ours, directions from refused harmful prompts (the default since it was measured)", ["--refused-directions"]),
+    "ad": ("ours, directions from all direction prompts (before --refused-directions)", ["--no-refused-directions"]),
     "heretic": ("heretic 1.4", None),
 }
 

@@ -8,7 +8,7 @@ import torch
 
 from optimizer.errors import UserError
 from optimizer.model import LoadedModel
-from optimizer.scoring import by_length, prefill, split_shared_prefix
+from optimizer.scoring import greedy_generate
 
 
 def tokenize(loaded: LoadedModel, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -33,19 +33,15 @@ def collect_residuals(
     """Residuals of shape (n_layers, n_prompts, hidden), float32, on the model's (input) device: the
     statistics are computed on one device wherever the blocks are.
 
-    The prompts are prefilled as the scoring paths prefill them (`scoring.prefill`): their shared
-    prefix (system prompt and template) once, prompts of similar length together, and with
-    `packed` (a fast path checked at the start of a study) without padding. Each prompt's last
-    position sees exactly its own tokens either way, so the residuals are those of the prompt alone.
+    The prompts are prefilled as the scoring paths prefill them (`scoring.greedy_generate` with no
+    new token, its `residuals` taken in `prefill`): their shared prefix (system prompt and template)
+    once, prompts of similar length together, and with `packed` (a fast path checked at the start of
+    a study) without padding. Each prompt's last position sees exactly its own tokens either way, so
+    the residuals are those of the prompt alone.
     """
-    prefix, suffixes = split_shared_prefix(loaded, texts)
-    chunks, restore = by_length(suffixes, batch_size)
-    per_batch: list[torch.Tensor] = []
-    for chunk in chunks:
-        prefill(loaded, prefix, chunk, packed, residuals=per_batch)  # (layers, batch, hidden) each
-        if on_batch:
-            on_batch(len(chunk))
-    residuals = torch.cat(per_batch, dim=1)[:, torch.tensor(restore, device=loaded.device)]
+    captured: list[torch.Tensor] = []
+    greedy_generate(loaded, texts, 0, batch_size, packed=packed, residuals=captured, on_batch=on_batch)
+    residuals = captured[0]
     bad = (~torch.isfinite(residuals)).flatten(1).any(dim=1)
     if bad.any():
         layer = int(bad.nonzero()[0])

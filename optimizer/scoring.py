@@ -140,6 +140,7 @@ def greedy_generate(
     first: frozenset[int] = frozenset(),
     until: Callable[[], bool] | None = None,
     residuals: list[torch.Tensor] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[list[list[int]], int]:
     """Greedy continuations of `texts` as token ids (end tokens left out), in the input's order, and
     the number of tokens generated.
@@ -153,6 +154,7 @@ def greedy_generate(
     batches empty). `residuals`: a list that gets every block's output at each text's last prompt
     position, taken in the prefill, as one (layers, texts, hidden) tensor in the input's order
     (what `residuals.collect_residuals` computes, without a second pass over the prompts).
+    `on_batch(n)`: after each batch of n texts is answered (a progress bar).
     """
     eos_ids = set(_eos_ids(loaded))
     outputs: list[list[int]] = []
@@ -203,6 +205,8 @@ def greedy_generate(
             logits, mask = eager_step(loaded, next_ids, mask, cache)
             next_ids = logits.argmax(dim=-1)
         outputs.extend(tokens)
+        if on_batch is not None:
+            on_batch(len(chunk))
     if residuals is not None and per_batch is not None:
         assert not given_up, "residuals are taken from every batch's prefill: none may be left unanswered"
         residuals.append(torch.cat(per_batch, dim=1)[:, torch.tensor(restore, device=per_batch[0].device)])
@@ -261,6 +265,7 @@ def generate_and_classify(
     first: frozenset[int] = frozenset(),
     give_up: Callable[[int], bool] | None = None,
     residuals: list[torch.Tensor] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> RefusalResult:
     """Greedy answers to `texts` (chat-formatted `prompts`), judged by `judge` (optimizer.judges).
 
@@ -275,7 +280,7 @@ def generate_and_classify(
     it is true, generation stops there and the result is marked incomplete: its refusals are those
     found by then, a lower bound on the full count, since a refusal once found stays one. `first`:
     texts to answer first (those likeliest to be refused, so that the count settles early).
-    `residuals`: see `greedy_generate`.
+    `residuals`, `on_batch`: see `greedy_generate`.
     """
     prompts = texts if prompts is None else prompts
     decode = lambda ids: answer_prefix + str(loaded.tokenizer.decode(ids, skip_special_tokens=True))
@@ -297,7 +302,7 @@ def generate_and_classify(
 
     assert streaming or give_up is None, "refusals are counted as they are found, which needs a streaming judge"
     tokens, total_tokens = greedy_generate(
-        loaded, texts, max_new_tokens, batch_size, stop if streaming else None, graph, packed, first, until, residuals
+        loaded, texts, max_new_tokens, batch_size, stop if streaming else None, graph, packed, first, until, residuals, on_batch
     )
     responses = [decode(t) for t in tokens]
     if gave_up:  # unfinished answers are not judged: an empty one was never given

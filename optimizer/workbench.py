@@ -312,18 +312,21 @@ def refused_direction_residuals(
     s, console = spec.settings, spec.console
     answer_prefix = answer_part(s.response_prefix or "")
 
-    def answered(texts: list[str], prompts: list[str], what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def answered(texts: list[str], prompts: list[str], advance: Callable[[int], None]) -> tuple[torch.Tensor, torch.Tensor]:
         residuals: list[torch.Tensor] = []
-        with console.status(f"--refused-directions: answering the {len(texts)} {what} direction prompts..."):
-            refused = generate_and_classify(
-                spec.loaded, texts, s.max_new_tokens, judge, batch_size, prompts,
-                answer_prefix=answer_prefix, packed=packed, residuals=residuals,
-            ).refused  # fmt: skip
+        refused = generate_and_classify(
+            spec.loaded, texts, s.max_new_tokens, judge, batch_size, prompts,
+            answer_prefix=answer_prefix, packed=packed, residuals=residuals, on_batch=advance,
+        ).refused  # fmt: skip
         return torch.tensor(refused, device=residuals[0].device), residuals[0]
 
-    raw_b, raw_g = spec.texts.direction_prompts
-    refused_b, harmful = answered(spec.texts.direction_harmful, raw_b, "harmful")
-    refused_g, harmless = answered(spec.texts.direction_harmless, raw_g, "harmless")
+    texts, (raw_b, raw_g) = spec.texts, spec.texts.direction_prompts
+    with progress_bar(console) as progress:
+        total = len(texts.direction_harmful) + len(texts.direction_harmless)
+        task = progress.add_task("Answering the direction prompts (--refused-directions)", total=total)
+        advance = lambda n: progress.advance(task, n)
+        refused_b, harmful = answered(texts.direction_harmful, raw_b, advance)
+        refused_g, harmless = answered(texts.direction_harmless, raw_g, advance)
     console.print(
         f"Directions from the {int(refused_b.sum())} of {len(refused_b)} harmful direction prompts the unedited model "
         f"refuses and the {int((~refused_g).sum())} of {len(refused_g)} harmless ones it answers (--refused-directions)"

@@ -52,6 +52,7 @@ def test_refused_directions_use_exactly_the_prompts_the_unedited_model_refuses(t
     assert main(run_args(tiny_varied_dir, studies, "--trials", "2", *filtered)) == 0
     err = capsys.readouterr().err
     assert "Directions from the 13 of 24 harmful direction prompts the unedited model refuses and the 9 of 24" in err
+    assert "Answering the direction prompts (--refused-directions)" in err and "48/48" in err  # the progress bar, done
 
     argv = ["--model", str(tiny_varied_dir), "--studies-dir", str(studies), "--study", "t", "--max-new-tokens", "4", *FILTER]
     spec = resolve(settings_of([*argv, *markers(tmp_path, "a"), "--refused-directions"], None, tmp_path), Console(stderr=True))
