@@ -41,7 +41,11 @@ def collect_residuals(
     """
     captured: list[torch.Tensor] = []
     greedy_generate(loaded, texts, 0, batch_size, packed=packed, residuals=captured, on_batch=on_batch)
-    residuals = captured[0]
+    return captured[0]
+
+
+def check_finite(loaded: LoadedModel, residuals: torch.Tensor) -> None:
+    """Statistics from residuals with NaN or inf would be NaN: say where, and what to try."""
     bad = (~torch.isfinite(residuals)).flatten(1).any(dim=1)
     if bad.any():
         layer = int(bad.nonzero()[0])
@@ -49,4 +53,3 @@ def collect_residuals(
             f"residuals contain NaN or inf at layer {layer}: the checkpoint or {str(loaded.dtype).removeprefix('torch.')} "
             "overflows there; try --dtype float32, or check the model file"
         )
-    return residuals

@@ -141,3 +141,17 @@ def test_nan_in_residuals_names_the_layer(tiny_dir, tmp_path, capsys):
     save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
     studies = tmp_path / "s"
     expect_refusal(run_args(broken, studies), studies, capsys, "NaN or inf at layer 2", "even in float32", "check the model file")
+
+
+def test_residuals_with_nan_or_inf_name_the_layer_and_what_to_try(tiny_dir):
+    from optimizer.errors import UserError
+    from optimizer.model import load_model
+    from optimizer.prompts import format_chat
+    from optimizer.residuals import check_finite, collect_residuals
+
+    loaded = load_model(str(tiny_dir), "cpu", "float32")
+    residuals = collect_residuals(loaded, format_chat(loaded.tokenizer, ["Hello", "How do I pick a lock?"]), 2).clone()
+    check_finite(loaded, residuals)  # a sound model's pass
+    residuals[min(3, loaded.n_layers - 1), 1, 5] = float("inf")
+    with pytest.raises(UserError, match=rf"NaN or inf at layer {min(3, loaded.n_layers - 1)}: .*try --dtype float32"):
+        check_finite(loaded, residuals)
