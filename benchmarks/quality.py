@@ -90,7 +90,7 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "bl": ("ours, per-layer directions blended with the best layer's", ["--blended-directions"]),
     "plb": ("ours, per-layer only, blended", ["--direction-scopes", "per_layer", "--blended-directions"]),
     "pj": ("ours, projected directions", ["--projected-directions"]),
-    "rd": ("ours, directions from refused harmful prompts (the default since it was measured)", ["--refused-directions"]),
+    "rd": ("ours, directions from refused harmful prompts (now the default)", ["--refused-directions"]),
     "ad": ("ours, directions from all direction prompts (before --refused-directions)", ["--no-refused-directions"]),
     "heretic": ("heretic 1.4", None),
 }

@@ -50,6 +50,9 @@ def renote(study: optuna.Study, storage: optuna.storages.BaseStorage, trial: Fro
     trial_note(live, samples, str(attrs.get("refusals", "?")), trial.values[1], attrs.get("early_stop"), verified)
 
 
+JOIN_WAKE_S = 0.25  # the main thread wakes this often, so that a signal is acted on within it (see `serve`)
+
+
 class _Server(ThreadingMixIn, WSGIServer):
     """A browser asks for several things at once; a slow one must not hold up the others.
 
@@ -85,7 +88,11 @@ def serve(storage_url: str, host: str = "127.0.0.1", port: int | None = None) ->
     The server runs in a thread and the main thread only waits for it: a signal's exception is
     raised in the main thread, and wsgiref's request handler catches *every* exception of a request
     (KeyboardInterrupt included) to answer it with an error page, so a Ctrl-C or SIGTERM that arrived
-    while a request was being answered used to be swallowed and the dashboard never stopped."""
+    while a request was being answered used to be swallowed and the dashboard never stopped. The main
+    thread waits in short joins, not one: Linux delivers a signal to any thread of the process, and
+    Python runs its handler only when the main thread next runs Python code. A join without a timeout
+    never returns while the server runs, so a SIGTERM that landed on a request thread (likelier the
+    busier the machine) was never acted on, and the process had to be killed."""
     from optuna_dashboard import wsgi
 
     from optimizer.storage import connect, redacted
@@ -97,7 +104,8 @@ def serve(storage_url: str, host: str = "127.0.0.1", port: int | None = None) ->
     thread = threading.Thread(target=httpd.serve_forever, name="dashboard", daemon=True)
     thread.start()
     try:
-        thread.join()
+        while thread.is_alive():
+            thread.join(timeout=JOIN_WAKE_S)
     finally:
         httpd.shutdown()
         httpd.server_close()
