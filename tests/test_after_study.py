@@ -158,6 +158,7 @@ def test_dashboard_serves_the_study(finished_study):
         [sys.executable, "-m", "optimizer", "dashboard", "--study", "t", "--studies-dir", str(finished_study), "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    stop = threading.Event()  # set on every way out: the askers below must never outlive the test
     try:
         assert f"http://127.0.0.1:{port}/dashboard/" in proc.stdout.readline()
         # the rest of its output is read as it comes: a pipe nobody reads fills and blocks the writer
@@ -183,8 +184,6 @@ def test_dashboard_serves_the_study(finished_study):
         assert "Refusals" in edited["note"]["body"] and "sample_responses" in {a["key"] for a in edited["user_attrs"]}
         # SIGTERM while requests are being answered stops it (wsgiref's handler catches every
         # exception of a request, so a signal raised inside one used to be swallowed: it never stopped)
-        stop = threading.Event()
-
         def ask_again_and_again() -> None:
             while not stop.is_set():
                 try:
@@ -192,7 +191,7 @@ def test_dashboard_serves_the_study(finished_study):
                 except OSError:
                     time.sleep(0.05)
 
-        askers = [threading.Thread(target=ask_again_and_again) for _ in range(3)]
+        askers = [threading.Thread(target=ask_again_and_again, daemon=True) for _ in range(3)]
         for asker in askers:
             asker.start()
         time.sleep(2)
@@ -212,6 +211,7 @@ def test_dashboard_serves_the_study(finished_study):
         # clients that went away (the idle one past its timeout, askers cut off by the stop) are no errors
         assert "Traceback" not in "".join(rest), "".join(rest)[-2000:]
     finally:
+        stop.set()
         proc.kill()
         proc.wait(timeout=10)
 
