@@ -43,16 +43,14 @@ def prefill(
     With `packed`, the suffixes are forwarded end to end without padding instead
     (`optimizer.packing`), which gives the same three results.
     Returns the last position's logits (B, vocab), the cache and the attention mask.
-    `residuals`: a list that gets every block's output at the last position, (layers, B, hidden).
+    `residuals`: a list that gets every block's output at each row's last position, in row order, as
+    (layers, rows, hidden) tensors to concatenate on dim 1 (one per forward: a packed batch makes several).
     """
     model, device = loaded.model, loaded.device
     decoder = model.get_decoder()
     keyword = cache_keyword(decoder)
     if packed:
-        groups: list[torch.Tensor] | None = None if residuals is None else []
-        hidden, cache, mask = packed_forward(loaded, prefix, suffixes, keyword, groups)
-        if residuals is not None and groups is not None:
-            residuals.append(torch.cat(groups, dim=1))
+        hidden, cache, mask = packed_forward(loaded, prefix, suffixes, keyword, residuals)
         return output_logits(model, hidden.contiguous()), cache, mask
     rows, width = len(suffixes), max(len(s) for s in suffixes)
     pad = loaded.tokenizer.pad_token_id

@@ -236,11 +236,11 @@ class _CacheUse:
             return ContrastiveStats.from_tensors(tensors)
         except cache.CacheMiss as miss:
             self._miss(miss)
-        texts_b, texts_g = spec.texts.direction_harmful, spec.texts.direction_harmless
         if spec.settings.refused_directions:
             judge = judge or load_judge(spec.settings, spec.loaded)
             harmful, harmless = refused_direction_residuals(spec, judge, batch_size, packed)
         else:
+            texts_b, texts_g = spec.texts.direction_harmful, spec.texts.direction_harmless
             with progress_bar(console) as progress:
                 task = progress.add_task("Residuals", total=len(texts_b) + len(texts_g))
                 advance = lambda n: progress.advance(task, n)
