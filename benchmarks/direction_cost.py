@@ -2,9 +2,12 @@
 `--refused-directions` were made to prefill as the scoring paths prefill (2026-11-27).
 
     python benchmarks/direction_cost.py [--model DIR] [--direction-prompts 64] [--max-new-tokens 16]
-                                        [--batch-size 32]
+                                        [--batch-size 32] [--device cpu|cuda]
+                                        [--random-weights [--init-range X] [--markers a,b,c]]
 
-On one loaded model (default: the bundled Qwen2.5-Coder-0.5B-Instruct; float32 on the CPU), the
+On one loaded model (default: the bundled Qwen2.5-Coder-0.5B-Instruct; float32 on the CPU, bfloat16
+on CUDA; `--random-weights`: the folder's architecture with random weights, for a GPU machine with no
+checkpoint, where `--init-range 0.3 --markers q,z,x` gives the filter varied verdicts), the
 two ways a study computes the residuals its statistics come from, each the old way and the new:
 
 - every direction prompt (`--no-refused-directions`): before, each batch forwarded whole, left-padded,
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import platform
 import sys
@@ -52,18 +56,40 @@ def main() -> None:
     parser.add_argument("--direction-prompts", type=int, default=64, help="per set")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--random-weights", action="store_true", help="same architecture and tokenizer, random weights")
+    parser.add_argument("--init-range", type=float, help="with --random-weights: the weights' standard deviation")
+    parser.add_argument("--markers", type=lambda text: [m for m in text.split(",") if m], help="refusal markers (default: ours)")
     args = parser.parse_args()
+    dtype = "float32" if args.device == "cpu" else "bfloat16"
+    if args.random_weights:
+        from benchmarks.random_model import save_random_model
+        from optimizer.fetch import ensure_model_folder
+
+        source = args.model or ensure_model_folder()
+        workdir = Path(tempfile.mkdtemp(prefix="direction-cost-model-"))
+        config = source / "config.json"
+        if args.init_range is not None:
+            config = workdir / "random-config.json"
+            config.write_text(
+                json.dumps({**json.loads((source / "config.json").read_text()), "initializer_range": args.init_range})
+            )
+        torch.manual_seed(0)
+        args.model = save_random_model(config, source, workdir / "random-model", getattr(torch, dtype), args.device)
 
     settings = Settings(
         study="direction-cost", studies_dir=str(Path(tempfile.mkdtemp(prefix="direction-cost-"))),
         direction_prompts=args.direction_prompts, scoring_prompts=32, max_new_tokens=args.max_new_tokens,
-        device="cpu", dtype="float32", response_prefix="", **({"model": str(args.model)} if args.model else {}),
+        device=args.device, dtype=dtype, response_prefix="", **({"model": str(args.model)} if args.model else {}),
+        **({"refusal_markers": args.markers} if args.markers else {}),
     )  # fmt: skip
     spec = resolve(settings, Console(file=io.StringIO()))
     loaded, texts, bs = spec.loaded, spec.texts, args.batch_size
     judge = load_judge(settings, loaded)
     harmful, harmless = texts.direction_harmful, texts.direction_harmless
     raw_b, raw_g = texts.direction_prompts
+
+    synchronize = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
 
     @torch.inference_mode()
     def reference(prompts: list[str]) -> torch.Tensor:
@@ -81,8 +107,10 @@ def main() -> None:
         return torch.cat(per_batch, dim=1)
 
     def timed(work):
+        synchronize()
         start = time.perf_counter()
         result = work()
+        synchronize()
         return time.perf_counter() - start, result
 
     def worst(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -113,9 +141,11 @@ def main() -> None:
     same_verdicts = int(keep_b.sum()) == kept_b.shape[1] and int(keep_g.sum()) == kept_g.shape[1]
     filtered_error = max(worst(kept_b, ref_b[:, keep_b]), worst(kept_g, ref_g[:, keep_g])) if same_verdicts else float("nan")
 
+    device_name = torch.cuda.get_device_name() if loaded.device.type == "cuda" else platform.processor() or "cpu"
+    weights = " (random weights)" if args.random_weights else ""
     print(
-        f"# {loaded.source}: {args.direction_prompts} + {args.direction_prompts} direction prompts, batch {bs}, "
-        f"{args.max_new_tokens} new tokens; cpu, float32, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}"
+        f"# {loaded.source}{weights}: {args.direction_prompts} + {args.direction_prompts} direction prompts, batch {bs}, "
+        f"{args.max_new_tokens} new tokens; {device_name}, {dtype}, {torch.get_num_threads()} threads"
     )
     print(f"# fast paths: {paths.packed_linears} packed linear weights, packed prefill {paths.packed_prefill} ({paths_s:.1f} s)")
     print(f"# --refused-directions kept {int(keep_b.sum())} harmful and {int(keep_g.sum())} harmless prompts")
@@ -130,7 +160,7 @@ def main() -> None:
     )
     print(
         f"direction_cost_before_s={filter_before_s:.1f} direction_cost_after_s={filter_after_s:.1f} "
-        f"speedup={filter_before_s / filter_after_s:.2f} device=cpu"
+        f"speedup={filter_before_s / filter_after_s:.2f} device={device_name.replace(' ', '_')}"
     )
 
 

@@ -1,7 +1,7 @@
 #!/bin/bash
 # The GPU rows of benchmarks/RESULTS.md, on a lent GPU machine (no network, 64 MiB of files per call).
 #
-#   bash benchmarks/gpu.sh STEP...      STEP: graph | speed | 32b | moe | pca | early | ttf | ttf-real
+#   bash benchmarks/gpu.sh STEP...      STEP: graph | speed | 32b | moe | pca | early | filter | ttf | ttf-real
 #
 # Expects, beside the repository (git-ignored, carried with the call; made by benchmarks/gpu_assets.sh):
 #   .whl/common, .whl/ours, .whl/heretic  wheels missing on the machine (optuna 5 for us, optuna 4.9 + heretic 1.4 for heretic)
@@ -57,6 +57,9 @@ for step in "$@"; do
             mkdir -p /tmp/optimizer-home/models && cp -r $ASSETS /tmp/optimizer-home/models/
             OPTIMIZER_HOME=/tmp/optimizer-home timeout ${EARLY_S:-150} python3 -m pytest -q -p no:cacheprovider \
                 tests/test_graph_decode.py tests/test_early_stop.py 2>&1 | tee "$OUT/early.log" ;;
+        filter)  # the one-time cost of the direction residuals and --refused-directions on CUDA, old way and new
+            timeout ${FILTER_S:-200} python3 benchmarks/direction_cost.py --device cuda --random-weights --model $ASSETS \
+                --init-range 0.3 --markers q,z,x --direction-prompts 128 --batch-size ${FILTER_BATCH:-64} 2>&1 | tee "$OUT/filter.log" ;;
         ttf)  # time to a good front at the default prompt counts; random weights with the synthetic yardstick
             rm -rf /tmp/ttf
             timeout ${TTF_S:-330} python3 benchmarks/time_to_front.py --device cuda --random-weights --model $ASSETS \
