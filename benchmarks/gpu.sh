@@ -13,6 +13,10 @@
 #                         cp -r .whl /tmp/whl`; call 2, carry .part2: `cp -r .part2 /tmp/parts/`; call 3,
 #                         carry .part3: `cp -r /tmp/whl .whl && bash benchmarks/gpu.sh ttf-real`), all on
 #                         one warm machine (it goes back 30 s after a call)
+#   PARTS=.dpart          (ttf-real) another checkpoint's parts instead (default .part): the default model,
+#                         Qwen2.5-Coder-0.5B-Instruct, is 12 parts by `pack_model.py pack MODEL_DIR .dpart
+#                         --first-mib 30` (.dpart1 with .whl fits one call); calls 2-11 as call 2 above
+#                         (`cp -r .dpartN /tmp/parts-.dpart/`), call 12 runs the step
 # Logs and summaries go to $OUT (the device tool brings that folder back).
 set -u
 OUT=${OUT:-/tmp/gpu-out}
@@ -68,10 +72,11 @@ for step in "$@"; do
                 2>&1 | tee "$OUT/ttf.log"
             cp /tmp/ttf/time_to_front.json "$OUT/ttf.json" 2>/dev/null ;;
         ttf-real)  # time to a good front on a real refusing checkpoint (carried in parts), default prompt counts
-            mkdir -p /tmp/parts && cp -r .part[0-9]* /tmp/parts/ 2>/dev/null  # the part this call carried
-            python3 benchmarks/pack_model.py unpack /tmp/refusing /tmp/parts/.part* || exit 1
+            P=${PARTS:-.part}; DIR=/tmp/parts; [ "$P" = .part ] || DIR=/tmp/parts-$P
+            mkdir -p $DIR && cp -r $P[0-9]* $DIR/ 2>/dev/null  # the part this call carried
+            python3 benchmarks/pack_model.py unpack /tmp/model$P $DIR/$P[0-9]* || exit 1
             rm -rf /tmp/ttf-real
-            timeout ${TTF_S:-330} python3 benchmarks/time_to_front.py --device cuda --model /tmp/refusing \
+            timeout ${TTF_S:-330} python3 benchmarks/time_to_front.py --device cuda --model /tmp/model$P \
                 --trials ${TTF_TRIALS:-100} --seed ${TTF_SEED:-0} --scoring-prompts 64 --direction-prompts 128 \
                 --batch-size 0 --workdir /tmp/ttf-real --plot "$OUT/ttf_real_seed${TTF_SEED:-0}.png" \
                 --heretic-python /tmp/heretic-python 2>&1 | tee "$OUT/ttf_real_seed${TTF_SEED:-0}.log"
