@@ -16,7 +16,8 @@ two ways a study computes the residuals its statistics come from, each the old w
   together, packed linears and the packed prefill where they check out);
 - `--refused-directions` (the default): before, the unedited model answered the direction prompts on
   the plain path and then the kept prompts went through the reference pass; after,
-  `refused_direction_residuals` on the fast paths, the residuals taken in the prefill of the answers.
+  `refused_direction_residuals` on the fast paths, the residuals taken in the prefill of the answers
+  (on CUDA, the answers decoded through a CUDA graph of their own where the study captures one).
 
 Every "before" runs first, then the fast paths are chosen (their own cost is printed apart: a study
 pays it for its trials anyway), then every "after". Residuals are compared with the reference (the
@@ -49,7 +50,7 @@ def main() -> None:
     from optimizer.config import Settings
     from optimizer.residuals import collect_residuals, tokenize
     from optimizer.scoring import generate_and_classify
-    from optimizer.workbench import cpu_fast_paths, load_judge, refused_direction_residuals, resolve
+    from optimizer.workbench import choose_fast_paths, load_judge, refused_direction_residuals, resolve
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="model folder (default: the bundled Qwen2.5-Coder-0.5B-Instruct)")
@@ -131,12 +132,12 @@ def main() -> None:
 
     filter_before_s, (verdicts, _, _) = timed(old_filter)
     # after
-    paths_s, paths = timed(lambda: cpu_fast_paths(spec, bs))
+    paths_s, (paths, _hooks) = timed(lambda: choose_fast_paths(spec, bs))
     all_after_s, (new_b, new_g) = timed(
         lambda: (collect_residuals(loaded, harmful, bs, packed=paths.packed_prefill),
                  collect_residuals(loaded, harmless, bs, packed=paths.packed_prefill))
     )  # fmt: skip
-    filter_after_s, (kept_b, kept_g) = timed(lambda: refused_direction_residuals(spec, judge, bs, paths.packed_prefill))
+    filter_after_s, (kept_b, kept_g) = timed(lambda: refused_direction_residuals(spec, judge, bs, paths))
     keep_b, keep_g = torch.tensor(verdicts[0]), ~torch.tensor(verdicts[1])
     same_verdicts = int(keep_b.sum()) == kept_b.shape[1] and int(keep_g.sum()) == kept_g.shape[1]
     filtered_error = max(worst(kept_b, ref_b[:, keep_b]), worst(kept_g, ref_g[:, keep_g])) if same_verdicts else float("nan")
@@ -147,7 +148,10 @@ def main() -> None:
         f"# {loaded.source}{weights}: {args.direction_prompts} + {args.direction_prompts} direction prompts, batch {bs}, "
         f"{args.max_new_tokens} new tokens; {device_name}, {dtype}, {torch.get_num_threads()} threads"
     )
-    print(f"# fast paths: {paths.packed_linears} packed linear weights, packed prefill {paths.packed_prefill} ({paths_s:.1f} s)")
+    print(
+        f"# fast paths: {paths.packed_linears} packed linear weights, packed prefill {paths.packed_prefill}, "
+        f"decode graph {paths.graph is not None} ({paths_s:.1f} s)"
+    )
     print(f"# --refused-directions kept {int(keep_b.sum())} harmful and {int(keep_g.sum())} harmless prompts")
     print("| residuals for the statistics | before s | after s | speedup | largest relative difference |")
     print("|---|---|---|---|---|")

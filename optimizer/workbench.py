@@ -225,9 +225,9 @@ class _CacheUse:
         self.spec.console.print(f"[yellow]{miss}[/]: computing it now")
         self.computed += 1
 
-    def stats(self, batch_size: int, judge: Judge | None = None, packed: bool = False) -> ContrastiveStats:
+    def stats(self, batch_size: int, judge: Judge | None = None, paths: FastPaths | None = None) -> ContrastiveStats:
         """The direction statistics; `judge` (loaded here when needed and not given) for --refused-directions;
-        `packed`: prefill without padding (a study's fast path, checked before)."""
+        `paths`: a study's fast paths (checked before), which the residual pass and the answers take."""
         spec, console = self.spec, self.spec.console
         key = spec.identity.cache_key("directions")
         try:
@@ -236,9 +236,11 @@ class _CacheUse:
             return ContrastiveStats.from_tensors(tensors)
         except cache.CacheMiss as miss:
             self._miss(miss)
+        paths = paths or FastPaths()
+        packed = paths.packed_prefill
         if spec.settings.refused_directions:
             judge = judge or load_judge(spec.settings, spec.loaded)
-            harmful, harmless = refused_direction_residuals(spec, judge, batch_size, packed)
+            harmful, harmless = refused_direction_residuals(spec, judge, batch_size, paths)
         else:
             texts_b, texts_g = spec.texts.direction_harmful, spec.texts.direction_harmless
             with progress_bar(console) as progress:
@@ -287,7 +289,7 @@ class _CacheUse:
             self._miss(miss)
         with spec.console.status("Baseline: first-token log-probabilities and refusals of the unedited model..."):
             logprobs = first_token_logprobs(spec.loaded, spec.texts.harmless, batch_size, paths.packed_prefill)
-            refusals = refusals_of(spec, judge, batch_size, dataclasses.replace(paths, graph=None))
+            refusals = refusals_of(spec, judge, batch_size, paths)
         values = {"refused": refusals.refused, "responses": refusals.responses, "tokens": refusals.tokens_generated}
         cache.save_entry(self.folder, "baseline", key, {"logprobs": logprobs}, values)
         return logprobs, refusals
@@ -298,7 +300,7 @@ MIN_REFUSED_DIRECTION_PROMPTS = 8
 
 
 def refused_direction_residuals(
-    spec: RunSpec, judge: Judge, batch_size: int, packed: bool = False
+    spec: RunSpec, judge: Judge, batch_size: int, paths: FastPaths | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """--refused-directions: the residuals of the harmful direction prompts the unedited model
     refuses and of the harmless ones it answers, judged as the scoring prompts are (the same judge,
@@ -310,19 +312,27 @@ def refused_direction_residuals(
     "harmful" with "refused". Where a set keeps too few prompts for a mean (a model that barely
     refuses), that set is used whole and the message says so. The residuals are taken in the
     prefill of the answers (`greedy_generate`'s `residuals`): one pass over the prompts, not two.
+    `paths`: the study's fast paths; where its decode step is a CUDA graph, the answers are decoded
+    through one of their own, sized for the direction prompts (the study's is sized for the scoring
+    prompts) and dropped afterwards.
     """
-    s, console = spec.settings, spec.console
+    s, console, paths = spec.settings, spec.console, paths or FastPaths()
     answer_prefix = answer_part(s.response_prefix or "")
+    texts = spec.texts
+    graph = None
+    if paths.graph is not None:
+        captured = _graph_decoder(spec, batch_size, texts.direction_harmful + texts.direction_harmless)
+        graph = None if captured is None else captured[0]
 
     def answered(texts: list[str], prompts: list[str], advance: Callable[[int], None]) -> tuple[torch.Tensor, torch.Tensor]:
         residuals: list[torch.Tensor] = []
         refused = generate_and_classify(
             spec.loaded, texts, s.max_new_tokens, judge, batch_size, prompts,
-            answer_prefix=answer_prefix, packed=packed, residuals=residuals, on_batch=advance,
+            answer_prefix=answer_prefix, graph=graph, packed=paths.packed_prefill, residuals=residuals, on_batch=advance,
         ).refused  # fmt: skip
         return torch.tensor(refused, device=residuals[0].device), residuals[0]
 
-    texts, (raw_b, raw_g) = spec.texts, spec.texts.direction_prompts
+    raw_b, raw_g = texts.direction_prompts
     with progress_bar(console) as progress:
         total = len(texts.direction_harmful) + len(texts.direction_harmless)
         task = progress.add_task("Answering the direction prompts (--refused-directions)", total=total)
@@ -389,8 +399,10 @@ def choose_fast_paths(spec: RunSpec, batch_size: int) -> tuple[FastPaths, Ablati
         console.print(f"[yellow]Decoding eagerly: a CUDA graph is captured on one device, and {spread}[/]")
     elif supports_graph_decoding(loaded):
         hooks = AblationHooks(loaded, spec.settings.norm_preserving, static=True, rank=spec.settings.subspace_max)
-        graph = _graph_decoder(spec, batch_size)
-        if graph is not None:
+        captured = _graph_decoder(spec, batch_size, spec.texts.harmful)
+        if captured is not None:
+            graph, error = captured
+            console.print(f"Decode steps replayed from a CUDA graph (first step vs eager: relative difference {error:.1e})")
             return dataclasses.replace(cpu, graph=graph), hooks
         hooks.remove()
     return cpu, AblationHooks(loaded, spec.settings.norm_preserving)
@@ -420,10 +432,11 @@ def _packed_prefill_agrees(spec: RunSpec, batch_size: int) -> bool:
     return True
 
 
-def _graph_decoder(spec: RunSpec, batch_size: int) -> GraphDecoder | None:
-    """Decode steps captured as a CUDA graph (through the hooks, unedited), if the first step
-    reproduces the eager path's logits."""
-    texts, loaded = spec.texts.harmful, spec.loaded
+def _graph_decoder(spec: RunSpec, batch_size: int, texts: list[str]) -> tuple[GraphDecoder, float] | None:
+    """Decode steps for `texts` and their answers captured as a CUDA graph (through the static hooks,
+    unedited), with the first step's relative difference from the eager path's logits, if within
+    tolerance; None (and the reason printed) otherwise."""
+    loaded = spec.loaded
     graphs = []
 
     def check() -> float:
@@ -432,10 +445,7 @@ def _graph_decoder(spec: RunSpec, batch_size: int) -> GraphDecoder | None:
         return graph_error(loaded, graphs[0], texts)
 
     error = _checked_fast_path(spec, check, "Decoding eagerly", "capturing the decode step")
-    if error is None:
-        return None
-    spec.console.print(f"Decode steps replayed from a CUDA graph (first step vs eager: relative difference {error:.1e})")
-    return graphs[0]
+    return None if error is None else (graphs[0], error)
 
 
 def _checked_fast_path(spec: RunSpec, check: Callable[[], float], fallback: str, what: str) -> float | None:
@@ -577,6 +587,6 @@ def prepare_scoring(spec: RunSpec, cache_dir: Path) -> Scorer:
     with _locked(spec, cache_dir):
         batch_size = use.batch_size()
         paths, hooks = choose_fast_paths(spec, batch_size)
-        stats = use.stats(batch_size, judge, paths.packed_prefill)
+        stats = use.stats(batch_size, judge, paths)
         logprobs, refusals = use.baseline(batch_size, paths, judge)
     return Scorer(Prepared(spec, stats, batch_size, hooks, use.computed), paths, judge, logprobs, refusals)

@@ -147,6 +147,51 @@ def test_trials_score_the_same_through_fixed_buffers(tiny_varied_dir, tmp_path, 
         assert abs(fixed.kl - eager.kl) < 1e-6
 
 
+def test_the_baseline_and_the_direction_answers_are_the_same_through_fixed_buffers(tiny_varied_dir, tmp_path, monkeypatch):
+    """A study with a decode graph answers the baseline through it, and --refused-directions' direction
+    prompts through one of their own (sized for them): the same answers, verdicts and statistics as
+    eager decoding. The markers split both sets, so that the filter keeps part of each (a verdict
+    changed by the decoder would change the statistics)."""
+    found, built = {}, []
+
+    def decoder(loaded, batch, length, capture=True):
+        built.append(length)
+        return GraphDecoder(loaded, batch, length, capture)
+
+    monkeypatch.setattr(workbench_module, "GraphDecoder", decoder)
+    for graph in (False, True):
+        monkeypatch.setattr(workbench_module, "supports_graph_decoding", lambda loaded, graph=graph: graph)
+        console = Console(file=io.StringIO(), width=200)
+        settings = build_settings(
+            {
+                "model": str(tiny_varied_dir),
+                "direction_prompts": 24,
+                "scoring_prompts": 6,
+                "max_new_tokens": 5,
+                "response_prefix": "",
+                "batch_size": 4,
+                "refusal_markers": ["b", "c", "d", "f", "g", "h"],
+                "studies_dir": str(tmp_path / str(graph)),
+            }
+        )
+        spec = resolve(settings, console)
+        scorer = prepare_scoring(spec, tmp_path / str(graph))
+        assert (scorer.paths.graph is not None) == graph
+        if graph:  # the study's decoder, then the direction prompts' own
+            texts, cap = spec.texts, settings.max_new_tokens
+            direction_texts = texts.direction_harmful + texts.direction_harmless
+            assert built == [graph_length(spec.loaded, texts.harmful, cap), graph_length(spec.loaded, direction_texts, cap)]
+        kept = [line for line in console.file.getvalue().splitlines() if line.startswith("Directions from the")]
+        found[graph] = (scorer.baseline_refusals, scorer.prepared.stats, kept)
+    (eager_base, eager_stats, eager_kept), (fixed_base, fixed_stats, fixed_kept) = found[False], found[True]
+    assert (fixed_base.refused, fixed_base.responses) == (eager_base.refused, eager_base.responses)
+    assert 0 < sum(eager_base.refused) < len(eager_base.refused)
+    assert fixed_kept == eager_kept and len(eager_kept) == 1
+    assert "of 24 harmful" in eager_kept[0] and "the 24 of 24" not in eager_kept[0]  # both sets filtered, neither whole
+    for name, tensor in eager_stats.tensors().items():
+        torch.testing.assert_close(fixed_stats.tensors()[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_a_graph_that_cannot_be_built_leaves_eager_decoding_and_per_trial_hooks(tiny_dir, tmp_path, monkeypatch):
     def broken(*args):
         raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
