@@ -318,10 +318,10 @@ def refused_direction_residuals(
     """
     s, console, paths = spec.settings, spec.console, paths or FastPaths()
     answer_prefix = answer_part(s.response_prefix or "")
-    texts = spec.texts
+    sets = spec.texts
     graph = None
     if paths.graph is not None:
-        captured = _graph_decoder(spec, batch_size, texts.direction_harmful + texts.direction_harmless)
+        captured = _graph_decoder(spec, batch_size, sets.direction_harmful + sets.direction_harmless)
         graph = None if captured is None else captured[0]
 
     def answered(texts: list[str], prompts: list[str], advance: Callable[[int], None]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,13 +332,13 @@ def refused_direction_residuals(
         ).refused  # fmt: skip
         return torch.tensor(refused, device=residuals[0].device), residuals[0]
 
-    raw_b, raw_g = texts.direction_prompts
+    raw_b, raw_g = sets.direction_prompts
     with progress_bar(console) as progress:
-        total = len(texts.direction_harmful) + len(texts.direction_harmless)
+        total = len(sets.direction_harmful) + len(sets.direction_harmless)
         task = progress.add_task("Answering the direction prompts (--refused-directions)", total=total)
         advance = lambda n: progress.advance(task, n)
-        refused_b, harmful = answered(texts.direction_harmful, raw_b, advance)
-        refused_g, harmless = answered(texts.direction_harmless, raw_g, advance)
+        refused_b, harmful = answered(sets.direction_harmful, raw_b, advance)
+        refused_g, harmless = answered(sets.direction_harmless, raw_g, advance)
     console.print(
         f"Directions from the {int(refused_b.sum())} of {len(refused_b)} harmful direction prompts the unedited model "
         f"refuses and the {int((~refused_g).sum())} of {len(refused_g)} harmless ones it answers (--refused-directions)"
