@@ -121,26 +121,35 @@ def test_graph_decoding_is_only_offered_where_it_fits(tiny_dir, tiny_gemma2_dir)
     assert not supports_graph_decoding(gemma2)
 
 
-def test_trials_score_the_same_through_fixed_buffers(tiny_varied_dir, tmp_path, monkeypatch):
-    scores = {}
+def scorers_eager_and_fixed(model_dir, tmp_path, monkeypatch, **overrides):
+    """The same study prepared twice, decoding eagerly (False) and through fixed buffers (True, a
+    CUDA graph on GPUs): each way's scorer and console output."""
+    prepared = {}
     for graph in (False, True):
         monkeypatch.setattr(workbench_module, "supports_graph_decoding", lambda loaded, graph=graph: graph)
         console = Console(file=io.StringIO(), width=200)
         settings = build_settings(
             {
-                "model": str(tiny_varied_dir),
+                "model": str(model_dir),
                 "direction_prompts": 8,
                 "scoring_prompts": 6,
                 "max_new_tokens": 5,
                 "response_prefix": "",
                 "batch_size": 4,
                 "studies_dir": str(tmp_path / str(graph)),
+                **overrides,
             }
         )
-        scorer = prepare_scoring(resolve(settings, console), tmp_path / str(graph))
+        prepared[graph] = (prepare_scoring(resolve(settings, console), tmp_path / str(graph)), console.file.getvalue())
+    return prepared
+
+
+def test_trials_score_the_same_through_fixed_buffers(tiny_varied_dir, tmp_path, monkeypatch):
+    scores = {}
+    for graph, (scorer, log) in scorers_eager_and_fixed(tiny_varied_dir, tmp_path, monkeypatch).items():
         plan = random_plan(scorer.spec.loaded, seed=3)
         first, second = scorer.score(plan), scorer.score(random_plan(scorer.spec.loaded, seed=4))
-        scores[graph] = (first, second, console.file.getvalue())
+        scores[graph] = (first, second, log)
     (eager_1, eager_2, _), (fixed_1, fixed_2, log) = scores[False], scores[True]
     assert "Decode steps replayed from a CUDA graph" in log
     for eager, fixed in ((eager_1, fixed_1), (eager_2, fixed_2)):
@@ -153,37 +162,25 @@ def test_the_baseline_and_the_direction_answers_are_the_same_through_fixed_buffe
     prompts through one of their own (sized for them): the same answers, verdicts and statistics as
     eager decoding. The markers split both sets, so that the filter keeps part of each (a verdict
     changed by the decoder would change the statistics)."""
-    found, built = {}, []
+    built = []
 
     def decoder(loaded, batch, length, capture=True):
         built.append(length)
         return GraphDecoder(loaded, batch, length, capture)
 
     monkeypatch.setattr(workbench_module, "GraphDecoder", decoder)
-    for graph in (False, True):
-        monkeypatch.setattr(workbench_module, "supports_graph_decoding", lambda loaded, graph=graph: graph)
-        console = Console(file=io.StringIO(), width=200)
-        settings = build_settings(
-            {
-                "model": str(tiny_varied_dir),
-                "direction_prompts": 24,
-                "scoring_prompts": 6,
-                "max_new_tokens": 5,
-                "response_prefix": "",
-                "batch_size": 4,
-                "refusal_markers": ["b", "c", "d", "f", "g", "h"],
-                "studies_dir": str(tmp_path / str(graph)),
-            }
-        )
-        spec = resolve(settings, console)
-        scorer = prepare_scoring(spec, tmp_path / str(graph))
+    prepared = scorers_eager_and_fixed(
+        tiny_varied_dir, tmp_path, monkeypatch, direction_prompts=24, refusal_markers=["b", "c", "d", "f", "g", "h"]
+    )
+    found = {}
+    for graph, (scorer, log) in prepared.items():
         assert (scorer.paths.graph is not None) == graph
-        if graph:  # the study's decoder, then the direction prompts' own
-            texts, cap = spec.texts, settings.max_new_tokens
-            direction_texts = texts.direction_harmful + texts.direction_harmless
-            assert built == [graph_length(spec.loaded, texts.harmful, cap), graph_length(spec.loaded, direction_texts, cap)]
-        kept = [line for line in console.file.getvalue().splitlines() if line.startswith("Directions from the")]
+        kept = [line for line in log.splitlines() if line.startswith("Directions from the")]
         found[graph] = (scorer.baseline_refusals, scorer.prepared.stats, kept)
+    # only the fixed-buffer study builds decoders: its own, then the direction prompts'
+    spec, cap = prepared[True][0].spec, prepared[True][0].spec.settings.max_new_tokens
+    direction_texts = spec.texts.direction_harmful + spec.texts.direction_harmless
+    assert built == [graph_length(spec.loaded, spec.texts.harmful, cap), graph_length(spec.loaded, direction_texts, cap)]
     (eager_base, eager_stats, eager_kept), (fixed_base, fixed_stats, fixed_kept) = found[False], found[True]
     assert (fixed_base.refused, fixed_base.responses) == (eager_base.refused, eager_base.responses)
     assert 0 < sum(eager_base.refused) < len(eager_base.refused)
