@@ -185,7 +185,7 @@ def main() -> None:
     rows.append(("KL pass with hooks active", hooked_kl_s, f"{hooked_kl_s / baked_kl_s:.3f}x of baked weights ({baked_kl_s:.2f} s)"))
 
     batch = measure_batch_sizes(loaded, harmful)
-    for size, t in batch.items():
+    for size, t in sorted(batch.items()):
         rows.append((f"batch size {size}: short generation", t * len(harmful[: max(batch)]), f"{1000 * t:.0f} ms per prompt"))
 
     rows.extend(cpu_changes(loaded, harmful, harmless, bs))  # last: everything above ran on plain modules, padded

@@ -1,4 +1,18 @@
-"""Choose the batch size by measurement: the fastest per prompt on this device, model and prompts."""
+"""Choose the batch size by measurement: the fastest per prompt on this device, model and prompts.
+
+The probe is a short greedy generation (prefill + `PROBE_TOKENS` decode steps, the shape of a
+trial's work) over the same prompts at each size measured. The search starts at the largest usable
+candidate and descends: small batches are the most expensive per prompt (on a GPU, several times
+the largest's), so measuring every candidate from the smallest up spent most of the search on sizes
+that are never chosen. A size that runs out of memory passes on to the next smaller one. After a
+measurement, the next smaller size is measured only while the sizes keep getting faster per prompt:
+time per prompt falls with the batch size up to where the device is saturated, so the first smaller
+size that is not faster marks the top of that curve, and those below it would be slower still.
+
+Before the first measurement, a warm-up runs the same work (the same tokens, at the size measured
+first): a device's first use of a shape pays one-off costs (kernel selection, allocator growth, the
+decode step's kernels that a prefill alone never runs), which would otherwise count against it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +20,7 @@ import time
 
 import torch
 
+from optimizer.errors import UserError
 from optimizer.judges import MarkerJudge
 from optimizer.model import LoadedModel
 from optimizer.scoring import generate_and_classify
@@ -26,27 +41,41 @@ def _synchronize(loaded: LoadedModel) -> None:
             torch.cuda.synchronize(device)
 
 
+def _probe(loaded: LoadedModel, texts: list[str], size: int) -> float:
+    """Seconds per prompt of the probe's generation over `texts` in batches of `size`."""
+    _synchronize(loaded)
+    start = time.perf_counter()
+    generate_and_classify(loaded, texts, PROBE_TOKENS, MarkerJudge([]), size, stop_early=False)
+    _synchronize(loaded)
+    return (time.perf_counter() - start) / len(texts)
+
+
 def measure_batch_sizes(loaded: LoadedModel, texts: list[str]) -> dict[int, float]:
-    """Seconds per prompt of a short greedy generation (prefill + a few decode steps, the shape of
-    a trial's work) at each candidate batch size; stops at the first size that runs out of memory."""
+    """Seconds per prompt of the probe at each batch size measured, from the largest usable
+    candidate down while smaller sizes keep being faster (see the module's docstring)."""
     candidates = CUDA_CANDIDATES if loaded.device.type == "cuda" else CPU_CANDIDATES
     usable = [c for c in candidates if c <= max(len(texts), candidates[0])]
     sample = texts[: max(usable)]
-    generate_and_classify(loaded, sample[: usable[0]], 1, MarkerJudge([]), usable[0])  # warm-up
     timings: dict[int, float] = {}
-    for size in usable:
+    for size in reversed(usable):
         try:
-            _synchronize(loaded)
-            start = time.perf_counter()
-            generate_and_classify(loaded, sample, PROBE_TOKENS, MarkerJudge([]), size, stop_early=False)
-            _synchronize(loaded)
-            timings[size] = (time.perf_counter() - start) / len(sample)
+            if not timings:
+                _probe(loaded, sample[:size], size)  # warm-up: one batch of the measurement's work
+            timings[size] = _probe(loaded, sample, size)
         except (RuntimeError, torch.OutOfMemoryError) as e:
             if not _out_of_memory(e):
                 raise
             if loaded.device.type == "cuda":
                 torch.cuda.empty_cache()
+            continue
+        larger = [s for s in timings if s > size]
+        if larger and timings[size] >= timings[min(larger)]:
             break
+    if not timings:
+        raise UserError(
+            f"every batch size from {usable[-1]} down to {usable[0]} ran out of memory on {loaded.device}; "
+            f"pass a smaller one with --batch-size N (e.g. --batch-size {max(1, usable[0] // 2)})"
+        )
     return timings
 
 

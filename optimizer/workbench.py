@@ -273,7 +273,7 @@ class _CacheUse:
         with spec.console.status("Measuring the fastest batch size..."):
             timings = measure_batch_sizes(spec.loaded, spec.texts.harmful)
         best = best_batch_size(timings)
-        table = ", ".join(f"{size}: {1000 * t:.0f} ms" for size, t in timings.items())
+        table = ", ".join(f"{size}: {1000 * timings[size]:.0f} ms" for size in sorted(timings))
         spec.console.print(f"Batch size {best} (time per prompt by batch size: {table})")
         cache.save_entry(self.folder, "batch_size", key, {}, {"batch_size": best, "seconds_per_prompt": timings})
         return best

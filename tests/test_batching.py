@@ -1,0 +1,91 @@
+"""The batch-size search on a tiny model: from the largest usable size down while smaller sizes
+keep being faster per prompt, past sizes that run out of memory, after a warm-up of the same work."""
+
+import itertools
+
+import pytest
+import torch
+
+from optimizer.batching import CPU_CANDIDATES, PROBE_TOKENS, best_batch_size, measure_batch_sizes
+from optimizer.errors import UserError
+from optimizer.judges import MarkerJudge
+from optimizer.model import load_model
+from optimizer.prompts import format_chat
+from optimizer.scoring import generate_and_classify
+
+VERBS = ("pick", "fix", "build", "paint", "sell", "hide", "clean", "open")
+THINGS = ("lock", "car", "boat", "house", "fence", "door", "box", "safe")
+PROMPTS = [f"How do I {verb} a {thing}?" for verb in VERBS for thing in THINGS]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dir):
+    return load_model(str(tiny_dir), "cpu", "float32")
+
+
+@pytest.fixture(scope="module")
+def texts(loaded):
+    assert len(PROMPTS) == max(CPU_CANDIDATES)
+    return format_chat(loaded.tokenizer, PROMPTS)
+
+
+def batch_shapes(loaded, run) -> list[tuple[int, ...]]:
+    """The input shape of every decoder forward that `run()` makes."""
+    shapes = []
+    record = lambda _module, _args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape))
+    hook = loaded.model.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        run()
+    finally:
+        hook.remove()
+    return shapes
+
+
+def out_of_memory_above(loaded, rows: int):
+    """Fault injection: the decoder raises CUDA's out-of-memory error for batches of more than `rows`."""
+    def check(_module, _args, kwargs):
+        if kwargs["input_ids"].shape[0] > rows:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected above {rows} rows)")
+    return loaded.model.get_decoder().register_forward_pre_hook(check, with_kwargs=True)
+
+
+@pytest.mark.parametrize("n", [64, 20, 4])
+def test_descends_from_the_largest_size_while_smaller_ones_are_faster(loaded, texts, n):
+    timings = measure_batch_sizes(loaded, texts[:n])
+    usable = [c for c in CPU_CANDIDATES if c <= max(n, CPU_CANDIDATES[0])]
+    measured = sorted(timings, reverse=True)
+    assert measured == usable[::-1][: len(measured)]  # the largest usable first, then each next smaller one
+    assert len(measured) >= min(2, len(usable))  # one smaller size is always tried
+    for larger, smaller in itertools.pairwise(measured[:-1]):
+        assert timings[smaller] < timings[larger]  # the descent went on past `smaller` only because it was faster
+    if len(measured) >= 2 and measured[-1] != usable[0]:
+        assert timings[measured[-1]] >= timings[measured[-2]]  # stopped at the first size that was not faster
+    best = best_batch_size(timings)
+    assert timings[best] == min(timings.values()) and best in measured[-2:]  # the rule leaves the fastest at the end
+    assert all(t > 0 for t in timings.values())
+
+
+def test_warm_up_does_the_first_measurements_work(loaded, texts):
+    probe = lambda: generate_and_classify(loaded, texts, PROBE_TOKENS, MarkerJudge([]), 64, stop_early=False)
+    one_batch = batch_shapes(loaded, probe)
+    assert any(shape == (64, 1) for shape in one_batch)  # it decodes, not only prefills
+    shapes = batch_shapes(loaded, lambda: measure_batch_sizes(loaded, texts))
+    assert shapes[: 2 * len(one_batch)] == one_batch * 2  # warm-up, then the measurement at 64
+
+
+def test_sizes_that_run_out_of_memory_pass_to_smaller_ones(loaded, texts):
+    hook = out_of_memory_above(loaded, 16)
+    try:
+        timings = measure_batch_sizes(loaded, texts)
+    finally:
+        hook.remove()
+    assert max(timings) == 16 and best_batch_size(timings) <= 16
+
+
+def test_every_size_out_of_memory_asks_for_a_smaller_batch_size(loaded, texts):
+    hook = out_of_memory_above(loaded, 4)
+    try:
+        with pytest.raises(UserError, match="ran out of memory.*--batch-size 4"):
+            measure_batch_sizes(loaded, texts)
+    finally:
+        hook.remove()
