@@ -12,6 +12,8 @@ size that is not faster marks the top of that curve, and those below it would be
 Before the first measurement, a warm-up runs the same work (the same tokens, at the size measured
 first): a device's first use of a shape pays one-off costs (kernel selection, allocator growth, the
 decode step's kernels that a prefill alone never runs), which would otherwise count against it.
+Where the prompts allow only one size there is nothing to compare, and no warm-up: that size is
+measured once (its time is reported, and running out of memory there is still caught).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def measure_batch_sizes(loaded: LoadedModel, texts: list[str]) -> dict[int, floa
     timings: dict[int, float] = {}
     for size in reversed(usable):
         try:
-            if not timings:
+            if not timings and len(usable) > 1:  # one size has nothing to be compared with
                 _probe(loaded, sample[:size], size)  # warm-up: one batch of the measurement's work
             timings[size] = _probe(loaded, sample, size)
         except (RuntimeError, torch.OutOfMemoryError) as e:

@@ -73,6 +73,16 @@ def test_warm_up_does_the_first_measurements_work(loaded, texts):
     assert shapes[: 2 * len(one_batch)] == one_batch * 2  # warm-up, then the measurement at 64
 
 
+def test_a_single_usable_size_is_measured_once_without_warm_up(loaded, texts):
+    few = texts[:4]  # fewer prompts than the smallest candidate: only that size is usable
+    probe = lambda: generate_and_classify(loaded, few, PROBE_TOKENS, MarkerJudge([]), CPU_CANDIDATES[0], stop_early=False)
+    one_pass = batch_shapes(loaded, probe)
+    timings = {}
+    shapes = batch_shapes(loaded, lambda: timings.update(measure_batch_sizes(loaded, few)))
+    assert list(timings) == [CPU_CANDIDATES[0]]
+    assert shapes == one_pass  # the measurement alone: nothing to compare, so nothing to warm up for
+
+
 def test_sizes_that_run_out_of_memory_pass_to_smaller_ones(loaded, texts):
     hook = out_of_memory_above(loaded, 16)
     try:
