@@ -19,8 +19,9 @@ kls = [float(x) for x in re.findall(r"KL divergence: ([\d.]+)", log)]
 refs = [int(x) for x in re.findall(r"Refusals: (\d+)/64", log)]
 print(len(ends), len(kls), len(refs))
 n = min(len(ends), len(kls), len(refs))
-# heretic's first "Refusals" may be its baseline count: check lengths
-her = [{"finish_s": ends[i], "point": [refs[-len(kls):][i] / 64, kls[i]]} for i in range(n)]
+# trial i's KL and count are the i-th of each ("Initial refusals", heretic's baseline, does not match);
+# the cut-off trial 85 printed its KL but no count, so n stops at 84
+her = [{"finish_s": ends[i], "point": [refs[i] / 64, kls[i]]} for i in range(n)]
 ref = (44 / 64, 1.0)
 co, ch = hv_curve(ours, ref), hv_curve(her, ref)
 print("ours final", co[-1], "n", len(ours)); print("heretic partial", ch[-1], "n", len(her))
