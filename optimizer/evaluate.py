@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -18,6 +19,9 @@ from optimizer.scoring import first_token_logprobs, generate_and_classify, kl_di
 from optimizer.trials import EditedModel, StoredStudy, finished_trial
 from optimizer.verify import heldout_prompts
 from optimizer.workbench import FastPaths, load_judge
+
+if TYPE_CHECKING:
+    from lm_eval.tasks import TaskManager
 
 LOCAL_TASK = "optimizer_everyday_mc"
 LOCAL_TASK_YAML = """task: {name}
@@ -55,20 +59,30 @@ def apply_trial(edited: EditedModel, trial: FrozenTrial | None) -> None:
     edited.prepared.hooks.apply(edited.plan_of(trial))
 
 
-def run_lm_eval(edited: EditedModel, tasks: list[str], limit: int | None, batch_size: int) -> dict[str, float]:
-    """Scores (first numeric metric of each task) of the model in its current hooked state."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
+def task_manager(tasks: list[str]) -> TaskManager:
+    """lm-eval's task index with the bundled offline task added; refuses task names it lacks.
+    Building it reads every task YAML lm-eval ships (seconds), so one serves all of a run's evaluations."""
     from lm_eval.tasks import TaskManager
 
-    loaded = edited.prepared.loaded
-    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, device=str(loaded.device))
     manager = TaskManager(include_path=str(local_task_dir()))
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise UserError(
             f"unknown lm-eval task(s) {', '.join(unknown)}; try {LOCAL_TASK} (offline) or names from `lm-eval ls tasks`"
         )
+    return manager
+
+
+def run_lm_eval(
+    edited: EditedModel, tasks: list[str], limit: int | None, batch_size: int, manager: TaskManager
+) -> dict[str, float]:
+    """Scores (first numeric metric of each task) of the model in its current hooked state; `manager`
+    from `task_manager(tasks)`."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    loaded = edited.prepared.loaded
+    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size, device=str(loaded.device))
     results = lm_eval.simple_evaluate(
         model=lm, tasks=tasks, limit=limit, task_manager=manager, log_samples=False, verbosity="ERROR"
     )
@@ -91,9 +105,10 @@ def evaluate_tasks(
 ) -> Table:
     """lm-eval scores of the original model and each trial, stored as user attributes."""
     study, batch_size = stored.study, edited.prepared.batch_size
+    manager = task_manager(tasks)
     apply_trial(edited, None)
     with console.status("lm-eval: original model..."):
-        original = run_lm_eval(edited, tasks, limit, batch_size)
+        original = run_lm_eval(edited, tasks, limit, batch_size, manager)
     for key, value in original.items():
         study.set_user_attr(f"eval_original/{key}", value)
     table = Table(title="lm-eval scores" + (f" (limit {limit})" if limit else ""))
@@ -103,7 +118,7 @@ def evaluate_tasks(
     for trial in trials:
         apply_trial(edited, trial)
         with console.status(f"lm-eval: trial {trial.number}..."):
-            scores = run_lm_eval(edited, tasks, limit, batch_size)
+            scores = run_lm_eval(edited, tasks, limit, batch_size, manager)
         for key, value in scores.items():
             stored.annotate(trial, f"eval/{key}", value)
         table.add_column(f"trial {trial.number}")
