@@ -24,7 +24,7 @@ i/(E+1) of N trials, at least `--gap` seconds apart, and none once the study cou
 remaining worker is never signalled; a worker that dies by itself is not replaced. While the workers
 run, the study is read every `--poll` seconds (read errors while the server is down are counted, not
 fatal) and every trial seen finished is recorded with its state and values. When the last worker has
-exited, the benchmark waits the heartbeat grace + 2 s, fails the trials left RUNNING with
+exited, the benchmark waits the heartbeat grace + 2 s (only when a trial is still RUNNING), fails the trials left RUNNING with
 `optuna.storages.fail_stale_trials` on the product's own storage (`optimizer.storage.connect`:
 heartbeats and the retry callback), and checks:
 
@@ -551,9 +551,15 @@ def run_chaos(
             w.proc.wait()
         if next_event < len(events):
             say(f"the study finished before {', '.join(events[next_event:])}: not applied")
-        say(f"all workers exited; waiting {cfg.heartbeat_grace + 2} s (heartbeat grace + 2) before the check")
-        time.sleep(cfg.heartbeat_grace + 2)
-        watch.poll()  # the last trials finished since the previous read
+        # the last trials finished since the previous read; with every worker gone the study can no longer
+        # change, so when the read shows no trial RUNNING there is nothing for the stale check to fail
+        # and waiting for heartbeats to go stale would change nothing
+        if not watch.poll() or watch.running:
+            say(f"all workers exited; waiting {cfg.heartbeat_grace + 2} s (heartbeat grace + 2) before the check")
+            time.sleep(cfg.heartbeat_grace + 2)
+            watch.poll()
+        else:
+            say("all workers exited, no trial left RUNNING: checking now")
         final_check(url, cfg, watch, result)
     finally:
         stop_all(workers)
