@@ -184,17 +184,23 @@ def test_dashboard_serves_the_study(finished_study):
         assert "Refusals" in edited["note"]["body"] and "sample_responses" in {a["key"] for a in edited["user_attrs"]}
         # SIGTERM while requests are being answered stops it (wsgiref's handler catches every
         # exception of a request, so a signal raised inside one used to be swallowed: it never stopped)
-        def ask_again_and_again() -> None:
+        answered = [threading.Event() for _ in range(3)]
+
+        def ask_again_and_again(first_answer: threading.Event) -> None:
             while not stop.is_set():
                 try:
                     urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}", timeout=2).read()
+                    first_answer.set()
                 except OSError:
                     time.sleep(0.05)
 
-        askers = [threading.Thread(target=ask_again_and_again, daemon=True) for _ in range(3)]
+        askers = [threading.Thread(target=ask_again_and_again, args=(event,), daemon=True) for event in answered]
         for asker in askers:
             asker.start()
-        time.sleep(2)
+        # every asker answered once, so all three are in their loop of requests when the SIGTERM comes
+        # (a fixed 2 s sleep used to stand for this)
+        for event in answered:
+            assert event.wait(timeout=60), "an asker got no answer"
         # and a client that connected and never asked (a browser's preconnect) holds up the exit
         # only for the handler's socket timeout: request threads are joined before the process ends
         idle = socket.create_connection(("127.0.0.1", port))
