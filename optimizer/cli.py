@@ -102,7 +102,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> None:
         values = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
         run_study(build_settings(values, args.config), console)
         return
-    from optimizer.trials import open_study
+    from optimizer.stored import open_study  # without torch: the dashboard starts sooner
 
     stored = open_study(args.study, args.storage, args.studies_dir)
     if args.command == "dashboard":
