@@ -27,7 +27,8 @@ def main() -> None:
     from optimizer.cpu_linear import unpack_linear_layers
     from optimizer.evaluate import evaluate_refusals
     from optimizer.report import front_trials
-    from optimizer.trials import load_edited_model, open_study
+    from optimizer.stored import open_study
+    from optimizer.trials import load_edited_model
     from optimizer.workbench import FastPaths, cpu_fast_paths
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -28,7 +28,8 @@ from rich.console import Console
 
 from optimizer.prompts import format_chat, load_prompts, split_prompts
 from optimizer.scoring import greedy_generate
-from optimizer.trials import load_edited_model, open_study
+from optimizer.stored import open_study
+from optimizer.trials import load_edited_model
 
 OUT = ROOT / "benchmarks" / "data" / "judged_responses.jsonl"
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from optimizer.params import build_plan, replay_params
 from optimizer.report import front_trials
-from optimizer.trials import open_study
+from optimizer.stored import open_study
 from optimizer.workbench import prepare_scoring, resolve
 
 

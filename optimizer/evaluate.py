@@ -16,7 +16,8 @@ from optimizer.errors import UserError
 from optimizer.report import front_trials
 from optimizer.response_prefix import answer_part
 from optimizer.scoring import first_token_logprobs, generate_and_classify, kl_divergence
-from optimizer.trials import EditedModel, StoredStudy, finished_trial
+from optimizer.stored import StoredStudy, finished_trial
+from optimizer.trials import EditedModel
 from optimizer.verify import heldout_prompts
 from optimizer.workbench import FastPaths, load_judge
 

@@ -16,7 +16,8 @@ from optimizer.components import COMPONENTS
 from optimizer.config import Settings
 from optimizer.errors import UserError
 from optimizer.model import available_memory_bytes
-from optimizer.trials import EditedModel, StoredStudy, finished_trial, load_edited_model
+from optimizer.stored import StoredStudy, finished_trial
+from optimizer.trials import EditedModel, load_edited_model
 
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -13,7 +13,7 @@ from optimizer.ablation import AblationPlan
 from optimizer.components import COMPONENTS
 from optimizer.config import replace_checked
 from optimizer.params import PlanInfo, TrialParams, plan_for, replay_params
-from optimizer.stored import StoredStudy, finished_trial, open_study  # noqa: F401 - open_study: also imported from here
+from optimizer.stored import StoredStudy, finished_trial
 from optimizer.workbench import Prepared, prepare, resolve
 
 

@@ -40,7 +40,8 @@ from optimizer.prompts import format_chat, load_prompts, split_prompts
 from optimizer.report import refusals_text
 from optimizer.response_prefix import answer_part
 from optimizer.scoring import first_token_logprobs, greedy_generate, kl_divergence
-from optimizer.trials import StoredStudy, plan_of
+from optimizer.stored import StoredStudy
+from optimizer.trials import plan_of
 from optimizer.workbench import Prepared
 
 LABELS = (REFUSED, HEDGED, COMPLIED, BROKEN)

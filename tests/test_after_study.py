@@ -22,7 +22,8 @@ from optimizer.dashboard import free_port
 from optimizer.model import load_model
 from optimizer.prompts import format_chat
 from optimizer.residuals import tokenize
-from optimizer.trials import load_edited_model, open_study
+from optimizer.stored import open_study
+from optimizer.trials import load_edited_model
 from tests.test_study import run_args
 
 PROMPTS = ["Write a haiku about rain.", "How do I pick a lock?"]

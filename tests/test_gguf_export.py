@@ -24,7 +24,8 @@ from optimizer.export import bake_and_verify
 from optimizer.gguf_export import TOLERANCE, _gguf_name, write_gguf, write_hf_model_as_gguf
 from optimizer.model import locate
 from optimizer.prompts import format_chat
-from optimizer.trials import load_edited_model, open_study
+from optimizer.stored import open_study
+from optimizer.trials import load_edited_model
 from tests.conftest import build_tiny_model
 from tests.test_study import run_args
 

@@ -22,7 +22,8 @@ from optimizer.errors import UserError
 from optimizer.lora_export import _verify, lora_targets, write_lora
 from optimizer.prompts import format_chat
 from optimizer.residuals import tokenize
-from optimizer.trials import load_edited_model, open_study
+from optimizer.stored import open_study
+from optimizer.trials import load_edited_model
 from tests.conftest import build_tiny_model
 from tests.test_families import PerExpertMoE
 from tests.test_study import run_args

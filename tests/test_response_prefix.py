@@ -24,7 +24,8 @@ from optimizer.response_prefix import (
 )
 from optimizer.judges import MarkerJudge
 from optimizer.scoring import greedy_generate
-from optimizer.trials import load_edited_model, open_study
+from optimizer.stored import open_study
+from optimizer.trials import load_edited_model
 from optimizer.workbench import FastPaths, RunSpec, refusals_of, resolve
 from tests.conftest import build_tiny_model
 from tests.test_study import load, run_args
