@@ -33,6 +33,8 @@ markers:
 - `rd`: the defaults with `--refused-directions` (directions from the harmful prompts the unedited
   model refuses and the harmless ones it answers; the same as `ours` since it became the default);
 - `ad`: the defaults with `--no-refused-directions` (every direction prompt, as before that);
+- `nl`: the defaults with `--normed-last-direction` (the last layer's direction from its output after the
+  model's final norm, as transformers' last hidden state and heretic's; not run unless named);
 - `heretic`: heretic 1.4 in its own venv (benchmarks/heretic_runner.py), seeded starts off by
   construction (it has none).
 
@@ -92,6 +94,7 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "pj": ("ours, projected directions", ["--projected-directions"]),
     "rd": ("ours, directions from refused harmful prompts (now the default)", ["--refused-directions"]),
     "ad": ("ours, directions from all direction prompts (before --refused-directions)", ["--no-refused-directions"]),
+    "nl": ("ours, the last layer's direction after the final norm", ["--normed-last-direction"]),
     "heretic": ("heretic 1.4", None),
 }
 

@@ -30,7 +30,7 @@ from optimizer.directions import compute_stats
 from optimizer.model import load_model
 from optimizer.params import Kernel, TrialParams, build_plan
 from optimizer.prompts import format_chat, load_prompts, split_prompts
-from optimizer.residuals import collect_residuals, tokenize
+from optimizer.residuals import collect_residuals, layer_residuals, tokenize
 from optimizer.scoring import eager_step, first_token_logprobs, generate_and_classify, prefill, split_shared_prefix
 from optimizer.judges import MarkerJudge, normalise
 
@@ -142,7 +142,7 @@ def main() -> None:
     # a mid-strength edit, so that some answers refuse and some do not
     direction_dirs = format_chat(loaded.tokenizer, split_prompts(load_prompts(None, "harmful")).direction[:32])
     direction_good = format_chat(loaded.tokenizer, split_prompts(load_prompts(None, "harmless")).direction[:32])
-    stats = compute_stats(collect_residuals(loaded, direction_dirs, bs), collect_residuals(loaded, direction_good, bs))
+    stats = compute_stats(*(layer_residuals(collect_residuals(loaded, texts, bs), False) for texts in (direction_dirs, direction_good)))
     n = loaded.n_layers
     kernel = Kernel(peak_weight=1.0, peak_layer=0.6 * n, min_ratio=0.5, falloff=0.4 * n)
     params = TrialParams("mean_diff", None, None, {c: kernel for c in COMPONENTS})

@@ -230,6 +230,13 @@ class Settings:
             "harmless ones it answers (Arditi et al.'s filter), judged as the scoring prompts are"
         },
     )
+    normed_last_direction: bool = field(
+        default=False,
+        metadata={
+            "help": "take the last layer's direction from its output after the model's final norm (what the LM head "
+            "reads; transformers' last hidden state, heretic's last direction), not from the block's own output"
+        },
+    )
     winsorize: float = field(
         default=0.0,
         metadata={
@@ -425,6 +432,7 @@ def settings_from_record(stored: dict[str, Any], **overrides: Any) -> Settings:
     values.setdefault("blended_directions", False)  # and those from before a layer's direction could be blended
     values.setdefault("direction_scopes", ["global", "per_layer"])  # and those from before the scopes could be chosen
     values.setdefault("refused_directions", False)  # and those from before directions could come from refused prompts
+    values.setdefault("normed_last_direction", False)  # and those from before the last layer's could come after the norm
     values.update({k: v for k, v in overrides.items() if v is not None})
     return _make(values)
 

@@ -1,5 +1,6 @@
 """What the scoring paths (padded, packed, graph) share about a decoder's forward pass: the LM head
-on the last states, the cache's keyword, and each block's output at chosen positions (the residuals).
+on the last states, the cache's keyword, and each block's output at chosen positions (the residuals),
+followed by the decoder's own output there (after its final norm: what the LM head reads).
 
 They live apart from `scoring` so that the fast paths (`graph_decode`, `packing`) and the plain
 path import them from below instead of from each other.
@@ -53,3 +54,12 @@ def block_outputs(
         for handle in handles:
             handle.remove()
     into.append(torch.stack(outputs))
+
+
+def add_readout(into: list[torch.Tensor] | None, rows: torch.Tensor, device: torch.device) -> None:
+    """Append the decoder's output at the rows `block_outputs` selected, (rows, hidden), to the
+    (layers, rows, hidden) tensor it last put in `into`, as one more layer: the last block's output
+    after the decoder's final norm, what the LM head reads (transformers' last hidden state; the
+    statistics may take the last layer's direction from it, `residuals.layer_residuals`)."""
+    if into is not None:
+        into[-1] = torch.cat([into[-1], rows.float().to(device).unsqueeze(0)])

@@ -85,6 +85,7 @@ def comparable_settings(settings: Settings) -> dict[str, Any]:
         "response_prefix": s.response_prefix,
         "winsorize": s.winsorize,
         "refused_directions": s.refused_directions,
+        "normed_last_direction": s.normed_last_direction,
         **{k: getattr(s, k) for k in EDIT_VARIANTS + OBJECTIVE_VARIANTS},
     }
 
@@ -125,7 +126,8 @@ class StudyIdentity:
         # each absent when off, so that older studies keep their hash; the refusal filter depends on how answers are judged
         winsorize = [settings.winsorize] if settings.winsorize else []
         refused = ["refused", *judging]
-        directions = _hash(model, direction_texts, *winsorize, *(refused if settings.refused_directions else []))
+        normed_last = ["normed-last"] if settings.normed_last_direction else []
+        directions = _hash(model, direction_texts, *winsorize, *(refused if settings.refused_directions else []), *normed_last)
         numeric = (str(loaded.dtype), loaded.device.type)
         return cls(loaded.source, model, scoring, directions, numeric, comparable_settings(settings))
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from optimizer.forward import block_outputs
+from optimizer.forward import add_readout, block_outputs
 from optimizer.model import LoadedModel
 
 ATTENTION = ("sdpa", "eager")  # the implementations that take a 4-D mask as it is given
@@ -85,8 +85,9 @@ def packed_forward(
 
     Returns each suffix's last hidden state (B, hidden), a DynamicCache of B rows laid out
     [prefix][padding][suffix] and its (B, T) attention mask, as the padded prefill gives them.
-    `residuals`: a list that gets every block's output at each suffix's last position, one
-    (layers, rows, hidden) tensor per group (`forward.block_outputs`).
+    `residuals`: a list that gets every block's output at each suffix's last position, then the
+    decoder's output there, one (layers + 1, rows, hidden) tensor per group (`forward.block_outputs`,
+    `forward.add_readout`).
     """
     decoder, device = loaded.model.get_decoder(), loaded.device
     p, lengths = len(prefix), [len(s) for s in suffixes]
@@ -114,6 +115,7 @@ def packed_forward(
                 **{cache_keyword: cache},
             ).last_hidden_state[0]
         last_hidden.append(hidden[last])
+        add_readout(residuals, hidden[last], device)
         # where each row's slots come from in the packed row: prefix, padding (any position: masked), suffix
         source = torch.zeros(len(group), p + width, dtype=torch.long)
         source[:, :p] = torch.arange(p)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from optimizer.forward import block_outputs, cache_keyword, output_logits
+from optimizer.forward import add_readout, block_outputs, cache_keyword, output_logits
 from optimizer.graph_decode import GraphDecoder
 from optimizer.judges import REFUSED, Judge
 from optimizer.model import LoadedModel
@@ -43,8 +43,9 @@ def prefill(
     With `packed`, the suffixes are forwarded end to end without padding instead
     (`optimizer.packing`), which gives the same three results.
     Returns the last position's logits (B, vocab), the cache and the attention mask.
-    `residuals`: a list that gets every block's output at each row's last position, in row order, as
-    (layers, rows, hidden) tensors to concatenate on dim 1 (one per forward: a packed batch makes several).
+    `residuals`: a list that gets every block's output at each row's last position, then the decoder's
+    output there (`forward.add_readout`), in row order, as (layers + 1, rows, hidden) tensors to
+    concatenate on dim 1 (one per forward: a packed batch makes several).
     """
     model, device = loaded.model, loaded.device
     decoder = model.get_decoder()
@@ -66,6 +67,7 @@ def prefill(
         hidden = decoder(
             input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{keyword: cache}
         ).last_hidden_state
+    add_readout(residuals, hidden[:, -1], device)
     return output_logits(model, hidden[:, -1, :].contiguous()), cache, mask
 
 
@@ -150,7 +152,8 @@ def greedy_generate(
     The texts numbered in `first` are answered in the first batches. `until()` is asked after each
     step: when it is true, decoding ends there, every sequence left as far as it got (those of later
     batches empty). `residuals`: a list that gets every block's output at each text's last prompt
-    position, taken in the prefill, as one (layers, texts, hidden) tensor in the input's order
+    position, then the decoder's output there (`forward.add_readout`), taken in the prefill, as one
+    (layers + 1, texts, hidden) tensor in the input's order
     (what `residuals.collect_residuals` computes, without a second pass over the prompts).
     `on_batch(n)`: after each batch of n texts is answered (a progress bar).
     """

@@ -49,6 +49,7 @@ class EditedModel:
             "chat_template_kwargs": settings.template_kwargs(),
             "projected_directions": settings.projected_directions,
             "refused_directions": settings.refused_directions,
+            "normed_last_direction": settings.normed_last_direction,
             "trust_remote_code": settings.trust_remote_code,
             "sites": [list(row) for row in loaded.discovery.table_rows()],
         }

@@ -44,7 +44,7 @@ from optimizer.locks import file_lock
 from optimizer.model import LoadedModel, load_model
 from optimizer.packing import full_attention_only
 from optimizer.prompts import format_chat, load_prompts, split_prompts, take
-from optimizer.residuals import check_finite, collect_residuals
+from optimizer.residuals import check_finite, collect_residuals, layer_residuals
 from optimizer.response_prefix import DETECTION_PROMPTS, answer_part, detect
 from optimizer.scoring import (
     RefusalResult,
@@ -248,6 +248,8 @@ class _CacheUse:
                 advance = lambda n: progress.advance(task, n)
                 harmful = collect_residuals(spec.loaded, texts_b, batch_size, advance, packed)
                 harmless = collect_residuals(spec.loaded, texts_g, batch_size, advance, packed)
+        normed_last = spec.settings.normed_last_direction
+        harmful, harmless = layer_residuals(harmful, normed_last), layer_residuals(harmless, normed_last)
         check_finite(spec.loaded, harmful)
         check_finite(spec.loaded, harmless)
         start = time.perf_counter()

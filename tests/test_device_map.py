@@ -27,7 +27,7 @@ from optimizer.graph_decode import GraphDecoder
 from optimizer.judges import MarkerJudge
 from optimizer.model import empty_model, gpu_device_map, load_model
 from optimizer.prompts import format_chat
-from optimizer.residuals import collect_residuals
+from optimizer.residuals import collect_residuals, layer_residuals
 from optimizer.scoring import first_token_logprobs, generate_and_classify, kl_divergence
 from optimizer.workbench import prepare, prepare_scoring, resolve
 from tests.test_graph_decode import random_plan
@@ -81,7 +81,7 @@ def test_a_split_model_gives_the_plain_models_statistics_kl_and_answers(tiny_var
     markers = MarkerJudge(["q", "z", "x"], echo_aware=False)  # decides some answers early: rows leave the batch
     results = {}
     for loaded in (plain, split):
-        residuals = [collect_residuals(loaded, part, 2) for part in (harmful, harmless)]
+        residuals = [layer_residuals(collect_residuals(loaded, part, 2), False) for part in (harmful, harmless)]
         assert all(r.device == loaded.device for r in residuals)
         stats = compute_stats(*residuals).tensors()
         baseline = first_token_logprobs(loaded, texts, 2)

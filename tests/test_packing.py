@@ -134,7 +134,8 @@ def test_a_packed_prefill_that_differs_is_not_used(tiny_dir, tmp_path, monkeypat
 
 def own_block_outputs(loaded, texts) -> torch.Tensor:
     """Every block's output at each prompt's last token, each prompt forwarded alone (no prefix
-    split, no padding, no packing): (layers, prompts, hidden)."""
+    split, no padding, no packing), then transformers' last hidden state there (after the final
+    norm): (layers + 1, prompts, hidden)."""
     outputs: list[torch.Tensor] = []
     hook = lambda _m, _i, out: outputs.append((out[0] if isinstance(out, tuple) else out)[0, -1].float())
     handles = [layer.register_forward_hook(hook) for layer in loaded.layers]
@@ -142,8 +143,9 @@ def own_block_outputs(loaded, texts) -> torch.Tensor:
     with torch.inference_mode():
         for text in texts:
             outputs.clear()
-            loaded.model(**loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False), use_cache=False)
-            per_prompt.append(torch.stack(outputs))
+            out = loaded.model(**loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False), use_cache=False,
+                               output_hidden_states=True)
+            per_prompt.append(torch.stack([*outputs, out.hidden_states[-1][0, -1].float()]))
     for handle in handles:
         handle.remove()
     return torch.stack(per_prompt, dim=1)
@@ -156,8 +158,9 @@ def test_residuals_are_each_prompts_own_block_outputs_padded_and_packed(request,
     loaded = load_model(str(request.getfixturevalue(fixture)), "cpu", "float32")
     texts = format_chat(loaded.tokenizer, PROMPTS)
     want = own_block_outputs(loaded, texts)
-    assert want.shape == (loaded.n_layers, len(texts), loaded.hidden_size)
+    assert want.shape == (loaded.n_layers + 1, len(texts), loaded.hidden_size)
     assert (want[:, 0] - want[:, -1]).abs().max() > 1e-2, "the prompts must differ for the order to be checked"
+    assert (want[-1] - want[-2]).abs().max() > 1e-2, "the final norm must change the last block's output"
     monkeypatch.setattr(packing, "TOKENS_PER_FORWARD", 12)  # several packed groups per batch
     for batch_size in (2, len(texts)):  # batches of similar lengths, in another order than the input's
         for packed in (False, True):
