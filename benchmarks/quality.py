@@ -35,6 +35,7 @@ markers:
 - `ad`: the defaults with `--no-refused-directions` (every direction prompt, as before that);
 - `nl`: the defaults with `--normed-last-direction` (the last layer's direction from its output after the
   model's final norm, as transformers' last hidden state and heretic's; not run unless named);
+- `plnl`: `pl` and `nl` together (only per-layer edits use the last layer's own direction; not run unless named);
 - `heretic`: heretic 1.4 in its own venv (benchmarks/heretic_runner.py), seeded starts off by
   construction (it has none).
 
@@ -95,6 +96,7 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "rd": ("ours, directions from refused harmful prompts (now the default)", ["--refused-directions"]),
     "ad": ("ours, directions from all direction prompts (before --refused-directions)", ["--no-refused-directions"]),
     "nl": ("ours, the last layer's direction after the final norm", ["--normed-last-direction"]),
+    "plnl": ("ours, per-layer only, the last layer's after the final norm", ["--direction-scopes", "per_layer", "--normed-last-direction"]),
     "heretic": ("heretic 1.4", None),
 }
 
