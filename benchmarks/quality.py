@@ -96,7 +96,8 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "rd": ("ours, directions from refused harmful prompts (now the default)", ["--refused-directions"]),
     "ad": ("ours, directions from all direction prompts (before --refused-directions)", ["--no-refused-directions"]),
     "nl": ("ours, the last layer's direction after the final norm", ["--normed-last-direction"]),
-    "plnl": ("ours, per-layer only, the last layer's after the final norm", ["--direction-scopes", "per_layer", "--normed-last-direction"]),
+    "plnl": ("ours, per-layer only, the last layer's after the final norm",
+             ["--direction-scopes", "per_layer", "--normed-last-direction"]),
     "heretic": ("heretic 1.4", None),
 }
 
