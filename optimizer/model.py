@@ -263,6 +263,11 @@ def load_model(
         spec = str(ensure_model_folder())
     torch_device = choose_device(device)
     torch_dtype = choose_dtype(dtype, torch_device)
+    if console is not None:  # a line, not only a spinner: logs show where start-up time goes (a large model loads for minutes)
+        console.print(
+            f"Loading model {spec} on {torch_device} {str(torch_dtype).removeprefix('torch.')}",
+            markup=False, highlight=False, soft_wrap=True,
+        )  # fmt: skip
     location, kwargs, model_kwargs = locate(spec, trust_remote_code)
     if quantization == "4bit":
         if device_map is not None:

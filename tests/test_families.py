@@ -300,6 +300,8 @@ def test_study_with_variants_records_them_and_exports_exactly(tiny_llama_bias_di
     assert main(run_args(tiny_llama_bias_dir, studies, "--trials", "3", *variants)) == 0
     out = capsys.readouterr().err
     assert "Ablation sites in LlamaForCausalLM (4 blocks)" in out and "self_attn.o_proj: weight (64, 64), bias (64,)" in out
+    # the load is announced by a line (logs time it), before the sites found in the loaded model
+    assert out.index(f"Loading model {tiny_llama_bias_dir} on cpu float32") < out.index("Ablation sites")
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{studies}/t.db")
     assert {k: study.user_attrs["run_settings"][k] for k in ("projected_directions", "norm_preserving", "winsorize")} == {
         "projected_directions": True, "norm_preserving": True, "winsorize": 0.99,
