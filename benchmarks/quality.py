@@ -98,6 +98,7 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "nl": ("ours, the last layer's direction after the final norm", ["--normed-last-direction"]),
     "plnl": ("ours, per-layer only, the last layer's after the final norm",
              ["--direction-scopes", "per_layer", "--normed-last-direction"]),
+    "sc": ("ours, TPE kernel widths by Optuna 4's rule (heretic's)", ["--tpe-bandwidth", "scott"]),
     "heretic": ("heretic 1.4", None),
 }
 
