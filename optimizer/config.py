@@ -347,6 +347,8 @@ def _check(settings: Settings) -> Settings:
         raise UserError(f"--direction-scopes takes global and/or per_layer, got {settings.direction_scopes}")
     if settings.winsorize and not 0.5 < settings.winsorize < 1:
         raise UserError(f"--winsorize takes a quantile between 0.5 and 1 (e.g. 0.995), or 0 for off; got {settings.winsorize}")
+    if settings.tpe_bandwidth not in ("neighbour", "scott"):
+        raise UserError(f"--tpe-bandwidth takes neighbour or scott, got {settings.tpe_bandwidth!r}")
     if settings.quantization not in (None, "4bit"):
         raise UserError(f"--quantization takes 4bit (or nothing), got {settings.quantization!r}")
     kwargs = _json_object(settings.chat_template_kwargs, "--chat-template-kwargs")
