@@ -99,6 +99,7 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "plnl": ("ours, per-layer only, the last layer's after the final norm",
              ["--direction-scopes", "per_layer", "--normed-last-direction"]),
     "sc": ("ours, TPE kernel widths by Optuna 4's rule (heretic's)", ["--tpe-bandwidth", "scott"]),
+    "o4": ("ours, Optuna 4's TPE rules (heretic's sampler)", ["--tpe-bandwidth", "scott", "--tpe-weights", "hypervolume"]),
     "heretic": ("heretic 1.4", None),
 }
 

@@ -97,6 +97,14 @@ class Settings:
             "choices": ["neighbour", "scott"],
         },
     )
+    tpe_weights: str = field(
+        default="uniform",
+        metadata={
+            "help": "weights of TPE's good trials: uniform (Optuna 5) or hypervolume (Optuna 4 and heretic 1.4: each "
+            "by its share of their front's hypervolume)",
+            "choices": ["uniform", "hypervolume"],
+        },
+    )
     harmful: str | None = field(
         default=None,
         metadata={"help": "harmful prompts: .txt/.jsonl/.csv file or dataset:NAME[:SPLIT[:COLUMN]]", "default_text": "bundled"},
@@ -349,6 +357,8 @@ def _check(settings: Settings) -> Settings:
         raise UserError(f"--winsorize takes a quantile between 0.5 and 1 (e.g. 0.995), or 0 for off; got {settings.winsorize}")
     if settings.tpe_bandwidth not in ("neighbour", "scott"):
         raise UserError(f"--tpe-bandwidth takes neighbour or scott, got {settings.tpe_bandwidth!r}")
+    if settings.tpe_weights not in ("uniform", "hypervolume"):
+        raise UserError(f"--tpe-weights takes uniform or hypervolume, got {settings.tpe_weights!r}")
     if settings.quantization not in (None, "4bit"):
         raise UserError(f"--quantization takes 4bit (or nothing), got {settings.quantization!r}")
     kwargs = _json_object(settings.chat_template_kwargs, "--chat-template-kwargs")

@@ -239,7 +239,7 @@ for _name in RETRIED_METHODS:
 # Optuna exposes no setting for it: the sampler's `_parzen_estimator_cls` (documented in Optuna's
 # source as the way to customise the estimator) takes the subclass below, which keeps everything of
 # Optuna 5's estimator (means, the prior kernel, the magic clip's bounds, categoricals) but the widths.
-# tests/test_tpe_bandwidth.py pins it against the formula and against Optuna's own estimator.
+# tests/test_tpe_rules.py pins it against the formula and against Optuna's own estimator.
 
 
 def scott_sigma(n_observations: int, n_params: int, low: float, high: float) -> float:
@@ -267,3 +267,67 @@ def use_scott_bandwidth(sampler: Any) -> None:
             return batched._replace(sigma=np.append(np.full(len(observations), width), batched.sigma[-1]))
 
     sampler._parzen_estimator_cls = ScottParzenEstimator
+
+
+# -- TPE's good trials weighted by their hypervolume contribution (--tpe-weights hypervolume) ----------
+#
+# Why it is here: Optuna 4's multi-objective TPE weighted the kernels of its "good" density l(x) by
+# each good trial's contribution to the hypervolume of the good trials (the MOTPE paper's rule; a
+# good trial off their front, or infeasible, weighs next to nothing), Optuna 5 weights them all alike.
+# Heretic 1.4 samples with the first rule. Optuna calls `_build_parzen_estimator` for each density;
+# the instance's own method below replaces it for the good one and leaves the other to Optuna.
+
+
+def hypervolume_contributions(points: Any) -> Any:
+    """Each minimised 2-D point's exclusive share of the hypervolume of the set's Pareto front, against
+    Optuna 4's reference point (the worst value of each objective, times 1.1), as Optuna 4 computed it:
+    the front's hypervolume less that of the front without the point; 0 off the front, and for a point
+    the front holds twice."""
+    import numpy as np
+
+    points = np.asarray(points, dtype=float)
+    worst = points.max(axis=0)
+    reference = np.maximum(1.1 * worst, 0.9 * worst)
+    reference[reference == 0] = 1e-12
+
+    def volume(rows: Any) -> float:
+        area, best = 0.0, reference[1]
+        for x, y in sorted(map(tuple, rows)):
+            if y < best:
+                area += (reference[0] - x) * (best - y)
+                best = y
+        return area
+
+    dominated = [bool(((points <= p).all(axis=1) & (points < p).any(axis=1)).any()) for p in points]
+    front = [i for i in range(len(points)) if not dominated[i]]
+    whole, share = volume(points[front]), np.zeros(len(points))
+    for i in front:
+        share[i] = whole - volume(points[[j for j in front if j != i]])
+    return share
+
+
+def use_hypervolume_weights(sampler: Any) -> None:
+    """Make a TPESampler weight its good trials by `hypervolume_contributions` (see above)."""
+    import types
+
+    import numpy as np
+
+    plain = sampler._build_parzen_estimator
+
+    def build(self: Any, study: Any, search_space: Any, trials: Any, handle_below: bool) -> Any:
+        if not handle_below or len(study.directions) < 2:
+            return plain(study, search_space, trials, handle_below)
+        tiny = 1e-12
+        used = [t for t in trials if search_space.keys() <= self._get_params(t, study).keys()]  # as Optuna's observations
+        feasible = [t.values is not None and all(c <= 0 for c in t.constraints.values()) for t in used]
+        weights = np.full(len(used), tiny)
+        if sum(feasible) > 1:
+            rows = [i for i, ok in enumerate(feasible) if ok]
+            share = hypervolume_contributions([used[i].values for i in rows])
+            weights[rows] = np.maximum(share / max(share.max(), tiny), tiny)
+        elif sum(feasible) == 1:
+            weights[feasible.index(True)] = 1.0
+        observations = self._get_internal_repr(used, search_space, study)
+        return self._parzen_estimator_cls(observations, search_space, self._parzen_estimator_parameters, weights)
+
+    sampler._build_parzen_estimator = types.MethodType(build, sampler)

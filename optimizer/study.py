@@ -25,7 +25,7 @@ from optimizer.dashboard import trial_note
 from optimizer.errors import UserError
 from optimizer.front import Front
 from optimizer.locks import file_lock
-from optimizer.optuna_adapter import is_told_elsewhere, use_scott_bandwidth
+from optimizer.optuna_adapter import is_told_elsewhere, use_hypervolume_weights, use_scott_bandwidth
 from optimizer.params import baseline_params, plan_for, seeded_starts, suggest_params
 from optimizer.report import best_tradeoff, bound_warnings, early_stop_line, front_trials, pareto_table, refusals_text, trial_line
 from optimizer.storage import (
@@ -96,6 +96,8 @@ def load_or_create_study(
     )
     if settings.tpe_bandwidth == "scott":
         use_scott_bandwidth(sampler)
+    if settings.tpe_weights == "hypervolume":
+        use_hypervolume_weights(sampler)
     study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     if created:
         study.set_metric_names(list(OBJECTIVES))

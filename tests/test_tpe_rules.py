@@ -1,5 +1,6 @@
-"""--tpe-bandwidth scott: the adapter's Parzen estimator against Optuna 4's formula and Optuna 5's own
-estimator (everything but the numerical kernels' widths the same)."""
+"""Optuna 4's TPE rules in Optuna 5 (the adapter): --tpe-bandwidth scott against Optuna 4's formula and
+Optuna 5's own estimator (everything but the numerical kernels' widths the same); --tpe-weights
+hypervolume against hypervolume contributions worked out by hand."""
 
 import math
 
@@ -7,7 +8,7 @@ import numpy as np
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from optimizer.optuna_adapter import scott_sigma, use_scott_bandwidth
+from optimizer.optuna_adapter import hypervolume_contributions, scott_sigma, use_hypervolume_weights, use_scott_bandwidth
 
 
 def estimators(observations, space):
@@ -62,3 +63,40 @@ def test_a_study_samples_with_scott_widths():
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
     study.optimize(lambda t: (t.suggest_float("x", 0, 1) ** 2, (1 - t.suggest_float("y", 0, 1)) ** 2), n_trials=12)
     assert len(study.trials) == 12 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+
+
+def test_hypervolume_contributions_by_hand():
+    points = [(0.1, 0.9), (0.5, 0.5), (0.9, 0.1), (0.6, 0.6), (0.5, 0.5)]
+    # reference: the worst values times 1.1 = (0.99, 0.99); (0.6, 0.6) is dominated, the two (0.5, 0.5)
+    # share their box, so neither has any of its own
+    np.testing.assert_allclose(hypervolume_contributions(points), [0.4 * 0.09, 0, 0.09 * 0.4, 0, 0], atol=1e-12)
+    np.testing.assert_allclose(hypervolume_contributions(points[:3]), [0.036, 0.16, 0.036], atol=1e-12)
+    # shares among the front alone, as Optuna 4 took them: the dominated (0.6, 0.6) would cover part of
+    # (0.5, 0.5)'s box if it were counted
+    np.testing.assert_allclose(hypervolume_contributions(points[:4]), [0.036, 0.16, 0.036, 0], atol=1e-12)
+
+
+def test_the_good_density_is_weighted_by_contribution_and_infeasible_trials_weigh_nothing():
+    sampler = optuna.samplers.TPESampler(multivariate=True, group=True, seed=0)
+    use_hypervolume_weights(sampler)
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+    space = {"x": FloatDistribution(0, 1)}
+    values = [(0.1, 0.9), (0.5, 0.5), (0.9, 0.1), (0.6, 0.6), (0.2, 0.2)]
+
+    def objective(trial):
+        trial.suggest_float("x", 0, 1)
+        trial.set_constraint("c", 1.0 if trial.number == 4 else 0.0)  # the last one is infeasible: weighs nothing
+        return values[trial.number]
+
+    for i in range(len(values)):
+        study.enqueue_trial({"x": i / 10})
+    study.optimize(objective, n_trials=len(values))
+    trials = study.get_trials(deepcopy=False)
+    assert trials[4].constraints == {"c": 1.0}
+    weights = sampler._build_parzen_estimator(study, space, trials, True)._mixture_distribution.weights
+    share = np.array([0.036, 0.16, 0.036, 0.0, 0.0]) / 0.16
+    expected = np.append(np.maximum(share, 1e-12), 1.0)  # and the prior's weight, 1
+    np.testing.assert_allclose(weights, expected / expected.sum(), atol=1e-9)
+    # the other density is Optuna's own: uniform
+    other = sampler._build_parzen_estimator(study, space, trials, False)._mixture_distribution.weights
+    np.testing.assert_allclose(other, np.full(6, 1 / 6))
