@@ -1,4 +1,6 @@
-"""The one place that touches Optuna's private API.
+"""The one place that touches Optuna's private API: results attached to finished trials (this
+docstring), a storage that waits out a database restart, and Optuna 4's TPE rules in Optuna 5
+(`--tpe-bandwidth scott`, `--tpe-weights hypervolume`; each section below says why and what it relies on).
 
 Why it exists
     After a study, `export` and `eval` attach their results (the exported folder, held-out scores)
@@ -275,7 +277,9 @@ def use_scott_bandwidth(sampler: Any) -> None:
 # each good trial's contribution to the hypervolume of the good trials (the MOTPE paper's rule; a
 # good trial off their front, or infeasible, weighs next to nothing), Optuna 5 weights them all alike.
 # Heretic 1.4 samples with the first rule. Optuna calls `_build_parzen_estimator` for each density;
-# the instance's own method below replaces it for the good one and leaves the other to Optuna.
+# the instance's own method below replaces it for the good one and leaves the other to Optuna. It
+# relies on that method's arguments, on `_get_params` and `_get_internal_repr` (which trials give
+# observations) and on the estimator's `predetermined_weights`; tests/test_tpe_rules.py pins them.
 
 
 def hypervolume_contributions(points: Any) -> Any:
