@@ -100,6 +100,8 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
              ["--direction-scopes", "per_layer", "--normed-last-direction"]),
     "sc": ("ours, TPE kernel widths by Optuna 4's rule (heretic's)", ["--tpe-bandwidth", "scott"]),
     "o4": ("ours, Optuna 4's TPE rules (heretic's sampler)", ["--tpe-bandwidth", "scott", "--tpe-weights", "hypervolume"]),
+    "o5": ("ours, Optuna 5's TPE rules (the defaults before Optuna 4's)",
+           ["--tpe-bandwidth", "neighbour", "--tpe-weights", "uniform"]),
     "heretic": ("heretic 1.4", None),
 }
 

@@ -89,19 +89,19 @@ class Settings:
     trials: int = field(default=200, metadata={"help": "finished trials the study should hold in total"})
     startup_trials: int = field(default=40, metadata={"help": "random trials before TPE takes over"})
     tpe_bandwidth: str = field(
-        default="neighbour",
+        default="scott",
         metadata={
-            "help": "kernel widths of TPE's densities: neighbour (Optuna 5: each kernel as wide as the gap to its "
-            "neighbours) or scott (Optuna 4's multivariate rule, what heretic 1.4 runs: one width, 0.2 n^(-1/(d+4)) "
-            "of the range)",
+            "help": "kernel widths of TPE's densities: scott (Optuna 4's multivariate rule, what heretic 1.4 runs: one "
+            "width, 0.2 n^(-1/(d+4)) of the range) or neighbour (Optuna 5's: each kernel as wide as the gap to its "
+            "neighbours)",
             "choices": ["neighbour", "scott"],
         },
     )
     tpe_weights: str = field(
-        default="uniform",
+        default="hypervolume",
         metadata={
-            "help": "weights of TPE's good trials: uniform (Optuna 5) or hypervolume (Optuna 4 and heretic 1.4: each "
-            "by its share of their front's hypervolume)",
+            "help": "weights of TPE's good trials: hypervolume (Optuna 4 and heretic 1.4: each by its share of their "
+            "front's hypervolume) or uniform (Optuna 5's)",
             "choices": ["uniform", "hypervolume"],
         },
     )

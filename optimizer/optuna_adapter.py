@@ -237,7 +237,8 @@ for _name in RETRIED_METHODS:
 # gap to its sorted neighbours (the univariate TPE's rule), floored at the range over n + 2. So the
 # density of the many "other" trials is made of narrow kernels (about 1/50 of the range at 50 trials)
 # and the density of the few good ones of uneven, often wide ones. Heretic 1.4 runs Optuna 4.9, so
-# its studies sample with the first rule; this option makes ours do the same, for comparison.
+# its studies sample with the first rule; so do ours by default (measured: benchmarks/RESULTS.md, "Optuna
+# 4's TPE rules"), `--tpe-bandwidth neighbour` gives Optuna 5's.
 # Optuna exposes no setting for it: the sampler's `_parzen_estimator_cls` (documented in Optuna's
 # source as the way to customise the estimator) takes the subclass below, which keeps everything of
 # Optuna 5's estimator (means, the prior kernel, the magic clip's bounds, categoricals) but the widths.
@@ -276,7 +277,8 @@ def use_scott_bandwidth(sampler: Any) -> None:
 # Why it is here: Optuna 4's multi-objective TPE weighted the kernels of its "good" density l(x) by
 # each good trial's contribution to the hypervolume of the good trials (the MOTPE paper's rule; a
 # good trial off their front, or infeasible, weighs next to nothing), Optuna 5 weights them all alike.
-# Heretic 1.4 samples with the first rule. Optuna calls `_build_parzen_estimator` for each density;
+# Heretic 1.4 samples with the first rule, and so do ours by default (`--tpe-weights uniform`: Optuna
+# 5's). Optuna calls `_build_parzen_estimator` for each density;
 # the instance's own method below replaces it for the good one and leaves the other to Optuna. It
 # relies on that method's arguments, on `_get_params` and `_get_internal_repr` (which trials give
 # observations) and on the estimator's `predetermined_weights`; tests/test_tpe_rules.py pins them.
