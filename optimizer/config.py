@@ -355,12 +355,11 @@ def _check(settings: Settings) -> Settings:
         raise UserError(f"--direction-scopes takes global and/or per_layer, got {settings.direction_scopes}")
     if settings.winsorize and not 0.5 < settings.winsorize < 1:
         raise UserError(f"--winsorize takes a quantile between 0.5 and 1 (e.g. 0.995), or 0 for off; got {settings.winsorize}")
-    if settings.tpe_bandwidth not in ("neighbour", "scott"):
-        raise UserError(f"--tpe-bandwidth takes neighbour or scott, got {settings.tpe_bandwidth!r}")
-    if settings.tpe_weights not in ("uniform", "hypervolume"):
-        raise UserError(f"--tpe-weights takes uniform or hypervolume, got {settings.tpe_weights!r}")
-    if settings.quantization not in (None, "4bit"):
-        raise UserError(f"--quantization takes 4bit (or nothing), got {settings.quantization!r}")
+    for name, f in FIELDS.items():  # the fixed sets, the same for a TOML file or a stored record as for the flags
+        value, choices = getattr(settings, name), f.metadata.get("choices")
+        if choices and value not in choices and not (value is None and f.default is None):
+            nothing = " (or nothing)" if f.default is None else ""
+            raise UserError(f"{flag_of(name)} takes {' or '.join(choices)}{nothing}, got {value!r}")
     kwargs = _json_object(settings.chat_template_kwargs, "--chat-template-kwargs")
     settings = dataclasses.replace(settings, chat_template_kwargs=kwargs)
     if settings.response_prefix is not None and not isinstance(settings.response_prefix, str):
