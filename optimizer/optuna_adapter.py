@@ -327,12 +327,10 @@ def use_hypervolume_weights(sampler: Any) -> None:
         used = [t for t in trials if search_space.keys() <= self._get_params(t, study).keys()]  # as Optuna's observations
         feasible = [t.values is not None and all(c <= 0 for c in t.constraints.values()) for t in used]
         weights = np.full(len(used), tiny)
-        if sum(feasible) > 1:
+        if any(feasible):  # a lone feasible trial's share is its whole box: weight 1
             rows = [i for i, ok in enumerate(feasible) if ok]
             share = hypervolume_contributions([used[i].values for i in rows])
             weights[rows] = np.maximum(share / max(share.max(), tiny), tiny)
-        elif sum(feasible) == 1:
-            weights[feasible.index(True)] = 1.0
         observations = self._get_internal_repr(used, search_space, study)
         return self._parzen_estimator_cls(observations, search_space, self._parzen_estimator_parameters, weights)
 

@@ -97,6 +97,9 @@ def test_the_good_density_is_weighted_by_contribution_and_infeasible_trials_weig
     share = np.array([0.036, 0.16, 0.036, 0.0, 0.0]) / 0.16
     expected = np.append(np.maximum(share, 1e-12), 1.0)  # and the prior's weight, 1
     np.testing.assert_allclose(weights, expected / expected.sum(), atol=1e-9)
+    # a lone feasible trial weighs 1, as the whole front
+    lone = sampler._build_parzen_estimator(study, space, trials[3:], True)._mixture_distribution.weights
+    np.testing.assert_allclose(lone, np.array([1.0, 1e-12, 1.0]) / (2 + 1e-12), atol=1e-9)
     # the other density is Optuna's own: uniform
     other = sampler._build_parzen_estimator(study, space, trials, False)._mixture_distribution.weights
     np.testing.assert_allclose(other, np.full(6, 1 / 6))
