@@ -14,6 +14,9 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from optimizer.errors import UserError
 from optimizer.judges import check_spec
 
+# how a trial's first direction is found (optimizer/directions.py computes each)
+DIRECTION_METHODS = ("contrastive", "mean_diff", "discriminant")
+
 # Strings whose presence (case-insensitive, apostrophes normalised) marks a response as a refusal.
 DEFAULT_REFUSAL_MARKERS: tuple[str, ...] = (
     "sorry",
@@ -208,7 +211,7 @@ class Settings:
     )
     direction_methods: list[str] = field(
         default_factory=lambda: ["contrastive", "mean_diff"],
-        metadata={"help": "comma-separated: contrastive,mean_diff", "default_text": "both"},
+        metadata={"help": "comma-separated: contrastive,mean_diff,discriminant", "default_text": "contrastive,mean_diff"},
     )
     direction_scopes: list[str] = field(
         default_factory=lambda: ["global", "per_layer"],
@@ -347,9 +350,11 @@ def _check(settings: Settings) -> Settings:
         raise UserError(f"--alpha-max must be >= 0, got {settings.alpha_max}")
     if settings.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {settings.dtype!r}")
-    unknown = set(settings.direction_methods) - {"contrastive", "mean_diff"}
+    unknown = set(settings.direction_methods) - set(DIRECTION_METHODS)
     if unknown or not settings.direction_methods:
-        raise UserError(f"--direction-methods takes contrastive and/or mean_diff, got {settings.direction_methods}")
+        raise UserError(
+            f"--direction-methods takes one or more of {', '.join(DIRECTION_METHODS)}, got {settings.direction_methods}"
+        )
     unknown = set(settings.direction_scopes) - {"global", "per_layer"}
     if unknown or not settings.direction_scopes:
         raise UserError(f"--direction-scopes takes global and/or per_layer, got {settings.direction_scopes}")

@@ -24,6 +24,19 @@ r_1|), and the components are the top eigenvectors of (I - u u^T) diag(M, 0) (I 
 back (one (m+1) x (m+1) eigh per layer, no pass over the model). They are orthonormal and
 orthogonal to r_1 by construction.
 
+The discriminant (Fisher's linear discriminant, shrunk) is a third way to find the first
+direction. Ablating a unit v moves every harmless activation x by w v (v^T x): the KL an edit costs
+grows with how much text varies along v, the refusals it removes with how far the harmful mean
+sits from the harmless one along v. The mean difference r ignores the first; the discriminant
+v ~ Sigma_rho^-1 r, with Sigma_w = Sigma_b + Sigma_g the within-set covariance (each set about its
+own mean) shrunk towards a multiple of the identity, Sigma_rho = (1 - rho) Sigma_w + rho (tr Sigma_w
+/ d) I, is the direction along which the two sets lie furthest apart in units of that variation
+(with 64 prompts a set Sigma_w is singular, hence the shrinkage; rho = 1 is r itself). It too is
+small: r = Q c and Sigma_w = Q (K_b - c c^T + K_g) Q^T (K_b is the harmful second moment about the
+harmless mean), and Sigma_rho^-1 keeps span(Q), so a direction costs one m x m solve. At fixed
+kernels on the second (synthetic refusing) model it removes as many refusals as r for about half
+the KL (benchmarks/lda_sweep.py; benchmarks/RESULTS.md).
+
 Trials need only the top eigenvector, so `directions` gets it by Lanczos iteration on the small
 matrix (started from r's coordinates in Q, which the answer is usually close to), with full
 reorthogonalisation, and checks every layer's result by its residual; a layer that has not
@@ -36,7 +49,9 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("contrastive", "mean_diff")
+from optimizer.config import DIRECTION_METHODS
+
+METHODS = DIRECTION_METHODS
 # an eigenvalue counts as positive above this fraction of the harmful second moment's trace
 RELATIVE_EIGEN_TOLERANCE = 1e-5
 # sin(angle to the true eigenvector) <= residual / gap; 1e-3 keeps |cos| >= 0.999999
@@ -208,13 +223,36 @@ def top_direction(stats: ContrastiveStats, alpha: float, layers: list[int] | Non
     return values, lifted
 
 
+def discriminant_directions(stats: ContrastiveStats, shrinkage: float, layers: list[int] | None = None) -> torch.Tensor:
+    """Unit shrinkage-discriminant directions (L', d), oriented along r (see the module docstring):
+    Q ((1 - rho) K_w + rho tau I)^-1 c, K_w = K_b - c c^T + K_g, tau = tr(K_w) / d, rho = `shrinkage`
+    in (0, 1]. A layer whose sets do not vary (tau = 0) gets r."""
+    index = slice(None) if layers is None else torch.as_tensor(layers, device=stats.device)
+    c = stats.mean_diff_coords[index]
+    within = stats.gram_harmful[index] - c.unsqueeze(-1) * c.unsqueeze(-2) + stats.gram_harmless[index]
+    tau = within.diagonal(dim1=-2, dim2=-1).sum(-1) / stats.mean_diff.shape[1]
+    tau = torch.where(tau > 0, tau, torch.ones_like(tau))  # no variation: the identity, i.e. r
+    eye = torch.eye(within.shape[-1], dtype=within.dtype, device=within.device)
+    shrunk = (1 - shrinkage) * within + shrinkage * tau[:, None, None] * eye  # positive definite for rho > 0
+    threads = torch.get_num_threads()
+    if shrunk.device.type == "cpu":  # as small_eigh: LAPACK's threads cost more than they save here
+        torch.set_num_threads(1)
+    try:
+        small = torch.cholesky_solve(c.unsqueeze(-1), torch.linalg.cholesky(shrunk))
+    finally:
+        torch.set_num_threads(threads)
+    lifted = torch.nn.functional.normalize(stats.lift(index, small).squeeze(-1), dim=-1)
+    sign = torch.sign((lifted * stats.mean_diff[index]).sum(-1, keepdim=True))
+    return lifted * torch.where(sign == 0, torch.ones_like(sign), sign)
+
+
 def directions(
-    stats: ContrastiveStats, method: str, alpha: float, layers: list[int] | None = None
+    stats: ContrastiveStats, method: str, alpha: float, layers: list[int] | None = None, shrinkage: float = 1.0
 ) -> tuple[torch.Tensor, list[int]]:
     """Unit refusal direction per layer (L', d) and the layers that fell back to the mean difference.
 
     With `contrastive`, a layer whose top eigenvalue is not positive (alpha too large for it)
-    falls back to r, as does every layer with `mean_diff`.
+    falls back to r, as does every layer with `mean_diff`; `discriminant` uses `shrinkage`.
     """
     if method not in METHODS:
         raise ValueError(f"unknown direction method {method!r}; use one of {METHODS}")
@@ -222,6 +260,8 @@ def directions(
     mean_diff = torch.nn.functional.normalize(stats.mean_diff[index], dim=-1)
     if method == "mean_diff":
         return mean_diff, []
+    if method == "discriminant":
+        return discriminant_directions(stats, shrinkage, layers), []
     values, vectors = top_direction(stats, alpha, layers)
     scale = stats.gram_harmful[index].diagonal(dim1=-2, dim2=-1).sum(-1)  # trace >= top eigenvalue
     fallback = values <= RELATIVE_EIGEN_TOLERANCE * scale

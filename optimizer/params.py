@@ -44,16 +44,21 @@ class Kernel:
 
 @dataclass(frozen=True)
 class TrialParams:
-    method: str  # "contrastive" or "mean_diff": how the first direction is found
+    method: str  # "contrastive", "mean_diff" or "discriminant": how the first direction is found
     alpha: float | None  # contrastive strength (of the first direction, and of the subspace's other ones); None if unused
     direction_index: float | None  # fractional layer of one global direction; None = per-layer directions
     kernels: dict[str, Kernel]
     k: int = 1  # directions per layer: the first, and k - 1 contrastive components orthogonal to it
     gamma: float | None = None  # weight decay of the extra directions (w * gamma^(i-1)); None when k = 1
+    shrinkage: float | None = None  # the discriminant's rho (directions.discriminant_directions); None if unused
 
     def describe_direction(self) -> str:
         where = "per-layer" if self.direction_index is None else f"layer {self.direction_index:.2f}"
-        how = "mean-diff" if self.method == "mean_diff" else f"cPCA a={self.alpha:.2f}"
+        how = {
+            "mean_diff": "mean-diff",
+            "contrastive": f"cPCA a={self.alpha or 0:.2f}",
+            "discriminant": f"LDA s={self.shrinkage or 1:.2f}",
+        }[self.method]
         if self.k > 1:
             how += f" + {self.k - 1} (a={self.alpha:.2f}, g={self.gamma:.2f})"
         return f"{how}, {where}"
@@ -108,14 +113,14 @@ def build_plan(
         per_layer = torch.zeros(n_layers, d, device=stats.device)
         fallback: list[int] = []
         if needed:
-            chosen, fallback = directions(stats, params.method, params.alpha or 0.0, needed)
+            chosen, fallback = directions(stats, params.method, params.alpha or 0.0, needed, params.shrinkage or 1.0)
             if blended:
-                chosen = blend_with_best(stats, chosen, needed, params.method, params.alpha or 0.0)
+                chosen = blend_with_best(stats, chosen, needed, params)
             per_layer[needed] = chosen
     else:
         low = min(math.floor(params.direction_index), n_layers - 1)
         high = min(low + 1, n_layers - 1)
-        pair, fallback = directions(stats, params.method, params.alpha or 0.0, sorted({low, high}))
+        pair, fallback = directions(stats, params.method, params.alpha or 0.0, sorted({low, high}), params.shrinkage or 1.0)
         frac = params.direction_index - low
         mixed = torch.lerp(pair[0], pair[-1], frac)
         per_layer = torch.nn.functional.normalize(mixed, dim=0).expand(n_layers, d).clone()
@@ -137,6 +142,12 @@ def plan_for(params: TrialParams, stats: ContrastiveStats, settings: Settings) -
     return build_plan(params, stats, settings.projected_directions, settings.separation_weighted, settings.blended_directions)
 
 
+# The discriminant's shrinkage rho is searched in [SHRINKAGE_LOW, 1] (1: the mean difference). On the
+# second model at fixed kernels rho 0.9-0.97 traded best, 0.8 was weaker, and at 0.5 or below the
+# directions removed few refusals at any weight up to 2 (benchmarks/lda_sweep.py).
+SHRINKAGE_LOW = 0.5
+
+
 def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Settings) -> TrialParams:
     """A trial's parameters, sampled (or replayed, with a FixedTrial) from the search space."""
     last = n_layers - 1
@@ -146,6 +157,7 @@ def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Setti
     gamma = trial.suggest_float("subspace_gamma", 0.0, 1.0) if k > 1 else None
     uses_alpha = method == "contrastive" or k > 1
     alpha = trial.suggest_float("alpha", 0.0, settings.alpha_max) if uses_alpha else None
+    shrinkage = trial.suggest_float("shrinkage", SHRINKAGE_LOW, 1.0) if method == "discriminant" else None
     scopes = settings.direction_scopes
     scope = scopes[0] if len(scopes) == 1 else trial.suggest_categorical("direction_scope", scopes)
     index = trial.suggest_float("direction_index", 0.2 * last, 0.9 * last) if scope == "global" else None
@@ -158,7 +170,7 @@ def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Setti
         )
         for c in COMPONENTS
     }
-    return TrialParams(method, alpha, index, kernels, k, gamma)
+    return TrialParams(method, alpha, index, kernels, k, gamma, shrinkage)
 
 
 # Bounds of the space that a setting moves, by parameter name (suffix) and end: where front trials
@@ -193,12 +205,12 @@ def best_separated_layer(scores: torch.Tensor) -> int:
     return max(inside, key=lambda layer: float(scores[layer]))
 
 
-def blend_with_best(stats: ContrastiveStats, chosen: torch.Tensor, layers: list[int], method: str, alpha: float) -> torch.Tensor:
+def blend_with_best(stats: ContrastiveStats, chosen: torch.Tensor, layers: list[int], params: TrialParams) -> torch.Tensor:
     """`build_plan`'s `blended` rule: each layer's unit direction moved towards the best-separated
     layer's by how much less its own mean difference separates the sets."""
     scores = separation(stats)
     best = best_separated_layer(scores)
-    (best_direction,), _ = directions(stats, method, alpha, [best])
+    (best_direction,), _ = directions(stats, params.method, params.alpha or 0.0, [best], params.shrinkage or 1.0)
     trust = (scores[layers] / scores[best].clamp_min(1e-12)).clamp(max=1.0).unsqueeze(-1)
     signs = torch.where(chosen @ best_direction < 0, -1.0, 1.0).unsqueeze(-1)
     return torch.nn.functional.normalize(trust * signs * chosen + (1 - trust) * best_direction, dim=-1)
