@@ -237,3 +237,35 @@ def test_export_keeps_the_checkpoint_dtype(tiny_dir, tmp_path):
     assert main(["export", "--study", "t", "--studies-dir", str(studies), "--trial", str(number), "--out", str(out)]) == 0
     exported = Auto.from_pretrained(out)
     assert exported.dtype == torch.bfloat16 and json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_a_discriminant_trial_exports_and_replays_its_directions(tiny_dir, tmp_path):
+    """A study of discriminant directions only: the trial's shrinkage is recorded, replayed into the same
+    directions (against `directions` on the study's cached statistics), and the export equals the hooks."""
+    from optimizer.directions import directions
+
+    studies = tmp_path / "studies"
+    args = run_args(tiny_dir, studies, "--trials", "3", "--startup-trials", "3", "--direction-methods", "discriminant",
+                    "--subspace-max", "1", "--direction-scopes", "per_layer")
+    assert main(args) == 0
+    number = edited_trial(studies)
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{studies}/t.db")
+    rho = study.trials[number].params["shrinkage"]
+    assert 0.5 <= rho <= 1.0 and "direction_method" not in study.trials[number].params
+    assert "LDA s=" in study.trials[number].user_attrs["direction"]
+    edited = load_edited_model(open_study("t", None, str(studies)), number, Console(file=io.StringIO()))
+    stats = edited.prepared.stats
+    for c in ("attn", "mlp"):
+        used = [layer for layer, w in enumerate(edited.plan.weights[c]) if w != 0]
+        expected, _ = directions(stats, "discriminant", 0.0, used, shrinkage=rho)
+        torch.testing.assert_close(edited.plan.directions[c][used].float(), expected.float(), rtol=1e-5, atol=1e-6)
+    out = tmp_path / "exported"
+    assert main(["export", "--study", "t", "--studies-dir", str(studies), "--trial", str(number), "--out", str(out)]) == 0
+    assert json.loads((out / "optimizer.json").read_text())["params"]["shrinkage"] == rho
+    loaded = edited.prepared.loaded
+    texts = format_chat(loaded.tokenizer, PROMPTS)
+    with torch.inference_mode():
+        edited.prepared.hooks.apply(edited.plan)
+        hooked = loaded.model(**tokenize(loaded, texts)).logits
+        baked = load_model(str(out), "cpu", "float32").model(**tokenize(loaded, texts)).logits
+    torch.testing.assert_close(baked, hooked, rtol=1e-4, atol=1e-4)

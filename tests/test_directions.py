@@ -167,3 +167,54 @@ def test_subspace_components_past_the_positive_spectrum_are_zero():
     norms = components[0].norm(dim=-1)
     assert ((norms - 1).abs() < 1e-4).sum() + (norms < 1e-6).sum() == 8, "each component is a unit vector or zero"
     assert (norms < 1e-6).any(), "with this alpha some components hold nothing and must edit nothing"
+
+
+def full_discriminant(harmful: torch.Tensor, harmless: torch.Tensor, rho: float) -> torch.Tensor:
+    """Shrinkage LDA the textbook way, in full d x d: ((1 - rho) S_w + rho tr(S_w)/d I)^-1 r, unit."""
+    b, g = harmful.double(), harmless.double()
+    within = torch.cov(b.T, correction=0) + torch.cov(g.T, correction=0)
+    d = within.shape[0]
+    shrunk = (1 - rho) * within + rho * within.trace() / d * torch.eye(d, dtype=torch.float64)
+    v = torch.linalg.solve(shrunk, b.mean(0) - g.mean(0))
+    return v / v.norm()
+
+
+@pytest.mark.parametrize("shape", [(20, 30, 64), (50, 40, 48)])  # m < d and m > d
+@pytest.mark.parametrize("rho", [0.05, 0.5, 0.9])
+def test_discriminant_matches_full_shrinkage_lda(shape, rho):
+    n_b, n_g, d = shape
+    harmful, harmless = synthetic(3, n_b, n_g, d, seed=2)
+    harmless = harmless * torch.linspace(0.1, 3.0, d)  # harmless spread varies by dimension: LDA != r
+    stats = compute_stats(harmful, harmless)
+    chosen, fallback = directions(stats, "discriminant", 0.0, [0, 2], shrinkage=rho)
+    assert fallback == []
+    r = harmful.mean(1) - harmless.mean(1)
+    for row, layer in enumerate([0, 2]):
+        ref = full_discriminant(harmful[layer], harmless[layer], rho)
+        assert float(chosen[row].double() @ ref) >= 0.9999  # same direction, same orientation
+        assert float(chosen[row] @ r[layer]) > 0
+        mean_diff = torch.nn.functional.normalize(r[layer], dim=0)
+        assert float(chosen[row] @ mean_diff) < 0.999, "the test data should tell LDA from the mean difference"
+    # shrinkage 1 is the mean difference itself
+    one, _ = directions(stats, "discriminant", 0.0, shrinkage=1.0)
+    torch.testing.assert_close(one, torch.nn.functional.normalize(r, dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def test_discriminant_lowers_harmless_variance_along_the_direction():
+    """What it is for: along the discriminant, harmless activations vary less than along r for the
+    same separation of the means (the KL an ablation costs against the refusals it removes)."""
+    harmful, harmless = synthetic(1, 60, 60, 32, seed=3)
+    harmless = harmless * torch.linspace(0.1, 3.0, 32)
+    harmful = harmful * torch.linspace(0.1, 3.0, 32)
+    stats = compute_stats(harmful, harmless)
+    r = (harmful.mean(1) - harmless.mean(1))[0]
+
+    def fisher(v: torch.Tensor) -> float:
+        spread = (harmful[0] @ v).var(correction=0) + (harmless[0] @ v).var(correction=0)
+        return float((r @ v) ** 2 / spread)
+
+    mean_diff, _ = directions(stats, "mean_diff", 0.0)
+    ratios = [fisher(directions(stats, "discriminant", 0.0, shrinkage=rho)[0][0]) for rho in (0.9, 0.5, 0.1)]
+    # less shrinkage, closer to the in-sample discriminant: each step separates the sets better
+    assert fisher(mean_diff[0]) < ratios[0] < ratios[1] < ratios[2]
+    assert ratios[2] > 1.3 * fisher(mean_diff[0])

@@ -141,3 +141,27 @@ def test_separation_weighting_scales_per_layer_edits_by_each_layers_fisher_ratio
         torch.testing.assert_close(weighted.directions[c], plain.directions[c])
     global_params = replay_params({"direction_scope": "global", "direction_index": 2.0, **kernel}, stats.n_layers, settings)
     assert build_plan(global_params, stats, separation_weighted=True)[0].weights == build_plan(global_params, stats)[0].weights
+
+
+def test_the_discriminant_samples_its_shrinkage_and_no_other_method_does():
+    harmful, harmless = synthetic(6, 20, 20, 16, seed=4)
+    stats = compute_stats(harmful, harmless)
+    settings = Settings(direction_methods=["contrastive", "mean_diff", "discriminant"], subspace_max=1)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        params = suggest_params(trial, stats.n_layers, settings)
+        seen.add(params.method)
+        assert ("shrinkage" in trial.params) == (params.method == "discriminant")
+        if params.method == "discriminant":
+            assert 0.5 <= params.shrinkage <= 1.0 and params.alpha is None
+            replayed = replay_params(trial.params, stats.n_layers, settings)
+            assert replayed == params
+            plan, _ = build_plan(replayed, stats)
+            mean_diff_plan, _ = build_plan(dataclasses.replace(replayed, method="mean_diff", shrinkage=None), stats)
+            used = [layer for layer, w in enumerate(plan.weights["attn"]) if w != 0]
+            if used and params.shrinkage < 0.99:  # the shrinkage changes the directions
+                assert not torch.allclose(plan.directions["attn"][used], mean_diff_plan.directions["attn"][used], atol=1e-3)
+        study.tell(trial, 0.0)
+    assert seen == {"contrastive", "mean_diff", "discriminant"}
