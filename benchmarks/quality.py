@@ -104,6 +104,8 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
            ["--tpe-bandwidth", "neighbour", "--tpe-weights", "uniform"]),
     "da": ("ours, with the shrinkage discriminant among the direction methods",
            ["--direction-methods", "contrastive,mean_diff,discriminant"]),
+    "dr": ("ours, the shrinkage discriminant in place of the mean difference",
+           ["--direction-methods", "contrastive,discriminant"]),
     "heretic": ("heretic 1.4", None),
 }
 

@@ -143,9 +143,10 @@ def plan_for(params: TrialParams, stats: ContrastiveStats, settings: Settings) -
 
 
 # The discriminant's shrinkage rho is searched in [SHRINKAGE_LOW, 1] (1: the mean difference). On the
-# second model at fixed kernels rho 0.9-0.97 traded best, 0.8 was weaker, and at 0.5 or below the
-# directions removed few refusals at any weight up to 2 (benchmarks/lda_sweep.py).
-SHRINKAGE_LOW = 0.5
+# second model at fixed kernels rho 0.9-0.97 traded best, 0.7-0.8 reached the low-KL end, and at 0.5
+# or below the directions removed few refusals at any weight up to 2 (benchmarks/lda_sweep.py); a
+# first search with [0.5, 1] spent many trials below 0.7.
+SHRINKAGE_LOW = 0.7
 
 
 def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Settings) -> TrialParams:
@@ -224,13 +225,19 @@ def seeded_starts(stats: ContrastiveStats, settings: Settings) -> dict[str, dict
     the global direction's range). `tapered` and `tapered-per-layer`: a kernel like the middle of
     heretic's ranges (weight 1 at 3/4 depth, half of it at the edge, 0.4 of the layers wide) with
     that global direction, and with per-layer directions. All are mean-difference edits of one
-    direction; none is offered without `mean_diff` among --direction-methods, and only those of the
+    direction (with only the discriminant to find it, the discriminant at shrinkage 1, which is the
+    mean difference); none is offered with neither among --direction-methods, and only those of the
     scopes among --direction-scopes."""
-    if "mean_diff" not in settings.direction_methods:
+    methods = settings.direction_methods
+    if "mean_diff" in methods:
+        common: dict = {"direction_method": "mean_diff"} if len(methods) > 1 else {}
+    elif "discriminant" in methods:
+        common = {"direction_method": "discriminant"} if len(methods) > 1 else {}
+        common["shrinkage"] = 1.0
+    else:
         return {}
     last = stats.n_layers - 1
     best = float(best_separated_layer(separation(stats)))
-    common: dict = {"direction_method": "mean_diff"} if len(settings.direction_methods) > 1 else {}
     if settings.subspace_max > 1:
         common["subspace_k"] = 1
 
@@ -268,8 +275,11 @@ def baseline_params(n_layers: int, settings: Settings) -> dict:
         params["direction_method"] = "mean_diff" if "mean_diff" in settings.direction_methods else settings.direction_methods[0]
     if settings.subspace_max > 1:
         params["subspace_k"] = 1
-    if params.get("direction_method", settings.direction_methods[0]) == "contrastive":
+    method = params.get("direction_method", settings.direction_methods[0])
+    if method == "contrastive":
         params["alpha"] = 0.0
+    if method == "discriminant":
+        params["shrinkage"] = 1.0
     for c in COMPONENTS:
         params.update({f"{c}_peak_weight": 0.0, f"{c}_peak_layer": last, f"{c}_min_ratio": 0.0, f"{c}_falloff": 1.0})
     return params

@@ -243,6 +243,7 @@ def test_a_discriminant_trial_exports_and_replays_its_directions(tiny_dir, tmp_p
     """A study of discriminant directions only: the trial's shrinkage is recorded, replayed into the same
     directions (against `directions` on the study's cached statistics), and the export equals the hooks."""
     from optimizer.directions import directions
+    from optimizer.params import SHRINKAGE_LOW
 
     studies = tmp_path / "studies"
     args = run_args(tiny_dir, studies, "--trials", "3", "--startup-trials", "3", "--direction-methods", "discriminant",
@@ -251,7 +252,7 @@ def test_a_discriminant_trial_exports_and_replays_its_directions(tiny_dir, tmp_p
     number = edited_trial(studies)
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{studies}/t.db")
     rho = study.trials[number].params["shrinkage"]
-    assert 0.5 <= rho <= 1.0 and "direction_method" not in study.trials[number].params
+    assert SHRINKAGE_LOW <= rho <= 1.0 and "direction_method" not in study.trials[number].params
     assert "LDA s=" in study.trials[number].user_attrs["direction"]
     edited = load_edited_model(open_study("t", None, str(studies)), number, Console(file=io.StringIO()))
     stats = edited.prepared.stats

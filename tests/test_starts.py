@@ -10,7 +10,7 @@ from optimizer.cli import main
 from optimizer.components import COMPONENTS
 from optimizer.config import Settings
 from optimizer.directions import compute_stats
-from optimizer.params import baseline_params, build_plan, plan_for, replay_params, seeded_starts, separation, suggest_params
+from optimizer.params import SHRINKAGE_LOW, baseline_params, build_plan, plan_for, replay_params, seeded_starts, separation, suggest_params
 from tests.test_directions import synthetic
 from tests.test_study import load, run_args
 
@@ -29,7 +29,8 @@ def test_separation_is_the_fisher_ratio_along_the_mean_difference():
     assert int(scores.argmax()) == 2
 
 
-@pytest.mark.parametrize("methods,subspace_max", [(["contrastive", "mean_diff"], 4), (["mean_diff"], 1), (["mean_diff", "contrastive"], 1)])
+@pytest.mark.parametrize("methods,subspace_max", [(["contrastive", "mean_diff"], 4), (["mean_diff"], 1), (["mean_diff", "contrastive"], 1),
+                                                   (["contrastive", "discriminant"], 4), (["discriminant"], 1)])
 def test_every_start_replays_inside_the_search_space(methods, subspace_max):
     harmful, harmless = synthetic(10, 20, 20, 16, seed=1)
     harmful[6] = harmful[6] * 0.1 + 2.0  # layer 6 separates best
@@ -39,7 +40,9 @@ def test_every_start_replays_inside_the_search_space(methods, subspace_max):
     assert set(starts) == {"uniform", "tapered", "tapered-per-layer"}
     for name, params in starts.items():
         replayed = replay_params(params, stats.n_layers, settings)  # FixedTrial: every parameter present and used
-        assert replayed.method == "mean_diff" and replayed.k == 1
+        assert replayed.k == 1
+        # the mean difference, or the discriminant at shrinkage 1, which is the mean difference
+        assert replayed.method == "mean_diff" if "mean_diff" in methods else (replayed.method, replayed.shrinkage) == ("discriminant", 1.0)
         plan, _ = build_plan(replayed, stats)
         if name == "uniform":  # Arditi et al.: every layer, weight 1, the best layer's mean difference
             assert all(w == pytest.approx(1.0) for c in COMPONENTS for w in plan.weights[c])
@@ -155,7 +158,7 @@ def test_the_discriminant_samples_its_shrinkage_and_no_other_method_does():
         seen.add(params.method)
         assert ("shrinkage" in trial.params) == (params.method == "discriminant")
         if params.method == "discriminant":
-            assert 0.5 <= params.shrinkage <= 1.0 and params.alpha is None
+            assert SHRINKAGE_LOW <= params.shrinkage <= 1.0 and params.alpha is None
             replayed = replay_params(trial.params, stats.n_layers, settings)
             assert replayed == params
             plan, _ = build_plan(replayed, stats)
