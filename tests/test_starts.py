@@ -9,8 +9,8 @@ import torch
 from optimizer.cli import main
 from optimizer.components import COMPONENTS
 from optimizer.config import Settings
-from optimizer.directions import compute_stats
-from optimizer.params import SHRINKAGE_LOW, baseline_params, build_plan, plan_for, replay_params, seeded_starts, separation, suggest_params
+from optimizer.directions import compute_stats, directions
+from optimizer.params import SEED_SHRINKAGE, SHRINKAGE_LOW, baseline_params, build_plan, plan_for, replay_params, seeded_starts, separation, suggest_params
 from tests.test_directions import synthetic
 from tests.test_study import load, run_args
 
@@ -30,23 +30,27 @@ def test_separation_is_the_fisher_ratio_along_the_mean_difference():
 
 
 @pytest.mark.parametrize("methods,subspace_max", [(["contrastive", "mean_diff"], 4), (["mean_diff"], 1), (["mean_diff", "contrastive"], 1),
-                                                   (["contrastive", "discriminant"], 4), (["discriminant"], 1)])
+                                                   (["contrastive", "discriminant"], 4), (["discriminant"], 1),
+                                                   (["contrastive", "mean_diff", "discriminant"], 4)])
 def test_every_start_replays_inside_the_search_space(methods, subspace_max):
     harmful, harmless = synthetic(10, 20, 20, 16, seed=1)
     harmful[6] = harmful[6] * 0.1 + 2.0  # layer 6 separates best
     stats = compute_stats(harmful, harmless)
     settings = Settings(direction_methods=methods, subspace_max=subspace_max)
     starts = seeded_starts(stats, settings)
-    assert set(starts) == {"uniform", "tapered", "tapered-per-layer"}
+    late = {"late-per-layer"} if "discriminant" in methods else set()  # measured only with the discriminant
+    assert set(starts) == {"uniform", "tapered", "tapered-per-layer"} | late
     for name, params in starts.items():
         replayed = replay_params(params, stats.n_layers, settings)  # FixedTrial: every parameter present and used
         assert replayed.k == 1
-        # the mean difference, or the discriminant at shrinkage 1, which is the mean difference
-        assert replayed.method == "mean_diff" if "mean_diff" in methods else (replayed.method, replayed.shrinkage) == ("discriminant", 1.0)
+        # the mean difference, or the discriminant standing in for it
+        assert replayed.method == "mean_diff" if "mean_diff" in methods else (replayed.method, replayed.shrinkage) == ("discriminant", SEED_SHRINKAGE)
         plan, _ = build_plan(replayed, stats)
-        if name == "uniform":  # Arditi et al.: every layer, weight 1, the best layer's mean difference
+        if name == "uniform":  # Arditi et al.: every layer, weight 1, the best layer's direction
             assert all(w == pytest.approx(1.0) for c in COMPONENTS for w in plan.weights[c])
-            best = torch.nn.functional.normalize(stats.mean_diff[6], dim=0)
+            (best,), _ = directions(stats, replayed.method, 0.0, [6], replayed.shrinkage or 1.0)
+            if replayed.method == "mean_diff":  # independently: the unit mean difference itself
+                torch.testing.assert_close(best, torch.nn.functional.normalize(harmful[6].mean(0) - harmless[6].mean(0), dim=0))
             for c in COMPONENTS:
                 torch.testing.assert_close(plan.directions[c], best.expand(stats.n_layers, -1), rtol=1e-5, atol=1e-6)
         else:
