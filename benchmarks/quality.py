@@ -102,10 +102,8 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "o4": ("ours, Optuna 4's TPE rules (heretic's sampler)", ["--tpe-bandwidth", "scott", "--tpe-weights", "hypervolume"]),
     "o5": ("ours, Optuna 5's TPE rules (the defaults before Optuna 4's)",
            ["--tpe-bandwidth", "neighbour", "--tpe-weights", "uniform"]),
-    "da": ("ours, with the shrinkage discriminant among the direction methods",
-           ["--direction-methods", "contrastive,mean_diff,discriminant"]),
-    "dr": ("ours, the shrinkage discriminant in place of the mean difference",
-           ["--direction-methods", "contrastive,discriminant"]),
+    "ds": ("ours, the discriminant in place of the mean difference", ["--direction-methods", "contrastive,discriminant"]),
+    "dm": ("ours, the discriminant beside the mean difference", ["--direction-methods", "contrastive,mean_diff,discriminant"]),
     "heretic": ("heretic 1.4", None),
 }
 
