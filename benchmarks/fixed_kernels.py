@@ -1,0 +1,97 @@
+"""What the fixed-kernel sweeps share (`row_norm_sweep.py`, `affine_sweep.py`, `lda_sweep.py`): one
+model prepared as a study would be (cached statistics, hooks; 64 direction prompts, the refused-prompt
+filter on, float32 on the CPU, batch 32), the held-out prompts that score each edit, the unedited
+model's first-token log-probabilities and refusal count, and the kernels held fixed while a weight is
+swept. Refusals on held-out harmful prompts by the default markers; KL of the first token on
+held-out harmless prompts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from optimizer.config import Settings
+from optimizer.judges import MarkerJudge
+from optimizer.params import Kernel, TrialParams
+from optimizer.prompts import PromptSplits, format_chat, load_prompts, split_prompts
+from optimizer.scoring import first_token_logprobs, generate_and_classify, kl_divergence
+from optimizer.workbench import Prepared, prepare, resolve
+
+KERNELS = {"p.6 f.45": (0.6, 0.45), "p.75 f.25": (0.75, 0.25), "p.5 f1": (0.5, 1.0)}  # peak, falloff (x last layer)
+
+
+def arguments(weights: list[float], kernels: list[str] | None = None) -> argparse.ArgumentParser:
+    """The options every sweep takes, with this sweep's default weights and kernels."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default=str(Path.home() / ".cache/optimizer/models/smollm2-135m-refusing"))
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--cap", type=int, default=12)
+    p.add_argument("--weights", type=float, nargs="+", default=weights)
+    p.add_argument("--kernels", nargs="+", default=kernels or list(KERNELS), choices=list(KERNELS))
+    return p
+
+
+@dataclass(frozen=True)
+class Sweep:
+    bench: Prepared
+    splits: dict[str, PromptSplits]
+    texts: dict[str, list[str]]  # held-out, formatted, `prompts` per set
+    judge: MarkerJudge
+    model: str
+    prompts: int
+    cap: int
+    base_logprobs: torch.Tensor
+    base_refusals: int
+
+    @property
+    def header(self) -> str:
+        name, n = Path(self.model).name, self.prompts
+        return f"# {name}: {n} held-out prompts per set, cap {self.cap}; unedited {self.base_refusals}/{n}"
+
+    def params(
+        self,
+        kernel: str,
+        weight: float,
+        method: str = "mean_diff",
+        direction_index: float | None = None,
+        shrinkage: float | None = None,
+    ) -> TrialParams:
+        """One of KERNELS at `weight` (edge ratio 0.3), the same for attention and MLP."""
+        peak, falloff = KERNELS[kernel]
+        last = self.bench.loaded.n_layers - 1
+        k = Kernel(peak_weight=weight, peak_layer=peak * last, min_ratio=0.3, falloff=falloff * last)
+        return TrialParams(method, None, direction_index, {"attn": k, "mlp": k}, shrinkage=shrinkage)
+
+    def score(self) -> tuple[int, float]:
+        """Held-out refusals and first-token KL of the model as it is now edited."""
+        loaded, bs = self.bench.loaded, self.bench.batch_size
+        kl = kl_divergence(self.base_logprobs, first_token_logprobs(loaded, self.texts["harmless"], bs))
+        return generate_and_classify(loaded, self.texts["harmful"], self.cap, self.judge, bs).count, kl
+
+
+def open_sweep(a: argparse.Namespace, study: str) -> Sweep:
+    s = Settings(
+        model=a.model,
+        study=study,
+        studies_dir=f"/tmp/{study}-sweep",
+        direction_prompts=64,
+        scoring_prompts=8,
+        max_new_tokens=a.cap,
+        device="cpu",
+        dtype="float32",
+        batch_size=32,
+    )
+    bench = prepare(resolve(s, Console(stderr=True)), s.cache_path())
+    loaded, bs = bench.loaded, bench.batch_size
+    splits = {k: split_prompts(load_prompts(None, k)) for k in ("harmful", "harmless")}
+    texts = {k: format_chat(loaded.tokenizer, sp.heldout[: a.prompts]) for k, sp in splits.items()}
+    judge = MarkerJudge(s.refusal_markers, echo_aware=False)
+    base_logprobs = first_token_logprobs(loaded, texts["harmless"], bs)
+    base = generate_and_classify(loaded, texts["harmful"], a.cap, judge, bs).count
+    return Sweep(bench, splits, texts, judge, a.model, a.prompts, a.cap, base_logprobs, base)
