@@ -74,6 +74,11 @@ class PlanInfo:
     fallback_layers: list[int]
 
 
+def directions_for(params: TrialParams, stats: ContrastiveStats, layers: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """`directions` for these layers by the trial's method and its parameter (alpha or shrinkage)."""
+    return directions(stats, params.method, params.alpha or 0.0, layers, params.shrinkage or 1.0)
+
+
 def build_plan(
     params: TrialParams,
     stats: ContrastiveStats,
@@ -113,14 +118,14 @@ def build_plan(
         per_layer = torch.zeros(n_layers, d, device=stats.device)
         fallback: list[int] = []
         if needed:
-            chosen, fallback = directions(stats, params.method, params.alpha or 0.0, needed, params.shrinkage or 1.0)
+            chosen, fallback = directions_for(params, stats, needed)
             if blended:
                 chosen = blend_with_best(stats, chosen, needed, params)
             per_layer[needed] = chosen
     else:
         low = min(math.floor(params.direction_index), n_layers - 1)
         high = min(low + 1, n_layers - 1)
-        pair, fallback = directions(stats, params.method, params.alpha or 0.0, sorted({low, high}), params.shrinkage or 1.0)
+        pair, fallback = directions_for(params, stats, sorted({low, high}))
         frac = params.direction_index - low
         mixed = torch.lerp(pair[0], pair[-1], frac)
         per_layer = torch.nn.functional.normalize(mixed, dim=0).expand(n_layers, d).clone()
@@ -215,7 +220,7 @@ def blend_with_best(stats: ContrastiveStats, chosen: torch.Tensor, layers: list[
     layer's by how much less its own mean difference separates the sets."""
     scores = separation(stats)
     best = best_separated_layer(scores)
-    (best_direction,), _ = directions(stats, params.method, params.alpha or 0.0, [best], params.shrinkage or 1.0)
+    (best_direction,), _ = directions_for(params, stats, [best])
     trust = (scores[layers] / scores[best].clamp_min(1e-12)).clamp(max=1.0).unsqueeze(-1)
     signs = torch.where(chosen @ best_direction < 0, -1.0, 1.0).unsqueeze(-1)
     return torch.nn.functional.normalize(trust * signs * chosen + (1 - trust) * best_direction, dim=-1)
