@@ -170,7 +170,12 @@ class Settings:
         default="auto", metadata={"help": "auto (a model too large for one GPU: spread over all GPUs), cpu, cuda, cuda:N"}
     )
     dtype: str = field(
-        default="auto", metadata={"help": "auto, float32, bfloat16, float16", "default_text": "bfloat16 on CUDA, float32 on CPU"}
+        default="auto",
+        metadata={
+            "help": "weights' dtype",
+            "choices": ["auto", "float32", "bfloat16", "float16"],
+            "default_text": "bfloat16 on CUDA, float32 on CPU",
+        },
     )
     batch_size: int = field(default=0, metadata={"help": "prompts per forward pass", "default_text": "0 = automatic"})
     seed: int | None = field(default=0, metadata={"help": "sampler seed"})
@@ -211,13 +216,18 @@ class Settings:
     )
     direction_methods: list[str] = field(
         default_factory=lambda: ["contrastive", "mean_diff"],
-        metadata={"help": "comma-separated: contrastive,mean_diff,discriminant", "default_text": "contrastive,mean_diff"},
+        metadata={
+            "help": "comma-separated: contrastive,mean_diff,discriminant",
+            "choices": list(DIRECTION_METHODS),
+            "default_text": "contrastive,mean_diff",
+        },
     )
     direction_scopes: list[str] = field(
         default_factory=lambda: ["global", "per_layer"],
         metadata={
             "help": "comma-separated: global (one layer's direction, interpolated, for every layer), per_layer "
             "(each layer its own)",
+            "choices": ["global", "per_layer"],
             "default_text": "both",
         },
     )
@@ -348,21 +358,16 @@ def _check(settings: Settings) -> Settings:
         raise UserError(f"--subspace-max must be between 1 and 16 directions per layer (e.g. 4), got {settings.subspace_max}")
     if settings.alpha_max < 0:
         raise UserError(f"--alpha-max must be >= 0, got {settings.alpha_max}")
-    if settings.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {settings.dtype!r}")
-    unknown = set(settings.direction_methods) - set(DIRECTION_METHODS)
-    if unknown or not settings.direction_methods:
-        raise UserError(
-            f"--direction-methods takes one or more of {', '.join(DIRECTION_METHODS)}, got {settings.direction_methods}"
-        )
-    unknown = set(settings.direction_scopes) - {"global", "per_layer"}
-    if unknown or not settings.direction_scopes:
-        raise UserError(f"--direction-scopes takes global and/or per_layer, got {settings.direction_scopes}")
     if settings.winsorize and not 0.5 < settings.winsorize < 1:
         raise UserError(f"--winsorize takes a quantile between 0.5 and 1 (e.g. 0.995), or 0 for off; got {settings.winsorize}")
     for name, f in FIELDS.items():  # the fixed sets, the same for a TOML file or a stored record as for the flags
         value, choices = getattr(settings, name), f.metadata.get("choices")
-        if choices and value not in choices and not (value is None and f.default is None):
+        if not choices:
+            continue
+        if isinstance(value, list):  # a comma-separated flag: one or more of the set
+            if not value or not set(value) <= set(choices):
+                raise UserError(f"{flag_of(name)} takes one or more of {','.join(choices)} (comma-separated), got {value!r}")
+        elif value not in choices and not (value is None and f.default is None):
             nothing = " (or nothing)" if f.default is None else ""
             raise UserError(f"{flag_of(name)} takes {' or '.join(choices)}{nothing}, got {value!r}")
     kwargs = _json_object(settings.chat_template_kwargs, "--chat-template-kwargs")
@@ -525,6 +530,6 @@ def add_setting_arguments(
         elif kind in (int, float):
             options["type"] = kind
         # str and dict (a JSON text, parsed by _check) stay text
-        if "choices" in f.metadata:
+        if "choices" in f.metadata and kind is not list:  # a list's items are checked by _check
             options["choices"] = f.metadata["choices"]
         parser.add_argument(flag_of(name), **options)

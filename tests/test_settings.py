@@ -165,5 +165,5 @@ def test_a_bad_record_is_refused_like_a_bad_run(name, value):
 
 
 def test_a_bad_override_is_refused_too():
-    with pytest.raises(UserError, match="--dtype must be auto"):
+    with pytest.raises(UserError, match="--dtype takes auto or float32"):
         settings_from_record(record_of(Settings()), study="s", dtype="float8")
