@@ -13,6 +13,7 @@ Per-layer directions; refusals on held-out prompts by the default
 markers, KL of the first token on held-out harmless prompts.
 
     python benchmarks/lda_sweep.py [--model DIR] [--prompts 64] [--weights W ...] [--rhos R ...] [--kernels NAME ...]
+        [--projected] [--no-mean-diff]
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from optimizer.params import build_plan
 def main() -> None:
     p = arguments([0.35, 0.5, 0.7, 0.9, 1.2], kernels=["p.75 f.25"])
     p.add_argument("--rhos", type=float, nargs="+", default=[0.5, 0.1, 0.01])
+    p.add_argument("--projected", action="store_true", help="also each direction with its harmless-mean part removed")
+    p.add_argument("--no-mean-diff", action="store_true", help="leave out the mean-difference rows")
     a = p.parse_args()
     sweep = open_sweep(a, "lda")
     bench = sweep.bench
@@ -44,12 +47,16 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for kname in a.kernels:
         for w in a.weights:
-            for name, method, rho in [("mean-diff", "mean_diff", None)] + [(f"lda rho {r}", "discriminant", r) for r in a.rhos]:
-                plan, _ = build_plan(sweep.params(kname, w, method, shrinkage=rho), bench.stats)
-                bench.hooks.apply(plan)
-                ref, kl = sweep.score()
-                bench.hooks.clear()
-                print(f"| {kname} | {w} | {name} | {ref}/{a.prompts} | {kl:.4f} |", flush=True)
+            rows = [] if a.no_mean_diff else [("mean-diff", "mean_diff", None)]
+            rows += [(f"lda rho {r}", "discriminant", r) for r in a.rhos]
+            for name, method, rho in rows:
+                for projected in [False, True] if a.projected else [False]:
+                    plan, _ = build_plan(sweep.params(kname, w, method, shrinkage=rho), bench.stats, projected=projected)
+                    bench.hooks.apply(plan)
+                    ref, kl = sweep.score()
+                    bench.hooks.clear()
+                    label = f"{name}, projected" if projected else name
+                    print(f"| {kname} | {w} | {label} | {ref}/{a.prompts} | {kl:.4f} |", flush=True)
 
 
 if __name__ == "__main__":

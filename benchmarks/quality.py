@@ -104,6 +104,8 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
            ["--tpe-bandwidth", "neighbour", "--tpe-weights", "uniform"]),
     "ds": ("ours, the discriminant in place of the mean difference", ["--direction-methods", "contrastive,discriminant"]),
     "dm": ("ours, the discriminant beside the mean difference", ["--direction-methods", "contrastive,mean_diff,discriminant"]),
+    "dp": ("ours, the discriminant in place of the mean difference, projected",
+           ["--direction-methods", "contrastive,discriminant", "--projected-directions"]),
     "heretic": ("heretic 1.4", None),
 }
 
