@@ -106,6 +106,8 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "dm": ("ours, the discriminant beside the mean difference", ["--direction-methods", "contrastive,mean_diff,discriminant"]),
     "dp": ("ours, the discriminant in place of the mean difference, projected",
            ["--direction-methods", "contrastive,discriminant", "--projected-directions"]),
+    "dq": ("ours, the discriminant in place of the mean difference, projection searched",
+           ["--direction-methods", "contrastive,discriminant", "--searched-projection"]),
     "heretic": ("heretic 1.4", None),
 }
 

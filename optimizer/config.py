@@ -238,6 +238,13 @@ class Settings:
             "the edit leaves the average harmless activation alone"
         },
     )
+    searched_projection: bool = field(
+        default=False,
+        metadata={
+            "help": "search how much of each direction's component along its layer's harmless mean to remove (a trial "
+            "parameter `projection` in [0, 1]: 0 the plain direction, 1 --projected-directions' projection)"
+        },
+    )
     separation_weighted: bool = field(
         default=False,
         metadata={
@@ -358,6 +365,11 @@ def _check(settings: Settings) -> Settings:
         raise UserError(f"--subspace-max must be between 1 and 16 directions per layer (e.g. 4), got {settings.subspace_max}")
     if settings.alpha_max < 0:
         raise UserError(f"--alpha-max must be >= 0, got {settings.alpha_max}")
+    if settings.projected_directions and settings.searched_projection:
+        raise UserError(
+            "--projected-directions removes the whole harmless-mean part and --searched-projection searches how much; "
+            "give one of them"
+        )
     if settings.winsorize and not 0.5 < settings.winsorize < 1:
         raise UserError(f"--winsorize takes a quantile between 0.5 and 1 (e.g. 0.995), or 0 for off; got {settings.winsorize}")
     for name, f in FIELDS.items():  # the fixed sets, the same for a TOML file or a stored record as for the flags

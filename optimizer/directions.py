@@ -299,11 +299,14 @@ def subspace_components(
     return torch.ormqr(reflectors, tau, full).mT  # (L', count, d)
 
 
-def project_out_harmless_mean(stats: ContrastiveStats, vectors: torch.Tensor, layers: list[int]) -> torch.Tensor:
-    """Remove from each layer's direction its component along that layer's harmless mean and
-    renormalise ("projected" abliteration): the edit then leaves the harmless mean untouched."""
+def project_out_harmless_mean(
+    stats: ContrastiveStats, vectors: torch.Tensor, layers: list[int], strength: float = 1.0
+) -> torch.Tensor:
+    """Remove from each layer's direction `strength` (0..1) of its component along that layer's
+    harmless mean and renormalise ("projected" abliteration at 1: the edit then leaves the harmless
+    mean untouched; at 0 the direction is unchanged)."""
     mean = torch.nn.functional.normalize(stats.mean_harmless[torch.as_tensor(layers, device=stats.device)], dim=-1)
-    projected = vectors - (vectors * mean).sum(-1, keepdim=True) * mean
+    projected = vectors - strength * (vectors * mean).sum(-1, keepdim=True) * mean
     return torch.nn.functional.normalize(projected, dim=-1)
 
 

@@ -51,6 +51,7 @@ class TrialParams:
     k: int = 1  # directions per layer: the first, and k - 1 contrastive components orthogonal to it
     gamma: float | None = None  # weight decay of the extra directions (w * gamma^(i-1)); None when k = 1
     shrinkage: float | None = None  # the discriminant's rho (directions.discriminant_directions); None if unused
+    projection: float | None = None  # share of the harmless-mean part removed (--searched-projection); None if unused
 
     def describe_direction(self) -> str:
         where = "per-layer" if self.direction_index is None else f"layer {self.direction_index:.2f}"
@@ -61,6 +62,8 @@ class TrialParams:
         }[self.method]
         if self.k > 1:
             how += f" + {self.k - 1} (a={self.alpha:.2f}, g={self.gamma:.2f})"
+        if self.projection is not None:
+            how += f", projected {self.projection:.2f}"
         return f"{how}, {where}"
 
     def to_json(self) -> dict:
@@ -82,14 +85,15 @@ def directions_for(params: TrialParams, stats: ContrastiveStats, layers: list[in
 def build_plan(
     params: TrialParams,
     stats: ContrastiveStats,
-    projected: bool = False,
+    projected: float = 0.0,
     separation_weighted: bool = False,
     blended: bool = False,
 ) -> tuple[AblationPlan, PlanInfo]:
     """Turn parameters into per-layer directions and weights, computing only the directions needed.
 
-    `projected` removes from the direction used at each layer its component along that layer's
-    harmless mean (for a global direction too: each layer gets its own projection). With k > 1,
+    `projected` removes from the direction used at each layer that share (0..1; 1: all, heretic's
+    projected abliteration) of its component along that layer's harmless mean (for a global direction
+    too: each layer gets its own projection). With k > 1,
     each edited layer also gets k - 1 contrastive components of its own statistics orthogonal to
     its (final) first direction (`subspace_components`).
 
@@ -130,7 +134,7 @@ def build_plan(
         mixed = torch.lerp(pair[0], pair[-1], frac)
         per_layer = torch.nn.functional.normalize(mixed, dim=0).expand(n_layers, d).clone()
     if projected and needed:
-        per_layer[needed] = project_out_harmless_mean(stats, per_layer[needed], needed)
+        per_layer[needed] = project_out_harmless_mean(stats, per_layer[needed], needed, projected)
     if params.k == 1:
         return AblationPlan({c: per_layer for c in COMPONENTS}, weights), PlanInfo(fallback)
     extra = torch.zeros(n_layers, params.k - 1, d, device=stats.device)
@@ -144,7 +148,8 @@ def build_plan(
 def plan_for(params: TrialParams, stats: ContrastiveStats, settings: Settings) -> tuple[AblationPlan, PlanInfo]:
     """A trial's plan as its study builds it: `build_plan` with the study's settings that shape an
     edit (the one place trials, export, eval and verification take them from)."""
-    return build_plan(params, stats, settings.projected_directions, settings.separation_weighted, settings.blended_directions)
+    projection = 1.0 if settings.projected_directions else params.projection or 0.0
+    return build_plan(params, stats, projection, settings.separation_weighted, settings.blended_directions)
 
 
 # The discriminant's shrinkage rho is searched in [SHRINKAGE_LOW, 1] (1: the mean difference). On the
@@ -168,6 +173,7 @@ def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Setti
     uses_alpha = method == "contrastive" or k > 1
     alpha = trial.suggest_float("alpha", 0.0, settings.alpha_max) if uses_alpha else None
     shrinkage = trial.suggest_float("shrinkage", SHRINKAGE_LOW, 1.0) if method == "discriminant" else None
+    projection = trial.suggest_float("projection", 0.0, 1.0) if settings.searched_projection else None
     scopes = settings.direction_scopes
     scope = scopes[0] if len(scopes) == 1 else trial.suggest_categorical("direction_scope", scopes)
     index = trial.suggest_float("direction_index", 0.2 * last, 0.9 * last) if scope == "global" else None
@@ -180,7 +186,7 @@ def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Setti
         )
         for c in COMPONENTS
     }
-    return TrialParams(method, alpha, index, kernels, k, gamma, shrinkage)
+    return TrialParams(method, alpha, index, kernels, k, gamma, shrinkage, projection)
 
 
 # Bounds of the space that a setting moves, by parameter name (suffix) and end: where front trials
@@ -240,7 +246,9 @@ def seeded_starts(stats: ContrastiveStats, settings: Settings) -> dict[str, dict
     narrow kernel (weight 1 at 3/4 depth, 0.3 of it at the edge, a quarter of the layers to either
     side) with per-layer directions, where both tools' fronts sit on the second model
     (benchmarks/RESULTS.md, twentieth session); it was measured only with the discriminant, so the
-    default space (without it) keeps the three starts it was measured with."""
+    default space (without it) keeps the three starts it was measured with. With
+    --searched-projection, Arditi et al.'s edit is tried as published (projection 0) and the others
+    as heretic projects its directions (projection 1)."""
     methods = settings.direction_methods
     if "mean_diff" in methods:
         common: dict = {"direction_method": "mean_diff"} if len(methods) > 1 else {}
@@ -271,6 +279,10 @@ def seeded_starts(stats: ContrastiveStats, settings: Settings) -> dict[str, dict
     }
     if "discriminant" in methods:
         starts["late-per-layer"] = ("per_layer", kernel(1.0, 0.75 * last, 0.3, 0.25 * last))
+    if settings.searched_projection:  # Arditi et al.'s edit as published, plain; the others as heretic's, projected
+        starts = {
+            name: (scope, {**params, "projection": 0.0 if name == "uniform" else 1.0}) for name, (scope, params) in starts.items()
+        }
     return {name: scoped(scope, params) for name, (scope, params) in starts.items() if scope in settings.direction_scopes}
 
 
@@ -295,6 +307,8 @@ def baseline_params(n_layers: int, settings: Settings) -> dict:
         params["alpha"] = 0.0
     if method == "discriminant":
         params["shrinkage"] = 1.0
+    if settings.searched_projection:
+        params["projection"] = 0.0
     for c in COMPONENTS:
         params.update({f"{c}_peak_weight": 0.0, f"{c}_peak_layer": last, f"{c}_min_ratio": 0.0, f"{c}_falloff": 1.0})
     return params
