@@ -240,18 +240,19 @@ def test_export_keeps_the_checkpoint_dtype(tiny_dir, tmp_path):
 
 
 def test_a_discriminant_trial_exports_and_replays_its_directions(tiny_dir, tmp_path):
-    """A study of discriminant directions only: the trial's shrinkage is recorded, replayed into the same
-    directions (against `directions` on the study's cached statistics), and the export equals the hooks."""
+    """A study of discriminant directions only, the projection searched: the trial's shrinkage and projection
+    are recorded, replayed into the same directions (against `directions` on the study's cached statistics,
+    projected by hand), and the export equals the hooks."""
     from optimizer.directions import directions
     from optimizer.params import SHRINKAGE_LOW
 
     studies = tmp_path / "studies"
     args = run_args(tiny_dir, studies, "--trials", "3", "--startup-trials", "3", "--direction-methods", "discriminant",
-                    "--subspace-max", "1", "--direction-scopes", "per_layer")
+                    "--subspace-max", "1", "--direction-scopes", "per_layer", "--searched-projection")
     assert main(args) == 0
     number = edited_trial(studies)
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{studies}/t.db")
-    rho = study.trials[number].params["shrinkage"]
+    rho, share = study.trials[number].params["shrinkage"], study.trials[number].params["projection"]
     assert SHRINKAGE_LOW <= rho <= 1.0 and "direction_method" not in study.trials[number].params
     assert "LDA s=" in study.trials[number].user_attrs["direction"]
     edited = load_edited_model(open_study("t", None, str(studies)), number, Console(file=io.StringIO()))
@@ -259,10 +260,13 @@ def test_a_discriminant_trial_exports_and_replays_its_directions(tiny_dir, tmp_p
     for c in ("attn", "mlp"):
         used = [layer for layer, w in enumerate(edited.plan.weights[c]) if w != 0]
         expected, _ = directions(stats, "discriminant", 0.0, used, shrinkage=rho)
+        mean = torch.nn.functional.normalize(stats.mean_harmless[used], dim=-1)  # and the trial's share projected out
+        expected = torch.nn.functional.normalize(expected - share * (expected * mean).sum(-1, keepdim=True) * mean, dim=-1)
         torch.testing.assert_close(edited.plan.directions[c][used].float(), expected.float(), rtol=1e-5, atol=1e-6)
     out = tmp_path / "exported"
     assert main(["export", "--study", "t", "--studies-dir", str(studies), "--trial", str(number), "--out", str(out)]) == 0
     assert json.loads((out / "optimizer.json").read_text())["params"]["shrinkage"] == rho
+    assert json.loads((out / "optimizer.json").read_text())["params"]["projection"] == share
     loaded = edited.prepared.loaded
     texts = format_chat(loaded.tokenizer, PROMPTS)
     with torch.inference_mode():

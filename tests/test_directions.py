@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from optimizer.config import Settings
+
 from optimizer import directions as directions_module
 from optimizer.directions import compute_stats, contrastive_eigen, directions, subspace_components, top_direction
 
@@ -130,6 +132,28 @@ def test_projected_directions_leave_the_harmless_mean_alone(index):
         assert abs(float(r @ mean)) > 0.05, "the plain direction has a component along the harmless mean"
         assert abs(float(got @ mean)) < 1e-5
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
+def test_a_share_of_the_projection_removes_that_share_of_the_harmless_mean_part(share):
+    """`--searched-projection`'s parameter: the direction r - s (r . m) m, renormalised (m the unit harmless mean),
+    from the plain plan's directions; s = 0 is the plain plan, s = 1 the projected one."""
+    from optimizer.params import Kernel, TrialParams, build_plan, plan_for
+
+    harmful, harmless = synthetic(4, 20, 20, 24, seed=5)
+    harmful = harmful * 1.5
+    stats = compute_stats(harmful, harmless)
+    kernel = Kernel(peak_weight=1.0, peak_layer=2.0, min_ratio=0.5, falloff=2.5)
+    params = TrialParams("mean_diff", None, None, {"attn": kernel, "mlp": kernel}, projection=share)
+    plain, _ = build_plan(params, stats)
+    got, _ = plan_for(params, stats, Settings(searched_projection=True))
+    for layer in range(4):
+        mean = torch.nn.functional.normalize(harmless[layer].double().mean(0), dim=0)
+        r = plain.directions["attn"][layer].double()
+        expected = torch.nn.functional.normalize(r - share * (r @ mean) * mean, dim=0)
+        torch.testing.assert_close(got.directions["attn"][layer].double(), expected, rtol=1e-5, atol=1e-5)
+    full, _ = plan_for(params, stats, Settings(projected_directions=True))  # the flag projects whatever the trial says
+    torch.testing.assert_close(full.directions["attn"], build_plan(params, stats, projected=1.0)[0].directions["attn"])
 
 
 @pytest.mark.parametrize("shape", [(20, 30, 64), (50, 40, 48)])  # m < d and m > d

@@ -167,3 +167,12 @@ def test_a_bad_record_is_refused_like_a_bad_run(name, value):
 def test_a_bad_override_is_refused_too():
     with pytest.raises(UserError, match="--dtype takes auto or float32"):
         settings_from_record(record_of(Settings()), study="s", dtype="float8")
+
+
+def test_the_projection_given_and_searched_at_once_is_refused(tmp_path, capsys):
+    from optimizer.cli import main
+
+    studies = tmp_path / "studies"
+    assert main(["run", "--studies-dir", str(studies), "--projected-directions", "--searched-projection"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+    assert not studies.exists()  # refused before anything was made

@@ -172,3 +172,24 @@ def test_the_discriminant_samples_its_shrinkage_and_no_other_method_does():
                 assert not torch.allclose(plan.directions["attn"][used], mean_diff_plan.directions["attn"][used], atol=1e-3)
         study.tell(trial, 0.0)
     assert seen == {"contrastive", "mean_diff", "discriminant"}
+
+
+def test_the_searched_projection_is_sampled_replayed_and_seeded():
+    """--searched-projection: every trial samples `projection` in [0, 1] and replays it; Arditi et al.'s
+    start is tried plain, the others projected; the unedited baseline stays inside the space."""
+    harmful, harmless = synthetic(6, 20, 20, 16, seed=4)
+    stats = compute_stats(harmful, harmless)
+    settings = Settings(direction_methods=["contrastive", "discriminant"], searched_projection=True)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(10):
+        trial = study.ask()
+        params = suggest_params(trial, stats.n_layers, settings)
+        assert 0.0 <= params.projection <= 1.0 and replay_params(trial.params, stats.n_layers, settings) == params
+        study.tell(trial, 0.0)
+    starts = seeded_starts(stats, settings)
+    assert {name: p["projection"] for name, p in starts.items()} == {
+        "uniform": 0.0, "tapered": 1.0, "tapered-per-layer": 1.0, "late-per-layer": 1.0}
+    assert replay_params(baseline_params(stats.n_layers, settings), stats.n_layers, settings).projection == 0.0
+    plain = Settings(direction_methods=["contrastive", "discriminant"])  # without the flag: no such parameter
+    assert "projection" not in seeded_starts(stats, plain)["tapered"]
+    assert suggest_params(optuna.trial.FixedTrial(starts["tapered"]), stats.n_layers, plain).projection is None
