@@ -240,7 +240,8 @@ def seeded_starts(stats: ContrastiveStats, settings: Settings) -> dict[str, dict
     the global direction's range). `tapered` and `tapered-per-layer`: a kernel like the middle of
     heretic's ranges (weight 1 at 3/4 depth, half of it at the edge, 0.4 of the layers wide) with
     that global direction, and with per-layer directions. All are edits of one direction, the mean
-    difference, or where the discriminant stands in for it, the discriminant at SEED_SHRINKAGE; none
+    difference, or where the discriminant stands in for it, the discriminant at SEED_SHRINKAGE (at 1,
+    the mean difference itself, for Arditi et al.'s); none
     is offered with neither among --direction-methods, and only those of the scopes among
     --direction-scopes. With the discriminant among the methods, a fourth, `late-per-layer`: a late,
     narrow kernel (weight 1 at 3/4 depth, 0.3 of it at the edge, a quarter of the layers to either
@@ -272,8 +273,11 @@ def seeded_starts(stats: ContrastiveStats, settings: Settings) -> dict[str, dict
 
     uniform = kernel(1.0, 0.5 * last, 1.0, 0.6 * last)  # within the falloff of every layer: weight 1 everywhere
     tapered = kernel(1.0, 0.75 * last, 0.5, 0.4 * last)
+    # Arditi et al.'s edit as published: the mean difference itself (where the discriminant stands in
+    # for it, at shrinkage 1); on the default model it is the start that reaches 0 refusals
+    arditi = {"shrinkage": 1.0} if "shrinkage" in common else {}
     starts = {
-        "uniform": ("global", {"direction_index": best, **uniform}),
+        "uniform": ("global", {"direction_index": best, **uniform, **arditi}),
         "tapered": ("global", {"direction_index": best, **tapered}),
         "tapered-per-layer": ("per_layer", tapered),
     }

@@ -44,13 +44,15 @@ def test_every_start_replays_inside_the_search_space(methods, subspace_max):
         replayed = replay_params(params, stats.n_layers, settings)  # FixedTrial: every parameter present and used
         assert replayed.k == 1
         # the mean difference, or the discriminant standing in for it
-        assert replayed.method == "mean_diff" if "mean_diff" in methods else (replayed.method, replayed.shrinkage) == ("discriminant", SEED_SHRINKAGE)
+        # (Arditi et al.'s as published: the mean difference itself, the discriminant at shrinkage 1)
+        seed_shrinkage = 1.0 if name == "uniform" else SEED_SHRINKAGE
+        assert replayed.method == "mean_diff" if "mean_diff" in methods else (replayed.method, replayed.shrinkage) == ("discriminant", seed_shrinkage)
         plan, _ = build_plan(replayed, stats)
         if name == "uniform":  # Arditi et al.: every layer, weight 1, the best layer's direction
             assert all(w == pytest.approx(1.0) for c in COMPONENTS for w in plan.weights[c])
             (best,), _ = directions(stats, replayed.method, 0.0, [6], replayed.shrinkage or 1.0)
-            if replayed.method == "mean_diff":  # independently: the unit mean difference itself
-                torch.testing.assert_close(best, torch.nn.functional.normalize(harmful[6].mean(0) - harmless[6].mean(0), dim=0))
+            # independently: the unit mean difference itself, whichever method stands for it
+            torch.testing.assert_close(best, torch.nn.functional.normalize(harmful[6].mean(0) - harmless[6].mean(0), dim=0))
             for c in COMPONENTS:
                 torch.testing.assert_close(plan.directions[c], best.expand(stats.n_layers, -1), rtol=1e-5, atol=1e-6)
         else:
