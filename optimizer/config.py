@@ -215,11 +215,11 @@ class Settings:
         },
     )
     direction_methods: list[str] = field(
-        default_factory=lambda: ["contrastive", "mean_diff"],
+        default_factory=lambda: ["contrastive", "discriminant"],
         metadata={
             "help": "comma-separated: contrastive,mean_diff,discriminant",
             "choices": list(DIRECTION_METHODS),
-            "default_text": "contrastive,mean_diff",
+            "default_text": "contrastive,discriminant",
         },
     )
     direction_scopes: list[str] = field(
@@ -239,10 +239,11 @@ class Settings:
         },
     )
     searched_projection: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "search how much of each direction's component along its layer's harmless mean to remove (a trial "
-            "parameter `projection` in [0, 1]: 0 the plain direction, 1 --projected-directions' projection)"
+            "parameter `projection` in [0, 1]: 0 the plain direction, 1 --projected-directions' projection, which "
+            "when given fixes it at 1)"
         },
     )
     separation_weighted: bool = field(
@@ -365,11 +366,6 @@ def _check(settings: Settings) -> Settings:
         raise UserError(f"--subspace-max must be between 1 and 16 directions per layer (e.g. 4), got {settings.subspace_max}")
     if settings.alpha_max < 0:
         raise UserError(f"--alpha-max must be >= 0, got {settings.alpha_max}")
-    if settings.projected_directions and settings.searched_projection:
-        raise UserError(
-            "--projected-directions removes the whole harmless-mean part and --searched-projection searches how much; "
-            "give one of them"
-        )
     if settings.winsorize and not 0.5 < settings.winsorize < 1:
         raise UserError(f"--winsorize takes a quantile between 0.5 and 1 (e.g. 0.995), or 0 for off; got {settings.winsorize}")
     for name, f in FIELDS.items():  # the fixed sets, the same for a TOML file or a stored record as for the flags
@@ -475,6 +471,7 @@ def settings_from_record(stored: dict[str, Any], **overrides: Any) -> Settings:
     values.setdefault("direction_scopes", ["global", "per_layer"])  # and those from before the scopes could be chosen
     values.setdefault("refused_directions", False)  # and those from before directions could come from refused prompts
     values.setdefault("normed_last_direction", False)  # and those from before the last layer's could come after the norm
+    values.setdefault("searched_projection", False)  # and those from before the projection was searched
     values.update({k: v for k, v in overrides.items() if v is not None})
     return _make(values)
 

@@ -163,6 +163,11 @@ SHRINKAGE_LOW = 0.7
 SEED_SHRINKAGE = 0.95
 
 
+def searches_projection(settings: Settings) -> bool:
+    """Whether trials search their projection (`--searched-projection`); `--projected-directions` fixes it at 1."""
+    return settings.searched_projection and not settings.projected_directions
+
+
 def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Settings) -> TrialParams:
     """A trial's parameters, sampled (or replayed, with a FixedTrial) from the search space."""
     last = n_layers - 1
@@ -173,7 +178,7 @@ def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Setti
     uses_alpha = method == "contrastive" or k > 1
     alpha = trial.suggest_float("alpha", 0.0, settings.alpha_max) if uses_alpha else None
     shrinkage = trial.suggest_float("shrinkage", SHRINKAGE_LOW, 1.0) if method == "discriminant" else None
-    projection = trial.suggest_float("projection", 0.0, 1.0) if settings.searched_projection else None
+    projection = trial.suggest_float("projection", 0.0, 1.0) if searches_projection(settings) else None
     scopes = settings.direction_scopes
     scope = scopes[0] if len(scopes) == 1 else trial.suggest_categorical("direction_scope", scopes)
     index = trial.suggest_float("direction_index", 0.2 * last, 0.9 * last) if scope == "global" else None
@@ -283,7 +288,7 @@ def seeded_starts(stats: ContrastiveStats, settings: Settings) -> dict[str, dict
     }
     if "discriminant" in methods:
         starts["late-per-layer"] = ("per_layer", kernel(1.0, 0.75 * last, 0.3, 0.25 * last))
-    if settings.searched_projection:  # Arditi et al.'s edit as published, plain; the others as heretic's, projected
+    if searches_projection(settings):  # Arditi et al.'s edit as published, plain; the others as heretic's, projected
         starts = {
             name: (scope, {**params, "projection": 0.0 if name == "uniform" else 1.0}) for name, (scope, params) in starts.items()
         }
@@ -311,7 +316,7 @@ def baseline_params(n_layers: int, settings: Settings) -> dict:
         params["alpha"] = 0.0
     if method == "discriminant":
         params["shrinkage"] = 1.0
-    if settings.searched_projection:
+    if searches_projection(settings):
         params["projection"] = 0.0
     for c in COMPONENTS:
         params.update({f"{c}_peak_weight": 0.0, f"{c}_peak_layer": last, f"{c}_min_ratio": 0.0, f"{c}_falloff": 1.0})

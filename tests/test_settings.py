@@ -169,10 +169,11 @@ def test_a_bad_override_is_refused_too():
         settings_from_record(record_of(Settings()), study="s", dtype="float8")
 
 
-def test_the_projection_given_and_searched_at_once_is_refused(tmp_path, capsys):
-    from optimizer.cli import main
 
-    studies = tmp_path / "studies"
-    assert main(["run", "--studies-dir", str(studies), "--projected-directions", "--searched-projection"]) == 2
-    assert "give one of them" in capsys.readouterr().err
-    assert not studies.exists()  # refused before anything was made
+def test_a_study_from_before_the_projection_was_searched_replays_without_it():
+    """Records written before --searched-projection existed (on by default now) mean it off, so their
+    trials, which have no `projection` parameter, replay as they ran."""
+    record = record_of(Settings())
+    del record["searched_projection"]
+    assert settings_from_record(record, study="s").searched_projection is False
+    assert Settings().searched_projection is True

@@ -68,7 +68,7 @@ def test_one_direction_scope_leaves_the_other_out_of_the_space_and_the_starts(sc
     settings = Settings(direction_scopes=scopes)
     per_layer = scopes == ["per_layer"]
     starts = seeded_starts(stats, settings)
-    assert set(starts) == ({"tapered-per-layer"} if per_layer else {"uniform", "tapered"})
+    assert set(starts) == ({"tapered-per-layer", "late-per-layer"} if per_layer else {"uniform", "tapered"})
     baseline = baseline_params(stats.n_layers, settings)
     for params in [*starts.values(), baseline]:
         assert "direction_scope" not in params  # one scope: no choice to record
@@ -86,12 +86,13 @@ def test_a_new_study_runs_the_seeded_starts_first_and_only_once(tiny_dir, tmp_pa
     studies = tmp_path / "studies"
     assert main(run_args(tiny_dir, studies, "--trials", "5", seeded=True)) == 0
     study = load(studies)
-    assert [t.user_attrs.get("seeded") for t in study.trials[:4]] == [None, "uniform", "tapered", "tapered-per-layer"]
+    assert [t.user_attrs.get("seeded") for t in study.trials[:5]] == [None, "uniform", "tapered", "tapered-per-layer", "late-per-layer"]
     assert study.trials[0].user_attrs["baseline"]
     uniform = study.trials[1]
     assert uniform.params["attn_peak_weight"] == 1.0 and uniform.params["direction_scope"] == "global"
+    assert (uniform.params["shrinkage"], uniform.params["projection"]) == (1.0, 0.0)  # Arditi et al.'s, as published
     assert main(run_args(tiny_dir, studies, "--trials", "8", seeded=True)) == 0  # resumed: no second set of starts
-    assert sum("seeded" in t.user_attrs for t in load(studies).trials) == 3
+    assert sum("seeded" in t.user_attrs for t in load(studies).trials) == 4
     plain = tmp_path / "plain"
     assert main(run_args(tiny_dir, plain, "--trials", "3")) == 0
     assert not any("seeded" in t.user_attrs for t in load(plain).trials)
@@ -112,7 +113,7 @@ def test_blended_directions_lean_on_the_best_layer_where_a_layer_separates_less(
     harmful, harmless = synthetic(6, 30, 40, 24, seed=5)
     harmful[4] = harmful[4] * 0.2 + 3.0  # layer 4 separates best; the others barely
     stats = compute_stats(harmful, harmless)
-    settings = Settings(direction_methods=["mean_diff"], subspace_max=1, blended_directions=True)
+    settings = Settings(direction_methods=["mean_diff"], subspace_max=1, blended_directions=True, searched_projection=False)
     kernel = {f"{c}_{k}": v for c in COMPONENTS for k, v in {"peak_weight": 1.2, "peak_layer": 3.0, "min_ratio": 0.5, "falloff": 3.0}.items()}
     per_layer = replay_params({"direction_scope": "per_layer", **kernel}, stats.n_layers, settings)
     plain, _ = build_plan(per_layer, stats)
@@ -135,7 +136,7 @@ def test_separation_weighting_scales_per_layer_edits_by_each_layers_fisher_ratio
     harmful, harmless = synthetic(6, 30, 40, 24, seed=5)
     harmful[4] = harmful[4] * 0.2 + 3.0  # layer 4 separates best; the others barely
     stats = compute_stats(harmful, harmless)
-    settings = Settings(direction_methods=["mean_diff"], subspace_max=1)
+    settings = Settings(direction_methods=["mean_diff"], subspace_max=1, searched_projection=False)
     kernel = {f"{c}_{k}": v for c in COMPONENTS for k, v in {"peak_weight": 1.2, "peak_layer": 3.0, "min_ratio": 0.5, "falloff": 3.0}.items()}
     per_layer = replay_params({"direction_scope": "per_layer", **kernel}, stats.n_layers, settings)
     plain, _ = build_plan(per_layer, stats)
@@ -192,6 +193,8 @@ def test_the_searched_projection_is_sampled_replayed_and_seeded():
     assert {name: p["projection"] for name, p in starts.items()} == {
         "uniform": 0.0, "tapered": 1.0, "tapered-per-layer": 1.0, "late-per-layer": 1.0}
     assert replay_params(baseline_params(stats.n_layers, settings), stats.n_layers, settings).projection == 0.0
-    plain = Settings(direction_methods=["contrastive", "discriminant"])  # without the flag: no such parameter
-    assert "projection" not in seeded_starts(stats, plain)["tapered"]
-    assert suggest_params(optuna.trial.FixedTrial(starts["tapered"]), stats.n_layers, plain).projection is None
+    # without the search (--no-searched-projection, or --projected-directions fixing it at 1): no such parameter
+    for plain in (dataclasses.replace(settings, searched_projection=False), dataclasses.replace(settings, projected_directions=True)):
+        assert "projection" not in seeded_starts(stats, plain)["tapered"]
+        assert suggest_params(optuna.trial.FixedTrial(starts["tapered"]), stats.n_layers, plain).projection is None
+        assert "projection" not in baseline_params(stats.n_layers, plain)

@@ -140,7 +140,8 @@ def test_max_weight_sets_the_peak_weight_range(tiny_dir, tmp_path, capsys):
     from optimizer.params import replay_params
 
     settings = build_settings({"max_weight": 3.0})
-    params = {"direction_scope": "per_layer", "direction_method": "mean_diff", "subspace_k": 1}
+    params = {"direction_scope": "per_layer", "direction_method": "discriminant", "shrinkage": 1.0, "projection": 0.0,
+              "subspace_k": 1}
     for c in ("attn", "mlp"):
         params.update({f"{c}_peak_weight": 2.5, f"{c}_peak_layer": 3.0, f"{c}_min_ratio": 0.5, f"{c}_falloff": 1.0})
     assert replay_params(params, 4, settings).kernels["attn"].peak_weight == 2.5
