@@ -84,7 +84,7 @@ KL_REFERENCE = 1.0
 VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "ours": ("ours (defaults)", []),
     "k1": ("ours, k = 1", ["--subspace-max", "1"]),
-    "meandiff": ("ours, mean-diff only", ["--direction-methods", "mean_diff", "--subspace-max", "1"]),
+    "meandiff": ("ours, mean-diff only", ["--direction-methods", "mean_diff", "--subspace-max", "1", "--no-searched-projection"]),
     "np": ("ours, norm-preserving + projected", ["--norm-preserving", "--projected-directions"]),
     "k1w": ("ours, k = 1, peak weight >= 0.8", ["--subspace-max", "1", "--min-weight", "0.8"]),
     "kf": ("ours, KL floor 0.01", ["--kl-floor", "0.01"]),
@@ -102,12 +102,16 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "o4": ("ours, Optuna 4's TPE rules (heretic's sampler)", ["--tpe-bandwidth", "scott", "--tpe-weights", "hypervolume"]),
     "o5": ("ours, Optuna 5's TPE rules (the defaults before Optuna 4's)",
            ["--tpe-bandwidth", "neighbour", "--tpe-weights", "uniform"]),
-    "ds": ("ours, the discriminant in place of the mean difference", ["--direction-methods", "contrastive,discriminant"]),
-    "dm": ("ours, the discriminant beside the mean difference", ["--direction-methods", "contrastive,mean_diff,discriminant"]),
+    "ds": ("ours, the discriminant in place of the mean difference",
+           ["--direction-methods", "contrastive,discriminant", "--no-searched-projection"]),
+    "dm": ("ours, the discriminant beside the mean difference",
+           ["--direction-methods", "contrastive,mean_diff,discriminant", "--no-searched-projection"]),
     "dp": ("ours, the discriminant in place of the mean difference, projected",
            ["--direction-methods", "contrastive,discriminant", "--projected-directions"]),
-    "dq": ("ours, the discriminant in place of the mean difference, projection searched",
+    "dq": ("ours, the discriminant in place of the mean difference, projection searched (the defaults since 2026-11-28)",
            ["--direction-methods", "contrastive,discriminant", "--searched-projection"]),
+    "md": ("ours, the defaults before 2026-11-28 (contrastive and mean difference, no projection)",
+           ["--direction-methods", "contrastive,mean_diff", "--no-searched-projection"]),
     "heretic": ("heretic 1.4", None),
 }
 
