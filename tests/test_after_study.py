@@ -140,7 +140,8 @@ def test_eval_refusals_on_the_cpu_fast_paths_equal_the_plain_path(finished_study
     fast = heldout()
     assert fast["heldout_refusals"] == plain["heldout_refusals"] and plain["heldout_refusals"].endswith("/8")
     assert plain["heldout_kl_divergence"] > 1e-4  # the trial that moves the model most
-    assert fast["heldout_kl_divergence"] == pytest.approx(plain["heldout_kl_divergence"], rel=1e-3)
+    # (stored rounded to 6 decimals: a step of 1e-6 either side on top of the paths' float differences)
+    assert fast["heldout_kl_divergence"] == pytest.approx(plain["heldout_kl_divergence"], rel=1e-3, abs=2e-6)
 
 
 def test_chat_from_a_pipe(finished_study):

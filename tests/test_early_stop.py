@@ -96,7 +96,9 @@ def _replay(model: Path, tmp_path: Path, name: str, reference: optuna.Study, *ex
 def test_the_front_is_the_same_with_and_without_the_stop(tiny_varied_dir, tmp_path, capsys):
     reference = _study(tiny_varied_dir, tmp_path, "full", 16, "--no-early-stop")
     assert "Early stop" not in capsys.readouterr().err
-    stopped = _replay(tiny_varied_dir, tmp_path, "stopped", reference)
+    # stopped by domination alone here (a KL limit above every trial's): --kl-limit's stop is checked below
+    above_all = str(2 * max(t.values[1] for t in reference.trials) + 1.0)
+    stopped = _replay(tiny_varied_dir, tmp_path, "stopped", reference, "--kl-limit", above_all)
     assert "Early stop:" in capsys.readouterr().err
     assert [t.params for t in stopped.trials] == [t.params for t in reference.trials]
     assert all(t.state == TrialState.COMPLETE for t in stopped.trials)
