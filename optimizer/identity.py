@@ -34,7 +34,7 @@ from optimizer.errors import UserError
 from optimizer.model import LoadedModel
 
 # Settings that change what a trial's parameters do to the model (not what is cached).
-EDIT_VARIANTS = ("projected_directions", "norm_preserving")
+EDIT_VARIANTS = ("projected_directions", "norm_preserving", "searched_projection")
 # Settings that change which trials count (the Pareto front), stored on each trial as it finishes.
 OBJECTIVE_VARIANTS = ("kl_floor",)
 

@@ -251,8 +251,8 @@ def seeded_starts(stats: ContrastiveStats, settings: Settings) -> dict[str, dict
     --direction-scopes. With the discriminant among the methods, a fourth, `late-per-layer`: a late,
     narrow kernel (weight 1 at 3/4 depth, 0.3 of it at the edge, a quarter of the layers to either
     side) with per-layer directions, where both tools' fronts sit on the second model
-    (benchmarks/RESULTS.md, twentieth session); it was measured only with the discriminant, so the
-    default space (without it) keeps the three starts it was measured with. With
+    (benchmarks/RESULTS.md, twentieth session); it was measured only with the discriminant, so a
+    space without the discriminant keeps the three starts it was measured with. With
     --searched-projection, Arditi et al.'s edit is tried as published (projection 0) and the others
     as heretic projects its directions (projection 1)."""
     methods = settings.direction_methods

@@ -310,6 +310,13 @@ def test_study_with_variants_records_them_and_exports_exactly(tiny_llama_bias_di
     assert main(run_args(tiny_llama_bias_dir, studies, "--trials", "4", "--projected-directions", "--winsorize", "0.99")) == 2
     err = capsys.readouterr().err
     assert "was run with norm_preserving=True" in err and "resume it with --norm-preserving" in err
+    # a study made before the projection was searched (its record without the setting) resumed with it on: refused
+    # too, since its trials' parameters hold no projection to replay
+    old_record = {k: v for k, v in study.user_attrs["run_settings"].items() if k != "searched_projection"}
+    study.set_user_attr("run_settings", old_record)
+    assert main(run_args(tiny_llama_bias_dir, studies, "--trials", "4", *variants)) == 2
+    assert "resume it with --no-searched-projection" in capsys.readouterr().err
+    study.set_user_attr("run_settings", {**old_record, "searched_projection": True})
     edited = next(t.number for t in study.trials if not t.user_attrs.get("baseline"))
     target = tmp_path / "exported"
     assert main(["export", "--study", "t", "--studies-dir", str(studies), "--trial", str(edited), "--out", str(target)]) == 0
