@@ -169,7 +169,6 @@ def test_a_bad_override_is_refused_too():
         settings_from_record(record_of(Settings()), study="s", dtype="float8")
 
 
-
 def test_a_study_from_before_the_projection_was_searched_replays_without_it():
     """Records written before --searched-projection existed (on by default now) mean it off, so their
     trials, which have no `projection` parameter, replay as they ran."""
