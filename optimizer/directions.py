@@ -35,8 +35,9 @@ own mean) shrunk towards a multiple of the identity, Sigma_rho = (1 - rho) Sigma
 small: r = Q c and Sigma_w = Q (K_b - c c^T + K_g) Q^T (K_b is the harmful second moment about the
 harmless mean), and Sigma_rho^-1 keeps span(Q), so a direction costs one m x m solve. At fixed
 kernels, on both benchmark models, it removes as many refusals as r for about half the KL
-(benchmarks/lda_sweep.py); in whole studies it helps one model and not the other, so it is
-selectable, not a default (benchmarks/RESULTS.md).
+(benchmarks/lda_sweep.py). In whole studies it stands in for r by default, beside contrastive PCA
+and with each trial's projection off the harmless mean searched (`params.plan_for`): alone it helped
+one benchmark model and not the other, with the searched projection both (benchmarks/RESULTS.md).
 
 Trials need only the top eigenvector, so `directions` gets it by Lanczos iteration on the small
 matrix (started from r's coordinates in Q, which the answer is usually close to), with full
