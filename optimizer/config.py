@@ -217,7 +217,7 @@ class Settings:
     direction_methods: list[str] = field(
         default_factory=lambda: ["contrastive", "discriminant"],
         metadata={
-            "help": "comma-separated: contrastive,mean_diff,discriminant",
+            "help": f"comma-separated: {','.join(DIRECTION_METHODS)}",
             "choices": list(DIRECTION_METHODS),
             "default_text": "contrastive,discriminant",
         },
