@@ -112,6 +112,7 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
            ["--direction-methods", "contrastive,discriminant", "--searched-projection"]),
     "md": ("ours, the defaults before 2026-11-28 (contrastive and mean difference, no projection)",
            ["--direction-methods", "contrastive,mean_diff", "--no-searched-projection"]),
+    "s10": ("ours, 10 start-up trials (seeded starts and the baseline among them)", ["--startup-trials", "10"]),
     "heretic": ("heretic 1.4", None),
 }
 
