@@ -148,8 +148,7 @@ def build_plan(
 def plan_for(params: TrialParams, stats: ContrastiveStats, settings: Settings) -> tuple[AblationPlan, PlanInfo]:
     """A trial's plan as its study builds it: `build_plan` with the study's settings that shape an
     edit (the one place trials, export, eval and verification take them from)."""
-    projection = 1.0 if settings.projected_directions else params.projection or 0.0
-    return build_plan(params, stats, projection, settings.separation_weighted, settings.blended_directions)
+    return build_plan(params, stats, params.projection or 0.0, settings.separation_weighted, settings.blended_directions)
 
 
 # The discriminant's shrinkage rho is searched in [SHRINKAGE_LOW, 1] (1: the mean difference). On the
@@ -164,7 +163,8 @@ SEED_SHRINKAGE = 0.95
 
 
 def searches_projection(settings: Settings) -> bool:
-    """Whether trials search their projection (`--searched-projection`); `--projected-directions` fixes it at 1."""
+    """Whether trials search their projection (`--searched-projection`); `--projected-directions` instead
+    fixes every trial's at 1 (`suggest_params`), which is all a plan reads."""
     return settings.searched_projection and not settings.projected_directions
 
 
@@ -178,7 +178,10 @@ def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Setti
     uses_alpha = method == "contrastive" or k > 1
     alpha = trial.suggest_float("alpha", 0.0, settings.alpha_max) if uses_alpha else None
     shrinkage = trial.suggest_float("shrinkage", SHRINKAGE_LOW, 1.0) if method == "discriminant" else None
-    projection = trial.suggest_float("projection", 0.0, 1.0) if searches_projection(settings) else None
+    if searches_projection(settings):
+        projection: float | None = trial.suggest_float("projection", 0.0, 1.0)
+    else:  # --projected-directions: every direction projected in full, nothing searched
+        projection = 1.0 if settings.projected_directions else None
     scopes = settings.direction_scopes
     scope = scopes[0] if len(scopes) == 1 else trial.suggest_categorical("direction_scope", scopes)
     index = trial.suggest_float("direction_index", 0.2 * last, 0.9 * last) if scope == "global" else None

@@ -1,5 +1,7 @@
 """Low-rank contrastive PCA against a full d x d eigh, on random data."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -138,7 +140,7 @@ def test_projected_directions_leave_the_harmless_mean_alone(index):
 def test_a_share_of_the_projection_removes_that_share_of_the_harmless_mean_part(share):
     """`--searched-projection`'s parameter: the direction r - s (r . m) m, renormalised (m the unit harmless mean),
     from the plain plan's directions; s = 0 is the plain plan, s = 1 the projected one."""
-    from optimizer.params import Kernel, TrialParams, build_plan, plan_for
+    from optimizer.params import Kernel, TrialParams, build_plan, plan_for, replay_params
 
     harmful, harmless = synthetic(4, 20, 20, 24, seed=5)
     harmful = harmful * 1.5
@@ -152,7 +154,12 @@ def test_a_share_of_the_projection_removes_that_share_of_the_harmless_mean_part(
         r = plain.directions["attn"][layer].double()
         expected = torch.nn.functional.normalize(r - share * (r @ mean) * mean, dim=0)
         torch.testing.assert_close(got.directions["attn"][layer].double(), expected, rtol=1e-5, atol=1e-5)
-    full, _ = plan_for(params, stats, Settings(projected_directions=True))  # the flag projects whatever the trial says
+    # --projected-directions: no searched share; every trial replays with the whole projection
+    flagged = Settings(direction_methods=["mean_diff"], subspace_max=1, direction_scopes=["per_layer"], projected_directions=True)
+    kernels = {f"{c}_{k}": v for c in ("attn", "mlp") for k, v in dataclasses.asdict(kernel).items()}
+    replayed = replay_params(kernels, 4, flagged)
+    assert replayed.projection == 1.0
+    full, _ = plan_for(replayed, stats, flagged)
     torch.testing.assert_close(full.directions["attn"], build_plan(params, stats, projected=1.0)[0].directions["attn"])
 
 

@@ -194,7 +194,8 @@ def test_the_searched_projection_is_sampled_replayed_and_seeded():
         "uniform": 0.0, "tapered": 1.0, "tapered-per-layer": 1.0, "late-per-layer": 1.0}
     assert replay_params(baseline_params(stats.n_layers, settings), stats.n_layers, settings).projection == 0.0
     # without the search (--no-searched-projection, or --projected-directions fixing it at 1): no such parameter
-    for plain in (dataclasses.replace(settings, searched_projection=False), dataclasses.replace(settings, projected_directions=True)):
+    unsearched = dataclasses.replace(settings, searched_projection=False)
+    for plain, fixed in ((unsearched, None), (dataclasses.replace(settings, projected_directions=True), 1.0)):
         assert "projection" not in seeded_starts(stats, plain)["tapered"]
-        assert suggest_params(optuna.trial.FixedTrial(starts["tapered"]), stats.n_layers, plain).projection is None
+        assert suggest_params(optuna.trial.FixedTrial(starts["tapered"]), stats.n_layers, plain).projection == fixed
         assert "projection" not in baseline_params(stats.n_layers, plain)
