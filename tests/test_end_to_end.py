@@ -20,9 +20,9 @@ def test_real_model_study(qwen_dir, tmp_path, capsys):
     assert "baseline refusals" in err, err[-3000:]
     study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{studies}/e2e.db")
     baseline, trial = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-    # the seeded starts come first; the other seven (three, and four light twins) still wait
+    # the seeded starts come first; the other three still wait
     assert trial.user_attrs.get("seeded") == "uniform", (trial.user_attrs, err[-3000:])
-    assert [t.state.name for t in study.trials[2:]] == ["WAITING"] * 7, err[-3000:]
+    assert [t.state.name for t in study.trials[2:]] == ["WAITING"] * 3, err[-3000:]
     refused, total = map(int, baseline.user_attrs["refusals"].split("/"))
     assert total == 6 and refused >= 1, ("the real model refuses some clearly harmful requests", err[-3000:])
     assert trial.values[1] > 0  # an edit moves the first-token distribution

@@ -39,9 +39,8 @@ def test_every_start_replays_inside_the_search_space(methods, subspace_max):
     settings = Settings(direction_methods=methods, subspace_max=subspace_max)
     starts = seeded_starts(stats, settings)
     late = {"late-per-layer"} if "discriminant" in methods else set()  # measured only with the discriminant
-    names = {"uniform", "tapered", "tapered-per-layer"} | late
-    assert set(starts) == names | {f"{name}-light" for name in names}
-    for name, params in ((name, starts[name]) for name in names):
+    assert set(starts) == {"uniform", "tapered", "tapered-per-layer"} | late
+    for name, params in starts.items():
         replayed = replay_params(params, stats.n_layers, settings)  # FixedTrial: every parameter present and used
         assert replayed.k == 1
         # the mean difference, or the discriminant standing in for it
@@ -59,13 +58,6 @@ def test_every_start_replays_inside_the_search_space(methods, subspace_max):
         else:
             weights = plan.weights["attn"]
             assert 0.9 < max(weights) <= 1.0 and min(weights) == 0.0  # a taper: near 1 at its peak, 0 far from it
-        # its light twin: the same edit at 1/sqrt(2) of every layer's weight
-        light, _ = build_plan(replay_params(starts[f"{name}-light"], stats.n_layers, settings), stats)
-        for c in COMPONENTS:
-            torch.testing.assert_close(light.directions[c], plan.directions[c])
-            assert light.weights[c] == pytest.approx([w / 2**0.5 for w in plan.weights[c]])
-    # none below --min-weight
-    assert set(seeded_starts(stats, dataclasses.replace(settings, min_weight=0.8))) == names
     assert seeded_starts(stats, dataclasses.replace(settings, direction_methods=["contrastive"])) == {}
 
 
@@ -76,8 +68,7 @@ def test_one_direction_scope_leaves_the_other_out_of_the_space_and_the_starts(sc
     settings = Settings(direction_scopes=scopes)
     per_layer = scopes == ["per_layer"]
     starts = seeded_starts(stats, settings)
-    names = {"tapered-per-layer", "late-per-layer"} if per_layer else {"uniform", "tapered"}
-    assert set(starts) == names | {f"{name}-light" for name in names}
+    assert set(starts) == ({"tapered-per-layer", "late-per-layer"} if per_layer else {"uniform", "tapered"})
     baseline = baseline_params(stats.n_layers, settings)
     for params in [*starts.values(), baseline]:
         assert "direction_scope" not in params  # one scope: no choice to record
@@ -100,10 +91,8 @@ def test_a_new_study_runs_the_seeded_starts_first_and_only_once(tiny_dir, tmp_pa
     uniform = study.trials[1]
     assert uniform.params["attn_peak_weight"] == 1.0 and uniform.params["direction_scope"] == "global"
     assert (uniform.params["shrinkage"], uniform.params["projection"]) == (1.0, 0.0)  # Arditi et al.'s, as published
-    assert main(run_args(tiny_dir, studies, "--trials", "11", seeded=True)) == 0  # resumed: the rest, no second set
-    seeded = [t.user_attrs["seeded"] for t in load(studies).trials if "seeded" in t.user_attrs]
-    light = [f"{name}-light" for name in ("uniform", "tapered", "tapered-per-layer", "late-per-layer")]
-    assert seeded == ["uniform", "tapered", "tapered-per-layer", "late-per-layer", *light]
+    assert main(run_args(tiny_dir, studies, "--trials", "8", seeded=True)) == 0  # resumed: no second set of starts
+    assert sum("seeded" in t.user_attrs for t in load(studies).trials) == 4
     plain = tmp_path / "plain"
     assert main(run_args(tiny_dir, plain, "--trials", "3")) == 0
     assert not any("seeded" in t.user_attrs for t in load(plain).trials)
@@ -201,8 +190,8 @@ def test_the_searched_projection_is_sampled_replayed_and_seeded():
         assert 0.0 <= params.projection <= 1.0 and replay_params(trial.params, stats.n_layers, settings) == params
         study.tell(trial, 0.0)
     starts = seeded_starts(stats, settings)
-    published = {"uniform": 0.0, "tapered": 1.0, "tapered-per-layer": 1.0, "late-per-layer": 1.0}
-    assert {name: p["projection"] for name, p in starts.items()} == published | {f"{n}-light": v for n, v in published.items()}
+    assert {name: p["projection"] for name, p in starts.items()} == {
+        "uniform": 0.0, "tapered": 1.0, "tapered-per-layer": 1.0, "late-per-layer": 1.0}
     assert replay_params(baseline_params(stats.n_layers, settings), stats.n_layers, settings).projection == 0.0
     # without the search (--no-searched-projection, or --projected-directions fixing it at 1): no such parameter
     unsearched = dataclasses.replace(settings, searched_projection=False)
