@@ -113,7 +113,6 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "md": ("ours, the defaults before 2026-11-28 (contrastive and mean difference, no projection)",
            ["--direction-methods", "contrastive,mean_diff", "--no-searched-projection"]),
     "s10": ("ours, 10 start-up trials (seeded starts and the baseline among them)", ["--startup-trials", "10"]),
-    "ls": ("ours, every seeded start also at 1/sqrt(2) of its weights (-light)", []),
     "heretic": ("heretic 1.4", None),
 }
 

@@ -160,11 +160,6 @@ SHRINKAGE_LOW = 0.7
 # removed the mean difference's refusals for about half its KL on both models, and 0.9 more of them
 # at equal KL on the second model.
 SEED_SHRINKAGE = 0.95
-# Each seeded start is also tried at this share of its weights, named `<start>-light`: the starts are
-# edits at full strength (weight 1), which puts them all at one end of the front (KL 0.23-0.27 on the
-# second benchmark model), and a front has two. The KL of a small edit grows with the square of its
-# size, so 1/sqrt(2) of the weight is about half the KL: known-good shapes at the low-KL end too.
-LIGHT_SHARE = 2**-0.5
 
 
 def searches_projection(settings: Settings) -> bool:
@@ -262,8 +257,7 @@ def seeded_starts(stats: ContrastiveStats, settings: Settings) -> dict[str, dict
     (benchmarks/RESULTS.md, twentieth session); it was measured only with the discriminant, so a
     space without the discriminant keeps the three starts it was measured with. With
     --searched-projection, Arditi et al.'s edit is tried as published (projection 0) and the others
-    as heretic projects its directions (projection 1). Each is also tried lighter, at LIGHT_SHARE of
-    its weights (`<name>-light`), unless that is below --min-weight."""
+    as heretic projects its directions (projection 1)."""
     methods = settings.direction_methods
     if "mean_diff" in methods:
         common: dict = {"direction_method": "mean_diff"} if len(methods) > 1 else {}
@@ -301,9 +295,6 @@ def seeded_starts(stats: ContrastiveStats, settings: Settings) -> dict[str, dict
         starts = {
             name: (scope, {**params, "projection": 0.0 if name == "uniform" else 1.0}) for name, (scope, params) in starts.items()
         }
-    if settings.min_weight < LIGHT_SHARE:  # not below --min-weight
-        light = lambda params: {k: v * LIGHT_SHARE if k.endswith("_peak_weight") else v for k, v in params.items()}
-        starts |= {f"{name}-light": (scope, light(params)) for name, (scope, params) in starts.items()}
     return {name: scoped(scope, params) for name, (scope, params) in starts.items() if scope in settings.direction_scopes}
 
 
