@@ -113,6 +113,7 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "md": ("ours, the defaults before 2026-11-28 (contrastive and mean difference, no projection)",
            ["--direction-methods", "contrastive,mean_diff", "--no-searched-projection"]),
     "s10": ("ours, 10 start-up trials (seeded starts and the baseline among them)", ["--startup-trials", "10"]),
+    "s30": ("ours, 30 start-up trials (seeded starts and the baseline among them)", ["--startup-trials", "30"]),
     "heretic": ("heretic 1.4", None),
 }
 
