@@ -36,6 +36,8 @@ markers:
 - `nl`: the defaults with `--normed-last-direction` (the last layer's direction from its output after the
   model's final norm, as transformers' last hidden state and heretic's; not run unless named);
 - `plnl`: `pl` and `nl` together (only per-layer edits use the last layer's own direction; not run unless named);
+- the later ones (TPE rules `sc`, `o4`, `o5`; directions `ds`, `dm`, `dp`, `dq`, `md`; start-up trials
+  `s10`, `s30`): each described by its label in VARIANTS below; not run unless named;
 - `heretic`: heretic 1.4 in its own venv (benchmarks/heretic_runner.py), seeded starts off by
   construction (it has none).
 
