@@ -34,6 +34,7 @@ def arguments(weights: list[float], kernels: list[str] | None = None) -> argpars
     p.add_argument("--cap", type=int, default=12)
     p.add_argument("--weights", type=float, nargs="+", default=weights)
     p.add_argument("--kernels", nargs="+", default=kernels or list(KERNELS), choices=list(KERNELS))
+    p.add_argument("--winsorize", type=float, default=0.0, help="the residuals clipped as `optimizer run --winsorize`")
     return p
 
 
@@ -86,6 +87,7 @@ def open_sweep(a: argparse.Namespace, study: str) -> Sweep:
         device="cpu",
         dtype="float32",
         batch_size=32,
+        winsorize=a.winsorize,
     )
     bench = prepare(resolve(s, Console(stderr=True)), s.cache_path())
     loaded, bs = bench.loaded, bench.batch_size
