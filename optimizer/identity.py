@@ -163,7 +163,11 @@ class StudyIdentity:
         stored = _stored_comparable(attrs)
         if attrs.get("scoring_fingerprint") != self.scoring or attrs.get("directions_fingerprint") != self.directions:
             differ = sorted(k for k in self.settings if stored.get(k) != self.settings[k]) or ["prompt contents"]
-            switches = [bool_flag_for(k, stored[k]) for k in differ if isinstance(stored.get(k), bool)]
+            switches = [
+                bool_flag_for(k, stored[k]) if isinstance(stored[k], bool) else f"with {flag_of(k)} {stored[k]:g}"
+                for k in differ
+                if isinstance(stored.get(k), (bool, float))
+            ]
             how = f" (resume it {', '.join(switches)})" if switches else ""
             raise UserError(
                 f"study {name!r} was created with other settings ({', '.join(differ)} differ), so its trials are not "

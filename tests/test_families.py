@@ -310,6 +310,10 @@ def test_study_with_variants_records_them_and_exports_exactly(tiny_llama_bias_di
     assert main(run_args(tiny_llama_bias_dir, studies, "--trials", "4", "--projected-directions", "--winsorize", "0.99")) == 2
     err = capsys.readouterr().err
     assert "was run with norm_preserving=True" in err and "resume it with --norm-preserving" in err
+    # other direction statistics (residuals not winsorized): not comparable; the fix names the flag and its value
+    assert main(run_args(tiny_llama_bias_dir, studies, "--trials", "4", "--projected-directions", "--norm-preserving")) == 2
+    err = capsys.readouterr().err
+    assert "(winsorize differ)" in err and "resume it with --winsorize 0.99" in err, err[-2000:]
     # a study made before the projection was searched (its record without the setting) resumed with it on: refused
     # too, since its trials' parameters hold no projection to replay
     old_record = {k: v for k, v in study.user_attrs["run_settings"].items() if k != "searched_projection"}
