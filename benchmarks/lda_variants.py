@@ -20,6 +20,7 @@ Everything else is `lda_sweep.py` (its options follow these; `--rhos` labels the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import runpy
 import sys
 from pathlib import Path
@@ -34,15 +35,9 @@ plain = directions_module.discriminant_directions
 
 
 def harmless_within(stats, shrinkage: float, layers: list[int] | None = None) -> torch.Tensor:
-    index = slice(None) if layers is None else torch.as_tensor(layers, device=stats.device)
-    c = stats.mean_diff_coords[index]
-    within = stats.gram_harmless[index]
-    tau = within.diagonal(dim1=-2, dim2=-1).sum(-1) / stats.mean_diff.shape[1]
-    eye = torch.eye(within.shape[-1], dtype=within.dtype, device=within.device)
-    shrunk = (1 - shrinkage) * within + shrinkage * tau[:, None, None] * eye
-    small = torch.cholesky_solve(c.unsqueeze(-1), torch.linalg.cholesky(shrunk))
-    lifted = torch.nn.functional.normalize(stats.lift(index, small).squeeze(-1), dim=-1)
-    return lifted * torch.sign((lifted * stats.mean_diff[index]).sum(-1, keepdim=True))
+    """The plain discriminant with K_b = c c^T, so that its within-set matrix K_b - c c^T + K_g is K_g."""
+    c = stats.mean_diff_coords
+    return plain(dataclasses.replace(stats, gram_harmful=c.unsqueeze(-1) * c.unsqueeze(-2)), shrinkage, layers)
 
 
 def at_cosine(target: float):
