@@ -282,6 +282,15 @@ class Settings:
             "default_text": "0 = off",
         },
     )
+    searched_winsorize: float = field(
+        default=0.0,
+        metadata={
+            "help": "let each trial choose (a parameter `clipped`) between directions from the residuals as they are and "
+            "from residuals clipped at this quantile of |value|, e.g. 0.995 (both sets of statistics are cached; "
+            "--winsorize, when given, fixes the clipping instead)",
+            "default_text": "0 = off",
+        },
+    )
     allow_missing_components: bool = field(
         default=False, metadata={"help": "leave blocks whose attention/MLP output is not found unablated"}
     )
@@ -366,8 +375,10 @@ def _check(settings: Settings) -> Settings:
         raise UserError(f"--subspace-max must be between 1 and 16 directions per layer (e.g. 4), got {settings.subspace_max}")
     if settings.alpha_max < 0:
         raise UserError(f"--alpha-max must be >= 0, got {settings.alpha_max}")
-    if settings.winsorize and not 0.5 < settings.winsorize < 1:
-        raise UserError(f"--winsorize takes a quantile between 0.5 and 1 (e.g. 0.995), or 0 for off; got {settings.winsorize}")
+    for name in ("winsorize", "searched_winsorize"):
+        quantile = getattr(settings, name)
+        if quantile and not 0.5 < quantile < 1:
+            raise UserError(f"{flag_of(name)} takes a quantile between 0.5 and 1 (e.g. 0.995), or 0 for off; got {quantile}")
     for name, f in FIELDS.items():  # the fixed sets, the same for a TOML file or a stored record as for the flags
         value, choices = getattr(settings, name), f.metadata.get("choices")
         if not choices:
@@ -472,6 +483,7 @@ def settings_from_record(stored: dict[str, Any], **overrides: Any) -> Settings:
     values.setdefault("refused_directions", False)  # and those from before directions could come from refused prompts
     values.setdefault("normed_last_direction", False)  # and those from before the last layer's could come after the norm
     values.setdefault("searched_projection", False)  # and those from before the projection was searched
+    values.setdefault("searched_winsorize", 0.0)  # and those from before the clipping was searched
     values.update({k: v for k, v in overrides.items() if v is not None})
     return _make(values)
 

@@ -7,8 +7,9 @@ their parameters mean the same edit. Each of these is a fingerprint (a short has
 - model: config, chat template and a sample of every weight (`model_fingerprint`);
 - scoring: the model, the chat-formatted scoring prompts (response prefix included), the cap,
   the markers and the judge (`optimizer.judges`);
-- directions: the model, the chat-formatted direction prompts, the winsorizing quantile and, with
-  `--refused-directions`, how answers are judged (cap, markers, judge);
+- directions: the model, the chat-formatted direction prompts, the winsorizing quantile (fixed, or
+  searched between 0 and `--searched-winsorize`'s) and, with `--refused-directions`, how answers
+  are judged (cap, markers, judge);
 - edit variants: settings that change what the same parameters do to the weights
   (`EDIT_VARIANTS`), compared by value.
 
@@ -32,6 +33,7 @@ import torch
 from optimizer.config import Settings, bool_flag_for, flag_of, settings_from_record
 from optimizer.errors import UserError
 from optimizer.model import LoadedModel
+from optimizer.params import searched_winsorize
 
 # Settings that change what a trial's parameters do to the model (not what is cached).
 EDIT_VARIANTS = ("projected_directions", "norm_preserving", "searched_projection")
@@ -84,6 +86,7 @@ def comparable_settings(settings: Settings) -> dict[str, Any]:
         "template_kwargs": s.template_kwargs(),
         "response_prefix": s.response_prefix,
         "winsorize": s.winsorize,
+        "searched_winsorize": searched_winsorize(s),
         "refused_directions": s.refused_directions,
         "normed_last_direction": s.normed_last_direction,
         **{k: getattr(s, k) for k in EDIT_VARIANTS + OBJECTIVE_VARIANTS},
@@ -107,6 +110,8 @@ class StudyIdentity:
     model: str  # fingerprints
     scoring: str
     directions: str
+    statistics: str  # of the residuals as they are (or clipped at --winsorize)
+    clipped_directions: str | None  # the statistics of the clipped residuals, with --searched-winsorize
     numeric: tuple[str, str]  # dtype and device kind of this process (cached tensors depend on them)
     settings: dict[str, Any]  # comparable_settings of this run
 
@@ -124,16 +129,27 @@ class StudyIdentity:
         judging = [settings.max_new_tokens, sorted(settings.refusal_markers), *_judge(settings)]  # how answers are judged
         scoring = _hash(model, harmful_texts, harmless_texts, *judging)
         # each absent when off, so that older studies keep their hash; the refusal filter depends on how answers are judged
-        winsorize = [settings.winsorize] if settings.winsorize else []
         refused = ["refused", *judging]
         normed_last = ["normed-last"] if settings.normed_last_direction else []
-        directions = _hash(model, direction_texts, *winsorize, *(refused if settings.refused_directions else []), *normed_last)
+        of_residuals = lambda *clip: _hash(
+            model, direction_texts, *clip, *(refused if settings.refused_directions else []), *normed_last
+        )
+        winsorize = [settings.winsorize] if settings.winsorize else []
+        searched = searched_winsorize(settings)
+        # the study's fingerprint names the searched quantile; its two sets of statistics are those a
+        # study without it, or with the clipping fixed at that quantile, would cache
+        directions = of_residuals(*winsorize, *(["searched", searched] if searched else []))
+        statistics = of_residuals(*winsorize) if searched else directions
+        clipped = of_residuals(searched) if searched else None
         numeric = (str(loaded.dtype), loaded.device.type)
-        return cls(loaded.source, model, scoring, directions, numeric, comparable_settings(settings))
+        return cls(loaded.source, model, scoring, directions, statistics, clipped, numeric, comparable_settings(settings))
 
     def cache_key(self, kind: str) -> str:
-        """The fingerprint of a cache entry: `directions` (statistics) or `scoring` (baseline, batch size)."""
-        base = {"directions": self.directions, "scoring": self.scoring}[kind]
+        """The fingerprint of a cache entry: `directions` (statistics), `clipped_directions` (those of
+        the clipped residuals, with --searched-winsorize) or `scoring` (baseline, batch size)."""
+        base = {"directions": self.statistics, "clipped_directions": self.clipped_directions, "scoring": self.scoring}[kind]
+        if base is None:
+            raise ValueError(f"no {kind} in this run")
         return _hash(base, *self.numeric)
 
     def attrs(self) -> dict[str, Any]:

@@ -52,6 +52,7 @@ class TrialParams:
     gamma: float | None = None  # weight decay of the extra directions (w * gamma^(i-1)); None when k = 1
     shrinkage: float | None = None  # the discriminant's rho (directions.discriminant_directions); None if unused
     projection: float | None = None  # share of the harmless-mean part removed (--searched-projection); None if unused
+    clipped: bool | None = None  # directions from the clipped residuals (--searched-winsorize); None if unused
 
     def describe_direction(self) -> str:
         where = "per-layer" if self.direction_index is None else f"layer {self.direction_index:.2f}"
@@ -64,6 +65,8 @@ class TrialParams:
             how += f" + {self.k - 1} (a={self.alpha:.2f}, g={self.gamma:.2f})"
         if self.projection is not None:
             how += f", projected {self.projection:.2f}"
+        if self.clipped:
+            how += ", clipped"
         return f"{how}, {where}"
 
     def to_json(self) -> dict:
@@ -168,6 +171,12 @@ def searches_projection(settings: Settings) -> bool:
     return settings.searched_projection and not settings.projected_directions
 
 
+def searched_winsorize(settings: Settings) -> float:
+    """The quantile that trials may clip the residuals at (`--searched-winsorize`), or 0 when they
+    cannot choose: off, or the clipping fixed by `--winsorize`."""
+    return 0.0 if settings.winsorize else settings.searched_winsorize
+
+
 def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Settings) -> TrialParams:
     """A trial's parameters, sampled (or replayed, with a FixedTrial) from the search space."""
     last = n_layers - 1
@@ -182,6 +191,7 @@ def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Setti
         projection: float | None = trial.suggest_float("projection", 0.0, 1.0)
     else:  # --projected-directions: every direction projected in full, nothing searched
         projection = 1.0 if settings.projected_directions else None
+    clipped = trial.suggest_categorical("clipped", [False, True]) if searched_winsorize(settings) else None
     scopes = settings.direction_scopes
     scope = scopes[0] if len(scopes) == 1 else trial.suggest_categorical("direction_scope", scopes)
     index = trial.suggest_float("direction_index", 0.2 * last, 0.9 * last) if scope == "global" else None
@@ -194,7 +204,7 @@ def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Setti
         )
         for c in COMPONENTS
     }
-    return TrialParams(method, alpha, index, kernels, k, gamma, shrinkage, projection)
+    return TrialParams(method, alpha, index, kernels, k, gamma, shrinkage, projection, clipped)
 
 
 # Bounds of the space that a setting moves, by parameter name (suffix) and end: where front trials
@@ -257,7 +267,8 @@ def seeded_starts(stats: ContrastiveStats, settings: Settings) -> dict[str, dict
     (benchmarks/RESULTS.md, twentieth session); it was measured only with the discriminant, so a
     space without the discriminant keeps the three starts it was measured with. With
     --searched-projection, Arditi et al.'s edit is tried as published (projection 0) and the others
-    as heretic projects its directions (projection 1)."""
+    as heretic projects its directions (projection 1); with --searched-winsorize, all from the
+    residuals as they are (`clipped` False)."""
     methods = settings.direction_methods
     if "mean_diff" in methods:
         common: dict = {"direction_method": "mean_diff"} if len(methods) > 1 else {}
@@ -295,6 +306,8 @@ def seeded_starts(stats: ContrastiveStats, settings: Settings) -> dict[str, dict
         starts = {
             name: (scope, {**params, "projection": 0.0 if name == "uniform" else 1.0}) for name, (scope, params) in starts.items()
         }
+    if searched_winsorize(settings):  # from the residuals as they are, as the starts were measured
+        starts = {name: (scope, {**params, "clipped": False}) for name, (scope, params) in starts.items()}
     return {name: scoped(scope, params) for name, (scope, params) in starts.items() if scope in settings.direction_scopes}
 
 
@@ -321,6 +334,8 @@ def baseline_params(n_layers: int, settings: Settings) -> dict:
         params["shrinkage"] = 1.0
     if searches_projection(settings):
         params["projection"] = 0.0
+    if searched_winsorize(settings):
+        params["clipped"] = False
     for c in COMPONENTS:
         params.update({f"{c}_peak_weight": 0.0, f"{c}_peak_layer": last, f"{c}_min_ratio": 0.0, f"{c}_falloff": 1.0})
     return params

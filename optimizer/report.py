@@ -17,7 +17,7 @@ from optimizer.components import COMPONENTS
 PROGRESS_KL_LIMIT = 1.0
 SHOWN_SETTINGS = (
     "trials", "direction_prompts", "scoring_prompts", "max_new_tokens", "system_prompt", "response_prefix", "seed",
-    "direction_methods", "searched_projection", "alpha_max", "min_weight", "max_weight",
+    "direction_methods", "searched_projection", "winsorize", "searched_winsorize", "alpha_max", "min_weight", "max_weight",
 )  # fmt: skip
 
 

@@ -139,7 +139,7 @@ def finished_front(study: optuna.Study, n_harmful: int) -> Front:
 
 
 def make_objective(scorer: Scorer) -> Callable[[optuna.Trial], tuple[float, float]]:
-    spec, stats = scorer.spec, scorer.prepared.stats
+    spec = scorer.spec
     settings = spec.settings
     n_harmful = len(scorer.baseline_refusals.refused)
     baseline_rate = scorer.baseline_refusals.count / n_harmful
@@ -159,7 +159,7 @@ def make_objective(scorer: Scorer) -> Callable[[optuna.Trial], tuple[float, floa
             if trial.user_attrs.get("baseline"):  # its weight 0 lies below a --min-weight range on purpose
                 warnings.filterwarnings("ignore", message="Fixed parameter .* out of range")
             params = suggest_params(trial, spec.loaded.n_layers, settings)
-        plan, info = plan_for(params, stats, settings)
+        plan, info = plan_for(params, scorer.prepared.stats_for(params), settings)
         directions_s = time.perf_counter() - start
         front = finished_front(trial.study, n_harmful) if settings.early_stop else None
         scores = scorer.score(plan, front)

@@ -12,7 +12,7 @@ from rich.console import Console
 from optimizer.ablation import AblationPlan
 from optimizer.components import COMPONENTS
 from optimizer.config import replace_checked
-from optimizer.params import PlanInfo, TrialParams, plan_for, replay_params
+from optimizer.params import PlanInfo, TrialParams, plan_for, replay_params, searched_winsorize
 from optimizer.stored import StoredStudy, finished_trial
 from optimizer.workbench import Prepared, prepare, resolve
 
@@ -49,6 +49,8 @@ class EditedModel:
             "chat_template_kwargs": settings.template_kwargs(),
             "projected_directions": settings.projected_directions,
             "refused_directions": settings.refused_directions,
+            # the quantile of |value| the directions' residuals were clipped at (0: not clipped)
+            "winsorize": settings.winsorize or (searched_winsorize(settings) if self.params.clipped else 0.0),
             "normed_last_direction": settings.normed_last_direction,
             "trust_remote_code": settings.trust_remote_code,
             "sites": [list(row) for row in loaded.discovery.table_rows()],
@@ -62,7 +64,7 @@ class EditedModel:
 def plan_of(prepared: Prepared, trial: FrozenTrial) -> AblationPlan:
     """The ablation plan of a trial of the study, on this model and statistics."""
     params = replay_params(trial.params, prepared.loaded.n_layers, prepared.settings)
-    return plan_for(params, prepared.stats, prepared.settings)[0]
+    return plan_for(params, prepared.stats_for(params), prepared.settings)[0]
 
 
 def load_edited_model(
@@ -85,5 +87,5 @@ def load_edited_model(
     spec.identity.check_model(stored.study.user_attrs)
     prepared = prepare(spec, settings.cache_path())
     params = replay_params(trial.params, spec.loaded.n_layers, spec.settings)
-    plan, info = plan_for(params, prepared.stats, spec.settings)
+    plan, info = plan_for(params, prepared.stats_for(params), spec.settings)
     return EditedModel(prepared, trial, params, plan, info)

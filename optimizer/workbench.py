@@ -43,6 +43,7 @@ from optimizer.judges import Judge, make_judge
 from optimizer.locks import file_lock
 from optimizer.model import LoadedModel, load_model
 from optimizer.packing import full_attention_only
+from optimizer.params import TrialParams, searched_winsorize
 from optimizer.prompts import format_chat, load_prompts, split_prompts, take
 from optimizer.residuals import check_finite, collect_residuals, layer_residuals
 from optimizer.response_prefix import DETECTION_PROMPTS, answer_part, detect
@@ -200,9 +201,18 @@ class Prepared:
 
     spec: RunSpec
     stats: ContrastiveStats
+    clipped_stats: ContrastiveStats | None  # of the clipped residuals, with --searched-winsorize
     batch_size: int
     hooks: AblationHooks
     cache_computations: int  # cache entries this process computed (0 on a full reuse)
+
+    def stats_for(self, params: TrialParams) -> ContrastiveStats:
+        """The statistics a trial's directions come from: the clipped residuals' where it chose them."""
+        if not params.clipped:
+            return self.stats
+        if self.clipped_stats is None:
+            raise ValueError("a trial chose clipped statistics in a run without --searched-winsorize")
+        return self.clipped_stats
 
     @property
     def loaded(self) -> LoadedModel:
@@ -225,19 +235,43 @@ class _CacheUse:
         self.spec.console.print(f"[yellow]{miss}[/]: computing it now")
         self.computed += 1
 
-    def stats(self, batch_size: int, judge: Judge | None = None, paths: FastPaths | None = None) -> ContrastiveStats:
-        """The direction statistics; `judge` (loaded here when needed and not given) for --refused-directions;
-        `paths`: a study's fast paths (checked before), which the residual pass and the answers take."""
+    def stats(
+        self, batch_size: int, judge: Judge | None = None, paths: FastPaths | None = None
+    ) -> tuple[ContrastiveStats, ContrastiveStats | None]:
+        """The direction statistics, and with --searched-winsorize those of the clipped residuals
+        (both from one pass over the direction prompts when either is missing); `judge` (loaded
+        here when needed and not given) for --refused-directions; `paths`: a study's fast paths
+        (checked before), which the residual pass and the answers take."""
         spec, console = self.spec, self.spec.console
-        key = spec.identity.cache_key("directions")
-        try:
-            tensors, _ = cache.load_entry(self.folder, "directions", key, spec.loaded.device)
-            console.print(f"Reusing cached direction statistics from {self.folder}")
-            return ContrastiveStats.from_tensors(tensors)
-        except cache.CacheMiss as miss:
-            self._miss(miss)
-        paths = paths or FastPaths()
-        packed = paths.packed_prefill
+        searched = searched_winsorize(spec.settings)
+        wanted = {"directions": spec.settings.winsorize, **({"clipped_directions": searched} if searched else {})}
+        found: dict[str, ContrastiveStats] = {}
+        for name in wanted:
+            try:
+                tensors, _ = cache.load_entry(self.folder, name, spec.identity.cache_key(name), spec.loaded.device)
+                what = "direction statistics" if name == "directions" else "direction statistics of the clipped residuals"
+                console.print(f"Reusing cached {what} from {self.folder}")
+                found[name] = ContrastiveStats.from_tensors(tensors)
+            except cache.CacheMiss as miss:
+                self._miss(miss)
+        if len(found) < len(wanted):
+            harmful, harmless = self._residuals(batch_size, judge, paths or FastPaths())
+            for name, quantile in wanted.items():
+                if name not in found:
+                    start = time.perf_counter()
+                    stats = compute_stats(*(winsorize(harmful, harmless, quantile) if quantile else (harmful, harmless)))
+                    seconds, mib = time.perf_counter() - start, stats.nbytes() / 2**20
+                    clipped = f" (residuals clipped at the {quantile:g} quantile)" if quantile else ""
+                    console.print(
+                        f"Contrastive-PCA statistics for {stats.n_layers} layers{clipped} in {seconds:.2f} s ({mib:.1f} MiB)"
+                    )
+                    cache.save_entry(self.folder, name, spec.identity.cache_key(name), stats.tensors(), {})
+                    found[name] = stats
+        return found["directions"], found.get("clipped_directions")
+
+    def _residuals(self, batch_size: int, judge: Judge | None, paths: FastPaths) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's residuals (L, n, d) of the harmful and the harmless direction prompts."""
+        spec, console = self.spec, self.spec.console
         if spec.settings.refused_directions:
             judge = judge or load_judge(spec.settings, spec.loaded)
             harmful, harmless = refused_direction_residuals(spec, judge, batch_size, paths)
@@ -246,20 +280,13 @@ class _CacheUse:
             with progress_bar(console) as progress:
                 task = progress.add_task("Residuals", total=len(texts_b) + len(texts_g))
                 advance = lambda n: progress.advance(task, n)
-                harmful = collect_residuals(spec.loaded, texts_b, batch_size, advance, packed)
-                harmless = collect_residuals(spec.loaded, texts_g, batch_size, advance, packed)
+                harmful = collect_residuals(spec.loaded, texts_b, batch_size, advance, paths.packed_prefill)
+                harmless = collect_residuals(spec.loaded, texts_g, batch_size, advance, paths.packed_prefill)
         normed_last = spec.settings.normed_last_direction
         harmful, harmless = layer_residuals(harmful, normed_last), layer_residuals(harmless, normed_last)
         check_finite(spec.loaded, harmful)
         check_finite(spec.loaded, harmless)
-        start = time.perf_counter()
-        if spec.settings.winsorize:
-            harmful, harmless = winsorize(harmful, harmless, spec.settings.winsorize)
-        stats = compute_stats(harmful, harmless)
-        seconds, mib = time.perf_counter() - start, stats.nbytes() / 2**20
-        console.print(f"Contrastive-PCA statistics for {stats.n_layers} layers in {seconds:.2f} s ({mib:.1f} MiB)")
-        cache.save_entry(self.folder, "directions", key, stats.tensors(), {})
-        return stats
+        return harmful, harmless
 
     def batch_size(self) -> int:
         """--batch-size, else the fastest batch size for this model, device and prompts, measured once per study."""
@@ -368,10 +395,10 @@ def prepare(spec: RunSpec, cache_dir: Path) -> Prepared:
     for export, eval and chat, which never score trials against the baseline."""
     use = _CacheUse(spec, cache_dir)
     with _locked(spec, cache_dir):
-        stats = use.stats(spec.default_batch_size)
+        stats, clipped = use.stats(spec.default_batch_size)
         batch_size = use.batch_size()
     hooks = AblationHooks(spec.loaded, spec.settings.norm_preserving)
-    return Prepared(spec, stats, batch_size, hooks, use.computed)
+    return Prepared(spec, stats, clipped, batch_size, hooks, use.computed)
 
 
 # -- fast paths -----------------------------------------------------------------------------------
@@ -589,6 +616,6 @@ def prepare_scoring(spec: RunSpec, cache_dir: Path) -> Scorer:
     with _locked(spec, cache_dir):
         batch_size = use.batch_size()
         paths, hooks = choose_fast_paths(spec, batch_size)
-        stats = use.stats(batch_size, judge, paths)
+        stats, clipped = use.stats(batch_size, judge, paths)
         logprobs, refusals = use.baseline(batch_size, paths, judge)
-    return Scorer(Prepared(spec, stats, batch_size, hooks, use.computed), paths, judge, logprobs, refusals)
+    return Scorer(Prepared(spec, stats, clipped, batch_size, hooks, use.computed), paths, judge, logprobs, refusals)

@@ -287,6 +287,54 @@ def test_multimodal_checkpoint_ablates_the_text_decoder(tmp_path, qwen_dir):
     torch.testing.assert_close(baked, hooked, rtol=1e-4, atol=1e-4)
 
 
+def test_searched_winsorize_builds_each_trial_from_the_statistics_it_chose(tiny_llama_bias_dir, tmp_path, capsys):
+    """--searched-winsorize Q: trials choose `clipped`; the two sets of statistics equal those a study
+    without clipping and one with --winsorize Q compute, and a trial's exported directions are those
+    built from the set it chose (and differ from the other's)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from optimizer.cli import main
+    from optimizer.config import settings_from_record
+    from optimizer.directions import ContrastiveStats
+    from optimizer.params import plan_for, replay_params
+    from tests.test_study import load, run_args
+
+    searched, plain, fixed = tmp_path / "searched", tmp_path / "plain", tmp_path / "fixed"
+    assert main(run_args(tiny_llama_bias_dir, searched, "--trials", "8", "--searched-winsorize", "0.9")) == 0
+    assert "(residuals clipped at the 0.9 quantile)" in capsys.readouterr().err
+    assert main(run_args(tiny_llama_bias_dir, plain, "--trials", "1")) == 0
+    assert main(run_args(tiny_llama_bias_dir, fixed, "--trials", "1", "--winsorize", "0.9")) == 0
+    capsys.readouterr()
+    by_set = {}
+    for name, reference in (("directions", plain), ("clipped_directions", fixed)):
+        ours, theirs = load_file(searched / "t" / f"{name}.safetensors"), load_file(reference / "t" / "directions.safetensors")
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=0, atol=0)
+        by_set[name] = ContrastiveStats.from_tensors(ours)
+    study = load(searched)
+    edited = [t for t in study.trials if not t.user_attrs.get("baseline")]
+    assert {t.params["clipped"] for t in edited} == {False, True}
+    settings = settings_from_record(study.user_attrs["run_settings"], study="t", studies_dir=str(searched))
+    for clipped in (False, True):
+        trial = next(t for t in edited if t.params["clipped"] is clipped and t.params["attn_peak_weight"] > 0)
+        out = tmp_path / f"export-{clipped}"
+        assert main(["export", "--study", "t", "--studies-dir", str(searched), "--trial", str(trial.number), "--out", str(out)]) == 0
+        assert "logits of the exported weights vs the hooked model: max |diff|" in capsys.readouterr().err
+        assert json.loads((out / "optimizer.json").read_text())["winsorize"] == (0.9 if clipped else 0.0)
+        exported = load_file(out / "ablation.safetensors")["attn.directions"]
+        params = replay_params(trial.params, 4, settings)
+        chosen, other = (by_set["clipped_directions"], by_set["directions"]) if clipped else (by_set["directions"], by_set["clipped_directions"])
+        torch.testing.assert_close(exported, plan_for(params, chosen, settings)[0].directions["attn"].float())
+        assert (exported - plan_for(params, other, settings)[0].directions["attn"].float()).abs().max() > 1e-3
+    # resumed with another quantile: other statistics, refused, and the fix names the flag and its value
+    assert main(run_args(tiny_llama_bias_dir, searched, "--trials", "9", "--searched-winsorize", "0.95")) == 2
+    err = capsys.readouterr().err
+    assert "(searched_winsorize differ)" in err and "resume it with --searched-winsorize 0.9" in err, err[-2000:]
+
+
 def test_study_with_variants_records_them_and_exports_exactly(tiny_llama_bias_dir, tmp_path, capsys):
     import json
 
