@@ -199,3 +199,28 @@ def test_the_searched_projection_is_sampled_replayed_and_seeded():
         assert "projection" not in seeded_starts(stats, plain)["tapered"]
         assert suggest_params(optuna.trial.FixedTrial(starts["tapered"]), stats.n_layers, plain).projection == fixed
         assert "projection" not in baseline_params(stats.n_layers, plain)
+
+
+def test_the_searched_clipping_is_sampled_replayed_and_seeded_plain():
+    """--searched-winsorize: trials sample `clipped` (both values over a few trials) and replay it; the
+    seeded starts and the unedited baseline use the residuals as they are; --winsorize fixes the
+    clipping instead, and then no trial chooses."""
+    harmful, harmless = synthetic(6, 20, 20, 16, seed=4)
+    stats = compute_stats(harmful, harmless)
+    settings = Settings(searched_winsorize=0.99)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(10):
+        trial = study.ask()
+        params = suggest_params(trial, stats.n_layers, settings)
+        assert replay_params(trial.params, stats.n_layers, settings) == params
+        seen.add(params.clipped)
+        study.tell(trial, 0.0)
+    assert seen == {False, True}
+    starts = seeded_starts(stats, settings)
+    assert starts and all(p["clipped"] is False for p in starts.values())
+    assert replay_params(baseline_params(stats.n_layers, settings), stats.n_layers, settings).clipped is False
+    for unsearched in (Settings(), dataclasses.replace(settings, winsorize=0.995)):
+        assert "clipped" not in seeded_starts(stats, unsearched)["tapered"]
+        assert "clipped" not in baseline_params(stats.n_layers, unsearched)
+        assert suggest_params(optuna.trial.FixedTrial(starts["tapered"]), stats.n_layers, unsearched).clipped is None
