@@ -179,11 +179,7 @@ class StudyIdentity:
         stored = _stored_comparable(attrs)
         if attrs.get("scoring_fingerprint") != self.scoring or attrs.get("directions_fingerprint") != self.directions:
             differ = sorted(k for k in self.settings if stored.get(k) != self.settings[k]) or ["prompt contents"]
-            switches = [
-                bool_flag_for(k, stored[k]) if isinstance(stored[k], bool) else f"with {flag_of(k)} {stored[k]:g}"
-                for k in differ
-                if isinstance(stored.get(k), (bool, float))
-            ]
+            switches = [_asked_for(k, stored[k]) for k in differ if isinstance(stored.get(k), (bool, float))]
             how = f" (resume it {', '.join(switches)})" if switches else ""
             raise UserError(
                 f"study {name!r} was created with other settings ({', '.join(differ)} differ), so its trials are not "
@@ -193,16 +189,21 @@ class StudyIdentity:
         if was:
             raise UserError(
                 f"study {name!r} was run with {', '.join(f'{k}={v}' for k, v in was.items())}; the same parameters would "
-                f"edit the model differently now: resume it {', '.join(bool_flag_for(k, v) for k, v in was.items())} "
+                f"edit the model differently now: resume it {', '.join(_asked_for(k, v) for k, v in was.items())} "
                 "or use another --study name"
             )
         changed = [k for k in OBJECTIVE_VARIANTS if stored.get(k, 0.0) != self.settings[k]]
         if changed:
-            flags = ", ".join(f"{flag_of(k)} {stored.get(k, 0.0):g}" for k in changed)
+            flags = ", ".join(_asked_for(k, stored.get(k, 0.0)) for k in changed)
             raise UserError(
-                f"study {name!r} was run with {flags}, which decides which of its trials count; resume it with that "
+                f"study {name!r} was run {flags}, which decides which of its trials count; resume it with that "
                 "or use another --study name"
             )
+
+
+def _asked_for(name: str, value: bool | float) -> str:
+    """How to ask for setting `name` = `value` again: "with --flag", "without --flag", "with --flag 0.99"."""
+    return bool_flag_for(name, value) if isinstance(value, bool) else f"with {flag_of(name)} {value:g}"
 
 
 def _stored_comparable(attrs: dict[str, Any]) -> dict[str, Any]:
