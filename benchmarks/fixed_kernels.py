@@ -35,6 +35,9 @@ def arguments(weights: list[float], kernels: list[str] | None = None) -> argpars
     p.add_argument("--weights", type=float, nargs="+", default=weights)
     p.add_argument("--kernels", nargs="+", default=kernels or list(KERNELS), choices=list(KERNELS))
     p.add_argument("--winsorize", type=float, default=0.0, help="the residuals clipped as `optimizer run --winsorize`")
+    p.add_argument(
+        "--mlp-ratios", type=float, nargs="+", default=[1.0], help="the MLP's peak weight as a share of the attention's"
+    )
     return p
 
 
@@ -62,12 +65,13 @@ class Sweep:
         method: str = "mean_diff",
         direction_index: float | None = None,
         shrinkage: float | None = None,
+        mlp_ratio: float = 1.0,
     ) -> TrialParams:
-        """One of KERNELS at `weight` (edge ratio 0.3), the same for attention and MLP."""
+        """One of KERNELS at `weight` (edge ratio 0.3) for attention, and at `mlp_ratio` x `weight` for the MLP."""
         peak, falloff = KERNELS[kernel]
         last = self.bench.loaded.n_layers - 1
-        k = Kernel(peak_weight=weight, peak_layer=peak * last, min_ratio=0.3, falloff=falloff * last)
-        return TrialParams(method, None, direction_index, {"attn": k, "mlp": k}, shrinkage=shrinkage)
+        k = lambda w: Kernel(peak_weight=w, peak_layer=peak * last, min_ratio=0.3, falloff=falloff * last)
+        return TrialParams(method, None, direction_index, {"attn": k(weight), "mlp": k(mlp_ratio * weight)}, shrinkage=shrinkage)
 
     def score(self) -> tuple[int, float]:
         """Held-out refusals and first-token KL of the model as it is now edited."""

@@ -51,12 +51,15 @@ def main() -> None:
             rows += [(f"lda rho {r}", "discriminant", r) for r in a.rhos]
             for name, method, rho in rows:
                 for projected in [False, True] if a.projected else [False]:
-                    plan, _ = build_plan(sweep.params(kname, w, method, shrinkage=rho), bench.stats, projected=projected)
-                    bench.hooks.apply(plan)
-                    ref, kl = sweep.score()
-                    bench.hooks.clear()
-                    label = f"{name}, projected" if projected else name
-                    print(f"| {kname} | {w} | {label} | {ref}/{a.prompts} | {kl:.4f} |", flush=True)
+                    for ratio in a.mlp_ratios:
+                        params = sweep.params(kname, w, method, shrinkage=rho, mlp_ratio=ratio)
+                        plan, _ = build_plan(params, bench.stats, projected=projected)
+                        bench.hooks.apply(plan)
+                        ref, kl = sweep.score()
+                        bench.hooks.clear()
+                        label = f"{name}, projected" if projected else name
+                        label += f", MLP x {ratio:g}" if len(a.mlp_ratios) > 1 else ""
+                        print(f"| {kname} | {w} | {label} | {ref}/{a.prompts} | {kl:.4f} |", flush=True)
 
 
 if __name__ == "__main__":
