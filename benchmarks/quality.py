@@ -37,7 +37,7 @@ markers:
   model's final norm, as transformers' last hidden state and heretic's; not run unless named);
 - `plnl`: `pl` and `nl` together (only per-layer edits use the last layer's own direction; not run unless named);
 - the later ones (TPE rules `sc`, `o4`, `o5`; directions `ds`, `dm`, `dp`, `dq`, `md`; start-up trials
-  `s10`, `s30`; statistics `w995`, `sw995`): each described by its label in VARIANTS below; not run unless named;
+  `s10`, `s30`; statistics `w995`, `w999`, `sw995`): each described by its label in VARIANTS below; not run unless named;
 - `heretic`: heretic 1.4 in its own venv (benchmarks/heretic_runner.py), seeded starts off by
   construction (it has none).
 
@@ -117,6 +117,7 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "s10": ("ours, 10 start-up trials (seeded starts and the baseline among them)", ["--startup-trials", "10"]),
     "s30": ("ours, 30 start-up trials (seeded starts and the baseline among them)", ["--startup-trials", "30"]),
     "w995": ("ours, residuals winsorized at the 0.995 quantile (--winsorize 0.995)", ["--winsorize", "0.995"]),
+    "w999": ("ours, residuals winsorized at the 0.999 quantile (--winsorize 0.999)", ["--winsorize", "0.999"]),
     "sw995": (
         "ours, each trial choosing residuals as they are or winsorized at the 0.995 quantile (--searched-winsorize 0.995)",
         ["--searched-winsorize", "0.995"],
