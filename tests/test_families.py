@@ -321,12 +321,14 @@ def test_searched_winsorize_builds_each_trial_from_the_statistics_it_chose(tiny_
     for clipped in (False, True):
         trial = next(t for t in edited if t.params["clipped"] is clipped and t.params["attn_peak_weight"] > 0)
         out = tmp_path / f"export-{clipped}"
-        assert main(["export", "--study", "t", "--studies-dir", str(searched), "--trial", str(trial.number), "--out", str(out)]) == 0
+        export = ["export", "--study", "t", "--studies-dir", str(searched), "--trial", str(trial.number), "--out", str(out)]
+        assert main(export) == 0
         assert "logits of the exported weights vs the hooked model: max |diff|" in capsys.readouterr().err
         assert json.loads((out / "optimizer.json").read_text())["winsorize"] == (0.9 if clipped else 0.0)
         exported = load_file(out / "ablation.safetensors")["attn.directions"]
         params = replay_params(trial.params, 4, settings)
-        chosen, other = (by_set["clipped_directions"], by_set["directions"]) if clipped else (by_set["directions"], by_set["clipped_directions"])
+        names = ("clipped_directions", "directions") if clipped else ("directions", "clipped_directions")
+        chosen, other = (by_set[n] for n in names)
         torch.testing.assert_close(exported, plan_for(params, chosen, settings)[0].directions["attn"].float())
         assert (exported - plan_for(params, other, settings)[0].directions["attn"].float()).abs().max() > 1e-3
     # resumed with another quantile: other statistics, refused, and the fix names the flag and its value
