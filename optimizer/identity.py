@@ -139,7 +139,7 @@ class StudyIdentity:
         # the study's fingerprint names the searched quantile; its two sets of statistics are those a
         # study without it, or with the clipping fixed at that quantile, would cache
         directions = of_residuals(*winsorize, *(["searched", searched] if searched else []))
-        statistics = of_residuals(*winsorize) if searched else directions
+        statistics = of_residuals(*winsorize)
         clipped = of_residuals(searched) if searched else None
         numeric = (str(loaded.dtype), loaded.device.type)
         return cls(loaded.source, model, scoring, directions, statistics, clipped, numeric, comparable_settings(settings))
