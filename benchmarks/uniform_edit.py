@@ -1,6 +1,7 @@
 """Arditi et al.'s uniform edit (weight 1 on every layer's attention and MLP outputs, one global
-mean-difference direction, not projected), taken from the direction of each given layer, from the
-residuals as they are or clipped (`--winsorize`): held-out refusals and first-token KL per layer.
+mean-difference direction, not projected: the seeded start `uniform`, replayed as a study replays it),
+taken from the direction of each given layer, from the residuals as they are or clipped
+(`--winsorize`): held-out refusals and first-token KL per layer.
 
     python benchmarks/uniform_edit.py [--model DIR] [--winsorize 0.995] --layers 20 22 23
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.fixed_kernels import arguments, open_sweep
-from optimizer.params import Kernel, TrialParams, build_plan, separation
+from optimizer.params import plan_for, replay_params, seeded_starts, separation
 
 
 def main() -> None:
@@ -23,14 +24,14 @@ def main() -> None:
     p.add_argument("--layers", type=int, nargs="+", required=True)
     a = p.parse_args()
     sweep = open_sweep(a, "uniform")
-    stats, last = sweep.bench.stats, sweep.bench.loaded.n_layers - 1
+    stats, settings, n_layers = sweep.bench.stats, sweep.bench.settings, sweep.bench.loaded.n_layers
     scores = separation(stats)
     print(f"{sweep.header}; winsorize {a.winsorize}; separation per layer " + " ".join(f"{float(x):.2f}" for x in scores))
-    everywhere = Kernel(peak_weight=1.0, peak_layer=0.5 * last, min_ratio=1.0, falloff=0.6 * last)
+    uniform = seeded_starts(stats, settings)["uniform"]
     print("| winsorize | direction layer | refusals | KL |")
     print("|---|---|---|---|")
     for layer in a.layers:
-        plan, _ = build_plan(TrialParams("mean_diff", None, float(layer), {"attn": everywhere, "mlp": everywhere}), stats)
+        plan, _ = plan_for(replay_params({**uniform, "direction_index": float(layer)}, n_layers, settings), stats, settings)
         sweep.bench.hooks.apply(plan)
         refusals, kl = sweep.score()
         sweep.bench.hooks.clear()
