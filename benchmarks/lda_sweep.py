@@ -18,6 +18,7 @@ markers, KL of the first token on held-out harmless prompts.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -45,21 +46,19 @@ def main() -> None:
         print(f"# rho {rho}: cos with r per layer " + " ".join(f"{x:.2f}" for x in cosines))
     print("| kernel | w | direction | refusals | KL |")
     print("|---|---|---|---|---|")
-    for kname in a.kernels:
-        for w in a.weights:
-            rows = [] if a.no_mean_diff else [("mean-diff", "mean_diff", None)]
-            rows += [(f"lda rho {r}", "discriminant", r) for r in a.rhos]
-            for name, method, rho in rows:
-                for projected in [False, True] if a.projected else [False]:
-                    for ratio in a.mlp_ratios:
-                        params = sweep.params(kname, w, method, shrinkage=rho, mlp_ratio=ratio)
-                        plan, _ = build_plan(params, bench.stats, projected=projected)
-                        bench.hooks.apply(plan)
-                        ref, kl = sweep.score()
-                        bench.hooks.clear()
-                        label = f"{name}, projected" if projected else name
-                        label += f", MLP x {ratio:g}" if len(a.mlp_ratios) > 1 else ""
-                        print(f"| {kname} | {w} | {label} | {ref}/{a.prompts} | {kl:.4f} |", flush=True)
+    rows = [] if a.no_mean_diff else [("mean-diff", "mean_diff", None)]
+    rows += [(f"lda rho {r}", "discriminant", r) for r in a.rhos]
+    projections = [False, True] if a.projected else [False]
+    for kname, w, (name, method, rho), projected, ratio in itertools.product(
+        a.kernels, a.weights, rows, projections, a.mlp_ratios
+    ):
+        plan, _ = build_plan(sweep.params(kname, w, method, shrinkage=rho, mlp_ratio=ratio), bench.stats, projected=projected)
+        bench.hooks.apply(plan)
+        ref, kl = sweep.score()
+        bench.hooks.clear()
+        label = f"{name}, projected" if projected else name
+        label += f", MLP x {ratio:g}" if len(a.mlp_ratios) > 1 else ""
+        print(f"| {kname} | {w} | {label} | {ref}/{a.prompts} | {kl:.4f} |", flush=True)
 
 
 if __name__ == "__main__":
