@@ -177,6 +177,19 @@ def searched_winsorize(settings: Settings) -> float:
     return 0.0 if settings.winsorize else settings.searched_winsorize
 
 
+def statistics_sets(settings: Settings) -> dict[str, float]:
+    """The statistics a study caches, by cache entry, each with the quantile of |value| its residuals
+    were clipped at (0: not clipped): `directions`, clipped only by --winsorize, and with
+    --searched-winsorize `clipped_directions` (the one place that says which is which)."""
+    searched = searched_winsorize(settings)
+    return {"directions": settings.winsorize, **({"clipped_directions": searched} if searched else {})}
+
+
+def statistics_set(params: TrialParams) -> str:
+    """The cache entry of the statistics a trial's directions come from."""
+    return "clipped_directions" if params.clipped else "directions"
+
+
 def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Settings) -> TrialParams:
     """A trial's parameters, sampled (or replayed, with a FixedTrial) from the search space."""
     last = n_layers - 1

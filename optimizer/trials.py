@@ -12,7 +12,7 @@ from rich.console import Console
 from optimizer.ablation import AblationPlan
 from optimizer.components import COMPONENTS
 from optimizer.config import replace_checked
-from optimizer.params import PlanInfo, TrialParams, plan_for, replay_params, searched_winsorize
+from optimizer.params import PlanInfo, TrialParams, plan_for, replay_params, statistics_set, statistics_sets
 from optimizer.stored import StoredStudy, finished_trial
 from optimizer.workbench import Prepared, prepare, resolve
 
@@ -50,7 +50,7 @@ class EditedModel:
             "projected_directions": settings.projected_directions,
             "refused_directions": settings.refused_directions,
             # the quantile of |value| the directions' residuals were clipped at (0: not clipped)
-            "winsorize": settings.winsorize or (searched_winsorize(settings) if self.params.clipped else 0.0),
+            "winsorize": statistics_sets(settings)[statistics_set(self.params)],
             "normed_last_direction": settings.normed_last_direction,
             "trust_remote_code": settings.trust_remote_code,
             "sites": [list(row) for row in loaded.discovery.table_rows()],

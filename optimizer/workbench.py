@@ -43,7 +43,7 @@ from optimizer.judges import Judge, make_judge
 from optimizer.locks import file_lock
 from optimizer.model import LoadedModel, load_model
 from optimizer.packing import full_attention_only
-from optimizer.params import TrialParams, searched_winsorize
+from optimizer.params import TrialParams, statistics_sets
 from optimizer.prompts import format_chat, load_prompts, split_prompts, take
 from optimizer.residuals import check_finite, collect_residuals, layer_residuals
 from optimizer.response_prefix import DETECTION_PROMPTS, answer_part, detect
@@ -243,8 +243,7 @@ class _CacheUse:
         here when needed and not given) for --refused-directions; `paths`: a study's fast paths
         (checked before), which the residual pass and the answers take."""
         spec, console = self.spec, self.spec.console
-        searched = searched_winsorize(spec.settings)
-        wanted = {"directions": spec.settings.winsorize, **({"clipped_directions": searched} if searched else {})}
+        wanted = statistics_sets(spec.settings)
         found: dict[str, ContrastiveStats] = {}
         for name in wanted:
             try:
