@@ -331,8 +331,11 @@ def main() -> None:
         path.write_text("\n".join(split_prompts(load_prompts(None, kind)).heldout[: args.heldout_prompts]) + "\n")
         heldout_files.append(path)
 
-    budget = (f"t{args.trials}-s{args.startup_trials}-p{args.scoring_prompts}-d{args.direction_prompts}"
-              f"-n{args.max_new_tokens}-h{args.heldout_prompts}")
+    def budget(flags: list[str]) -> str:  # a variant's own --startup-trials (s10, s30) names its budget
+        startup = flags[flags.index("--startup-trials") + 1] if "--startup-trials" in flags else args.startup_trials
+        return (f"t{args.trials}-s{startup}-p{args.scoring_prompts}-d{args.direction_prompts}"
+                f"-n{args.max_new_tokens}-h{args.heldout_prompts}")
+
     by_model: dict[str, dict[str, list[dict]]] = {}
     last: list[str] = []
     for model_name in args.models:
@@ -341,8 +344,8 @@ def main() -> None:
         results: dict[str, list[dict]] = {v: [] for v in args.variants}
         for seed in args.seeds:
             for variant in args.variants:
-                path = workdir / "results" / f"{tag}-{variant}-{seed}-{budget}.json"
                 extra = VARIANTS[variant][1]
+                path = workdir / "results" / f"{tag}-{variant}-{seed}-{budget(extra or [])}.json"
                 state = "kept" if path.exists() else "missing, skipped" if args.report_only else "running"
                 print(f"# {tag} {variant} seed {seed}: {state}", flush=True)
                 if path.exists():
@@ -350,9 +353,9 @@ def main() -> None:
                 elif args.report_only:
                     continue
                 elif extra is None:
-                    result = keep(path, heretic(model, workdir / f"heretic-{tag}-{seed}-{budget}", args, seed, tuple(heldout_files)))
+                    result = keep(path, heretic(model, workdir / f"heretic-{tag}-{seed}-{budget([])}", args, seed, tuple(heldout_files)))
                 else:
-                    result = keep(path, ours(f"q-{tag}-{variant}-{seed}-{budget}", model, workdir, args, seed, extra))
+                    result = keep(path, ours(f"q-{tag}-{variant}-{seed}-{budget(extra)}", model, workdir, args, seed, extra))
                 results[variant].append(result)
         results = {v: runs for v, runs in results.items() if runs}
         if not results:
