@@ -1,4 +1,4 @@
-"""What the fixed-kernel sweeps share (`row_norm_sweep.py`, `affine_sweep.py`, `lda_sweep.py`): one
+"""What the fixed-kernel sweeps share (`row_norm_sweep.py`, `affine_sweep.py`, `lda_sweep.py`, `read_sweep.py`): one
 model prepared as a study would be (cached statistics, hooks; 64 direction prompts, the refused-prompt
 filter on, float32 on the CPU, batch 32), the held-out prompts that score each edit, the unedited
 model's first-token log-probabilities and refusal count, and the kernels held fixed while a weight is
