@@ -280,10 +280,9 @@ def seeded_starts(stats: ContrastiveStats, settings: Settings) -> dict[str, dict
     (benchmarks/RESULTS.md, twentieth session); it was measured only with the discriminant, so a
     space without the discriminant keeps the three starts it was measured with. With
     --searched-projection, Arditi et al.'s edit is tried as published (projection 0) and the others
-    as heretic projects its directions (projection 1); with --searched-winsorize, the same way,
-    Arditi et al.'s from the residuals as they are (`clipped` False) and the others from the clipped
-    ones: a first version with every start unclipped left the second model's low-KL end behind
-    `--winsorize`'s (benchmarks/RESULTS.md, twenty-sixth session)."""
+    as heretic projects its directions (projection 1); with --searched-winsorize, all from the
+    residuals as they are (`clipped` False: the others from the clipped ones, as the projection
+    splits them, was measured and did worse, benchmarks/RESULTS.md, twenty-seventh session)."""
     methods = settings.direction_methods
     if "mean_diff" in methods:
         common: dict = {"direction_method": "mean_diff"} if len(methods) > 1 else {}
@@ -321,8 +320,8 @@ def seeded_starts(stats: ContrastiveStats, settings: Settings) -> dict[str, dict
         starts = {
             name: (scope, {**params, "projection": 0.0 if name == "uniform" else 1.0}) for name, (scope, params) in starts.items()
         }
-    if searched_winsorize(settings):  # Arditi et al.'s from the residuals as they are; the others clipped
-        starts = {name: (scope, {**params, "clipped": name != "uniform"}) for name, (scope, params) in starts.items()}
+    if searched_winsorize(settings):  # from the residuals as they are, as the starts were measured
+        starts = {name: (scope, {**params, "clipped": False}) for name, (scope, params) in starts.items()}
     return {name: scoped(scope, params) for name, (scope, params) in starts.items() if scope in settings.direction_scopes}
 
 

@@ -201,10 +201,10 @@ def test_the_searched_projection_is_sampled_replayed_and_seeded():
         assert "projection" not in baseline_params(stats.n_layers, plain)
 
 
-def test_the_searched_clipping_is_sampled_replayed_and_seeded():
-    """--searched-winsorize: trials sample `clipped` (both values over a few trials) and replay it;
-    Arditi et al.'s seeded start and the unedited baseline use the residuals as they are, the other
-    starts the clipped ones; --winsorize fixes the clipping instead, and then no trial chooses."""
+def test_the_searched_clipping_is_sampled_replayed_and_seeded_plain():
+    """--searched-winsorize: trials sample `clipped` (both values over a few trials) and replay it; the
+    seeded starts and the unedited baseline use the residuals as they are; --winsorize fixes the
+    clipping instead, and then no trial chooses."""
     harmful, harmless = synthetic(6, 20, 20, 16, seed=4)
     stats = compute_stats(harmful, harmless)
     settings = Settings(searched_winsorize=0.99)
@@ -218,9 +218,7 @@ def test_the_searched_clipping_is_sampled_replayed_and_seeded():
         study.tell(trial, 0.0)
     assert seen == {False, True}
     starts = seeded_starts(stats, settings)
-    assert {name: p["clipped"] for name, p in starts.items()} == {
-        "uniform": False, "tapered": True, "tapered-per-layer": True, "late-per-layer": True,
-    }  # fmt: skip
+    assert starts and all(p["clipped"] is False for p in starts.values())
     assert replay_params(baseline_params(stats.n_layers, settings), stats.n_layers, settings).clipped is False
     for unsearched in (Settings(), dataclasses.replace(settings, winsorize=0.995)):
         assert "clipped" not in seeded_starts(stats, unsearched)["tapered"]
