@@ -36,8 +36,9 @@ markers:
 - `nl`: the defaults with `--normed-last-direction` (the last layer's direction from its output after the
   model's final norm, as transformers' last hidden state and heretic's; not run unless named);
 - `plnl`: `pl` and `nl` together (only per-layer edits use the last layer's own direction; not run unless named);
-- the later ones (TPE rules `sc`, `o4`, `o5`; directions `ds`, `dm`, `dp`, `dq`, `md`; start-up trials
-  `s10`, `s30`; statistics `w995`, `w999`, `sw995`): each described by its label in VARIANTS below; not run unless named;
+- the later ones (TPE rules `sc`, `o4`, `o5`, `kq`; directions `ds`, `dm`, `dp`, `dq`, `md`; start-up
+  trials `s10`, `s30`; statistics `w995`, `w999`, `sw995`): each described by its label in VARIANTS
+  below; not run unless named;
 - `heretic`: heretic 1.4 in its own venv (benchmarks/heretic_runner.py), seeded starts off by
   construction (it has none).
 
@@ -122,6 +123,7 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
         "ours, each trial choosing residuals as they are or winsorized at the 0.995 quantile (--searched-winsorize 0.995)",
         ["--searched-winsorize", "0.995"],
     ),
+    "kq": ("ours, TPE reading KL on a square-root scale (--tpe-kl-scale sqrt)", ["--tpe-kl-scale", "sqrt"]),
     "heretic": ("heretic 1.4", None),
 }
 

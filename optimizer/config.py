@@ -108,6 +108,15 @@ class Settings:
             "choices": ["uniform", "hypervolume"],
         },
     )
+    tpe_kl_scale: str = field(
+        default="linear",
+        metadata={
+            "help": "the KL that TPE picks and weights its good trials by: linear (as it is; Optuna's and heretic's) or "
+            "sqrt (its square root, about proportional to an edit's size: the low-KL end counts for more); the front, "
+            "the stored values and everything shown are the same either way",
+            "choices": ["linear", "sqrt"],
+        },
+    )
     harmful: str | None = field(
         default=None,
         metadata={"help": "harmful prompts: .txt/.jsonl/.csv file or dataset:NAME[:SPLIT[:COLUMN]]", "default_text": "bundled"},

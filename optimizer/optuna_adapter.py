@@ -1,6 +1,7 @@
 """The one place that touches Optuna's private API: results attached to finished trials (this
-docstring), a storage that waits out a database restart, and Optuna 4's TPE rules in Optuna 5
-(`--tpe-bandwidth scott`, `--tpe-weights hypervolume`; each section below says why and what it relies on).
+docstring), a storage that waits out a database restart, Optuna 4's TPE rules in Optuna 5
+(`--tpe-bandwidth scott`, `--tpe-weights hypervolume`), and KL on a square-root scale for TPE
+(`--tpe-kl-scale sqrt`); each section below says why and what it relies on.
 
 Why it exists
     After a study, `export` and `eval` attach their results (the exported folder, held-out scores)
@@ -335,3 +336,52 @@ def use_hypervolume_weights(sampler: Any) -> None:
         return self._parzen_estimator_cls(observations, search_space, self._parzen_estimator_parameters, weights)
 
     sampler._build_parzen_estimator = types.MethodType(build, sampler)
+
+
+# -- TPE reading KL on a square-root scale (--tpe-kl-scale sqrt) ---------------------------------------
+#
+# Why it is here: multi-objective TPE learns from ceil(0.1 n) "good" trials; when the front holds more,
+# Optuna picks them by hypervolume subset selection, and `--tpe-weights hypervolume` weights them by
+# hypervolume contribution, both on the values as they are, where a front point's share is its rate
+# gap times its KL gap. KL grows about with the square of a small edit's size, so on the raw scale
+# the low-KL end's points (gaps of thousandths) count for little beside the high-KL end's. The square
+# root (about proportional to an edit's size, and 0 at 0, so no floor is needed) is a monotone map:
+# the front, the stored values and everything shown stay as they are; only the sampler sees it.
+# Optuna has no setting for it: the instance's `_sample` (which `sample_relative` and
+# `sample_independent` call with the study) gets a view of the study whose `_get_trials` returns
+# copies of the trials with that objective rescaled; everything else is the study's own.
+# tests/test_tpe_rules.py pins it: a study sampled with the rule draws what a plain sampler draws
+# on a copy of the study that stores the square roots.
+
+
+def use_sqrt_objective(sampler: Any, objective: int) -> None:
+    """Make a TPESampler see objective `objective` (>= 0) as its square root (see above)."""
+    import copy
+    import math
+    import types
+
+    def rescaled(trial: Any) -> Any:
+        if trial.values is None:
+            return trial
+        values = list(trial.values)
+        values[objective] = math.sqrt(max(values[objective], 0.0))
+        view = copy.copy(trial)
+        view.values = values
+        return view
+
+    class StudyView:
+        def __init__(self, study: Any) -> None:
+            self._study = study
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._study, name)
+
+        def _get_trials(self, *args: Any, **kwargs: Any) -> list:
+            return [rescaled(t) for t in self._study._get_trials(*args, **kwargs)]
+
+    plain = sampler._sample
+
+    def sample(self: Any, study: Any, trial: Any, search_space: Any) -> Any:
+        return plain(StudyView(study), trial, search_space)
+
+    sampler._sample = types.MethodType(sample, sampler)

@@ -25,7 +25,7 @@ from optimizer.dashboard import trial_note
 from optimizer.errors import UserError
 from optimizer.front import Front
 from optimizer.locks import file_lock
-from optimizer.optuna_adapter import is_told_elsewhere, use_hypervolume_weights, use_scott_bandwidth
+from optimizer.optuna_adapter import is_told_elsewhere, use_hypervolume_weights, use_scott_bandwidth, use_sqrt_objective
 from optimizer.params import baseline_params, plan_for, seeded_starts, suggest_params
 from optimizer.report import best_tradeoff, bound_warnings, early_stop_line, front_trials, pareto_table, refusals_text, trial_line
 from optimizer.storage import (
@@ -57,6 +57,21 @@ def run_record(settings: Settings) -> dict:
 
 def _connect(settings: Settings) -> optuna.storages.RDBStorage:
     return connect(settings.storage_url(), settings.heartbeat_interval, settings.heartbeat_grace, settings.db_retry_s)
+
+
+def make_sampler(settings: Settings, seed: int | None) -> optuna.samplers.TPESampler:
+    """The study's sampler: multivariate TPE with the rules `--tpe-bandwidth`, `--tpe-weights` and
+    `--tpe-kl-scale` choose (`optuna_adapter`)."""
+    sampler = optuna.samplers.TPESampler(
+        multivariate=True, group=True, constant_liar=True, n_startup_trials=settings.startup_trials, seed=seed
+    )
+    if settings.tpe_bandwidth == "scott":
+        use_scott_bandwidth(sampler)
+    if settings.tpe_weights == "hypervolume":
+        use_hypervolume_weights(sampler)
+    if settings.tpe_kl_scale == "sqrt":
+        use_sqrt_objective(sampler, OBJECTIVES.index("kl_divergence"))
+    return sampler
 
 
 def _existing_attrs(storage: optuna.storages.BaseStorage, name: str) -> dict | None:
@@ -91,14 +106,7 @@ def load_or_create_study(
         seed += len(storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False))
         if not settings.storage_url().startswith("sqlite"):
             seed += os.getpid()
-    sampler = optuna.samplers.TPESampler(
-        multivariate=True, group=True, constant_liar=True, n_startup_trials=settings.startup_trials, seed=seed
-    )
-    if settings.tpe_bandwidth == "scott":
-        use_scott_bandwidth(sampler)
-    if settings.tpe_weights == "hypervolume":
-        use_hypervolume_weights(sampler)
-    study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(settings, seed))
     if created:
         study.set_metric_names(list(OBJECTIVES))
         for key, value in spec.identity.attrs().items():

@@ -1,7 +1,9 @@
 """Optuna 4's TPE rules in Optuna 5 (the adapter): --tpe-bandwidth scott against Optuna 4's formula and
 Optuna 5's own estimator (everything but the numerical kernels' widths the same); --tpe-weights
-hypervolume against hypervolume contributions worked out by hand."""
+hypervolume against hypervolume contributions worked out by hand; --tpe-kl-scale sqrt against a plain
+sampler on square roots."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -103,3 +105,44 @@ def test_the_good_density_is_weighted_by_contribution_and_infeasible_trials_weig
     # the other density is Optuna's own: uniform
     other = sampler._build_parzen_estimator(study, space, trials, False)._mixture_distribution.weights
     np.testing.assert_allclose(other, np.full(6, 1 / 6))
+
+
+def test_the_sqrt_kl_scale_samples_what_a_plain_sampler_samples_on_square_roots():
+    """--tpe-kl-scale sqrt: the study's own sampler (`make_sampler`, with the default rules beside it)
+    draws, trial after trial, what the same sampler without the rule draws from a copy of the study
+    whose stored KLs are their square roots; and not what it draws from the study as it is, so the
+    rule changes something. The stored values stay as they were."""
+    from optimizer.config import Settings
+    from optimizer.study import make_sampler
+
+    rng = np.random.default_rng(0)
+    space = {"x": FloatDistribution(0, 1), "y": FloatDistribution(0, 2)}
+    finished = []
+    for _ in range(40):
+        x, y = rng.uniform(0, 1), rng.uniform(0, 2)
+        rate = float(np.clip(1 - y / 2 + 0.1 * rng.normal(), 0, 1))
+        kl = float((0.3 * y + 0.2 * x) ** 2 + 0.001 * rng.uniform())  # tiny at the low end, as KL is
+        finished.append(({"x": x, "y": y}, [rate, kl]))
+
+    def study_of(sampler, stored_kl):
+        study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+        for params, (rate, kl) in finished:
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=space, values=[rate, stored_kl(kl)]))
+        return study
+
+    def draws(study, stored_kl):
+        out = []
+        for _ in range(4):
+            trial = study.ask(space)
+            out.append((trial.params["x"], trial.params["y"]))
+            study.tell(trial, [0.3, stored_kl(0.04)])  # on the front's knee: the next draws see it
+        return out
+
+    settings = Settings(startup_trials=10)
+    scaled = study_of(make_sampler(dataclasses.replace(settings, tpe_kl_scale="sqrt"), seed=7), lambda kl: kl)
+    reference = study_of(make_sampler(settings, seed=7), math.sqrt)
+    plain = study_of(make_sampler(settings, seed=7), lambda kl: kl)
+    ours = draws(scaled, lambda kl: kl)
+    assert ours == draws(reference, math.sqrt)
+    assert ours != draws(plain, lambda kl: kl)
+    assert [t.values[1] for t in scaled.trials] == [v[1] for _, v in finished] + [0.04] * 4
