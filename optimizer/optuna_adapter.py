@@ -344,9 +344,11 @@ def use_hypervolume_weights(sampler: Any) -> None:
 # Optuna picks them by hypervolume subset selection, and `--tpe-weights hypervolume` weights them by
 # hypervolume contribution, both on the values as they are, where a front point's share is its rate
 # gap times its KL gap. KL grows about with the square of a small edit's size, so on the raw scale
-# the low-KL end's points (gaps of thousandths) count for little beside the high-KL end's. The square
-# root (about proportional to an edit's size, and 0 at 0, so no floor is needed) is a monotone map:
-# the front, the stored values and everything shown stay as they are; only the sampler sees it.
+# the low-KL end's points (gaps of thousandths) count for less than the knee's and the high-KL end's.
+# The square root (about proportional to an edit's size, and 0 at 0, so no floor is needed) is a
+# monotone map: the front, the stored values and everything shown stay as they are; only the sampler
+# sees it. Measured on the second benchmark model it did not help (benchmarks/RESULTS.md,
+# twenty-seventh session), so it is off by default.
 # Optuna has no setting for it: the instance's `_sample` (which `sample_relative` and
 # `sample_independent` call with the study) gets a view of the study whose `_get_trials` returns
 # copies of the trials with that objective rescaled; everything else is the study's own.
