@@ -43,7 +43,7 @@ from optimizer.judges import Judge, make_judge
 from optimizer.locks import file_lock
 from optimizer.model import LoadedModel, load_model
 from optimizer.packing import full_attention_only
-from optimizer.params import TrialParams, statistics_sets
+from optimizer.params import TrialParams, statistics_set, statistics_sets
 from optimizer.prompts import format_chat, load_prompts, split_prompts, take
 from optimizer.residuals import check_finite, collect_residuals, layer_residuals
 from optimizer.response_prefix import DETECTION_PROMPTS, answer_part, detect
@@ -207,12 +207,12 @@ class Prepared:
     cache_computations: int  # cache entries this process computed (0 on a full reuse)
 
     def stats_for(self, params: TrialParams) -> ContrastiveStats:
-        """The statistics a trial's directions come from: the clipped residuals' where it chose them."""
-        if not params.clipped:
-            return self.stats
-        if self.clipped_stats is None:
+        """The statistics a trial's directions come from (`statistics_set`): the clipped residuals'
+        where it chose them."""
+        chosen = {"directions": self.stats, "clipped_directions": self.clipped_stats}[statistics_set(params)]
+        if chosen is None:
             raise ValueError("a trial chose clipped statistics in a run without --searched-winsorize")
-        return self.clipped_stats
+        return chosen
 
     @property
     def loaded(self) -> LoadedModel:
