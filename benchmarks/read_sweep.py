@@ -60,12 +60,14 @@ def main() -> None:
     print(sweep.header)
     print("| kernel | w | edit | refusals | KL |")
     print("|---|---|---|---|---|")
+    # every layer's direction, for the read side (a layer reads its predecessor's): the directions do
+    # not depend on the kernel or the weight, so one plan with every layer weighted gives them all
+    uniform = Kernel(peak_weight=1.0, peak_layer=0.0, min_ratio=1.0, falloff=bench.loaded.n_layers)
+    base = sweep.params(a.kernels[0], 1.0, "discriminant", shrinkage=a.rho)
+    every, _ = build_plan(replace(base, kernels=dict.fromkeys(base.kernels, uniform)), bench.stats, projected=1.0)
     rows = []
     for kname, w, mode in itertools.product(a.kernels, a.weights, a.modes):
-        params = sweep.params(kname, w, "discriminant", shrinkage=a.rho)
-        plan, _ = build_plan(params, bench.stats, projected=1.0)
-        uniform = Kernel(peak_weight=1.0, peak_layer=0.0, min_ratio=1.0, falloff=bench.loaded.n_layers)
-        every, _ = build_plan(replace(params, kernels=dict.fromkeys(params.kernels, uniform)), bench.stats, projected=1.0)
+        plan, _ = build_plan(sweep.params(kname, w, "discriminant", shrinkage=a.rho), bench.stats, projected=1.0)
         handles = read_hooks(bench.loaded, plan, every) if mode in ("read", "both") else []
         if mode in ("write", "both"):
             bench.hooks.apply(plan)
