@@ -124,6 +124,7 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
         ["--searched-winsorize", "0.995"],
     ),
     "kq": ("ours, TPE reading KL on a square-root scale (--tpe-kl-scale sqrt)", ["--tpe-kl-scale", "sqrt"]),
+    "gp": ("ours, Gaussian-process sampler (--sampler gp)", ["--sampler", "gp"]),
     "heretic": ("heretic 1.4", None),
 }
 

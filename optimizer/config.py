@@ -91,6 +91,15 @@ class Settings:
     )
     trials: int = field(default=200, metadata={"help": "finished trials the study should hold in total"})
     startup_trials: int = field(default=40, metadata={"help": "random trials before TPE takes over"})
+    sampler: str = field(
+        default="tpe",
+        metadata={
+            "help": "what proposes the trials after the start-up ones: tpe (multivariate TPE, heretic's) or gp (Gaussian "
+            "processes maximising the expected hypervolume gain, KL read up to --kl-limit; every parameter is sampled "
+            "in every trial, those a trial does not use included)",
+            "choices": ["tpe", "gp"],
+        },
+    )
     tpe_bandwidth: str = field(
         default="scott",
         metadata={

@@ -358,15 +358,37 @@ def use_hypervolume_weights(sampler: Any) -> None:
 
 def use_sqrt_objective(sampler: Any, objective: int) -> None:
     """Make a TPESampler see objective `objective` (>= 0) as its square root (see above)."""
-    import copy
     import math
+
+    _view_objective(sampler, "_sample", objective, lambda value: math.sqrt(max(value, 0.0)))
+
+
+# -- The GP sampler reading KL up to the hypervolume reference (--sampler gp) ----------------------------
+#
+# Why it is here: Optuna's GPSampler standardises each objective over the trials it has and takes the
+# reference point of its expected hypervolume improvement from them, so one broken trial at KL 8
+# stretches the scale its Gaussian process fits and the box it scores in, while every trial past
+# --kl-limit (the hypervolume reference, 1 by default) adds nothing to the front. Capping KL at the limit
+# makes its hypervolume the study's. A monotone, front-preserving view as for the square root above:
+# the instance's `sample_relative` gets the study view (GPSampler reads trials only through
+# `study._get_trials`).
+
+
+def use_capped_objective(sampler: Any, objective: int, cap: float) -> None:
+    """Make a GPSampler see objective `objective` as min(value, cap) (see above)."""
+    _view_objective(sampler, "sample_relative", objective, lambda value: min(value, cap))
+
+
+def _view_objective(sampler: Any, method: str, objective: int, rescale: Any) -> None:
+    """Let the sampler's `method(study, ...)` see objective `objective` of every trial through `rescale`."""
+    import copy
     import types
 
     def rescaled(trial: Any) -> Any:
         if trial.values is None:
             return trial
         values = list(trial.values)
-        values[objective] = math.sqrt(max(values[objective], 0.0))
+        values[objective] = rescale(values[objective])
         view = copy.copy(trial)
         view.values = values
         return view
@@ -381,9 +403,9 @@ def use_sqrt_objective(sampler: Any, objective: int) -> None:
         def _get_trials(self, *args: Any, **kwargs: Any) -> list:
             return [rescaled(t) for t in self._study._get_trials(*args, **kwargs)]
 
-    plain = sampler._sample
+    plain = getattr(sampler, method)
 
-    def sample(self: Any, study: Any, trial: Any, search_space: Any) -> Any:
-        return plain(StudyView(study), trial, search_space)
+    def viewed(self: Any, study: Any, *args: Any) -> Any:
+        return plain(StudyView(study), *args)
 
-    sampler._sample = types.MethodType(sample, sampler)
+    setattr(sampler, method, types.MethodType(viewed, sampler))

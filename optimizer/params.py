@@ -193,13 +193,18 @@ def statistics_set(params: TrialParams) -> str:
 def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Settings) -> TrialParams:
     """A trial's parameters, sampled (or replayed, with a FixedTrial) from the search space."""
     last = n_layers - 1
+    flat = settings.sampler == "gp"  # a GP models only parameters every trial has (`flat_space`)
+
+    def used_or_flat(used: bool, name: str, low: float, high: float) -> float | None:
+        value = trial.suggest_float(name, low, high) if used or flat else None
+        return value if used else None
+
     methods = settings.direction_methods
     method = methods[0] if len(methods) == 1 else trial.suggest_categorical("direction_method", methods)
     k = trial.suggest_int("subspace_k", 1, settings.subspace_max) if settings.subspace_max > 1 else 1
-    gamma = trial.suggest_float("subspace_gamma", 0.0, 1.0) if k > 1 else None
-    uses_alpha = method == "contrastive" or k > 1
-    alpha = trial.suggest_float("alpha", 0.0, settings.alpha_max) if uses_alpha else None
-    shrinkage = trial.suggest_float("shrinkage", SHRINKAGE_LOW, 1.0) if method == "discriminant" else None
+    gamma = used_or_flat(k > 1, "subspace_gamma", 0.0, 1.0)
+    alpha = used_or_flat(method == "contrastive" or k > 1, "alpha", 0.0, settings.alpha_max)
+    shrinkage = used_or_flat(method == "discriminant", "shrinkage", SHRINKAGE_LOW, 1.0)
     if searches_projection(settings):
         projection: float | None = trial.suggest_float("projection", 0.0, 1.0)
     else:  # --projected-directions: every direction projected in full, nothing searched
@@ -207,7 +212,7 @@ def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Setti
     clipped = trial.suggest_categorical("clipped", [False, True]) if searched_winsorize(settings) else None
     scopes = settings.direction_scopes
     scope = scopes[0] if len(scopes) == 1 else trial.suggest_categorical("direction_scope", scopes)
-    index = trial.suggest_float("direction_index", 0.2 * last, 0.9 * last) if scope == "global" else None
+    index = used_or_flat(scope == "global", "direction_index", 0.2 * last, 0.9 * last)
     kernels = {
         c: Kernel(
             peak_weight=trial.suggest_float(f"{c}_peak_weight", settings.min_weight, settings.max_weight),

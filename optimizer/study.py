@@ -25,7 +25,13 @@ from optimizer.dashboard import trial_note
 from optimizer.errors import UserError
 from optimizer.front import Front
 from optimizer.locks import file_lock
-from optimizer.optuna_adapter import is_told_elsewhere, use_hypervolume_weights, use_scott_bandwidth, use_sqrt_objective
+from optimizer.optuna_adapter import (
+    is_told_elsewhere,
+    use_capped_objective,
+    use_hypervolume_weights,
+    use_scott_bandwidth,
+    use_sqrt_objective,
+)
 from optimizer.params import baseline_params, plan_for, seeded_starts, suggest_params
 from optimizer.report import best_tradeoff, bound_warnings, early_stop_line, front_trials, pareto_table, refusals_text, trial_line
 from optimizer.storage import (
@@ -59,9 +65,14 @@ def _connect(settings: Settings) -> optuna.storages.RDBStorage:
     return connect(settings.storage_url(), settings.heartbeat_interval, settings.heartbeat_grace, settings.db_retry_s)
 
 
-def make_sampler(settings: Settings, seed: int | None) -> optuna.samplers.TPESampler:
+def make_sampler(settings: Settings, seed: int | None) -> optuna.samplers.BaseSampler:
     """The study's sampler: multivariate TPE with the rules `--tpe-bandwidth`, `--tpe-weights` and
-    `--tpe-kl-scale` choose (`optuna_adapter`)."""
+    `--tpe-kl-scale` choose (`optuna_adapter`), or with `--sampler gp` Optuna's Gaussian-process
+    sampler reading KL up to `--kl-limit`."""
+    if settings.sampler == "gp":
+        gp = optuna.samplers.GPSampler(seed=seed, n_startup_trials=settings.startup_trials)
+        use_capped_objective(gp, OBJECTIVES.index("kl_divergence"), settings.kl_limit)
+        return gp
     sampler = optuna.samplers.TPESampler(
         multivariate=True, group=True, constant_liar=True, n_startup_trials=settings.startup_trials, seed=seed
     )
