@@ -190,21 +190,29 @@ def statistics_set(params: TrialParams) -> str:
     return "clipped_directions" if params.clipped else "directions"
 
 
-def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Settings) -> TrialParams:
-    """A trial's parameters, sampled (or replayed, with a FixedTrial) from the search space."""
-    last = n_layers - 1
-    flat = settings.sampler == "gp"  # a GP models only parameters every trial has (`flat_space`)
+def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Settings, flat: bool = False) -> TrialParams:
+    """A trial's parameters, sampled (or replayed, with a FixedTrial) from the search space.
 
-    def used_or_flat(used: bool, name: str, low: float, high: float) -> float | None:
-        value = trial.suggest_float(name, low, high) if used or flat else None
+    `flat` also samples the parameters this trial does not use (gamma when k = 1, alpha without a
+    contrastive direction, the shrinkage without the discriminant, the index of a per-layer trial):
+    Optuna's GP sampler models only parameters that every trial has and draws the others at random.
+    They change nothing: the trial's TrialParams are the same either way, and a replay reads only
+    the parameters that are used, whichever sampler chose them."""
+    last = n_layers - 1
+
+    def used_or_flat(used: bool, anywhere: bool, name: str, low: float, high: float) -> float | None:
+        """The parameter if this trial uses it; sampled but None when flat and some trial could use it."""
+        value = trial.suggest_float(name, low, high) if used or (flat and anywhere) else None
         return value if used else None
 
-    methods = settings.direction_methods
+    methods, subspaces = settings.direction_methods, settings.subspace_max > 1
     method = methods[0] if len(methods) == 1 else trial.suggest_categorical("direction_method", methods)
-    k = trial.suggest_int("subspace_k", 1, settings.subspace_max) if settings.subspace_max > 1 else 1
-    gamma = used_or_flat(k > 1, "subspace_gamma", 0.0, 1.0)
-    alpha = used_or_flat(method == "contrastive" or k > 1, "alpha", 0.0, settings.alpha_max)
-    shrinkage = used_or_flat(method == "discriminant", "shrinkage", SHRINKAGE_LOW, 1.0)
+    k = trial.suggest_int("subspace_k", 1, settings.subspace_max) if subspaces else 1
+    gamma = used_or_flat(k > 1, subspaces, "subspace_gamma", 0.0, 1.0)
+    contrastive = "contrastive" in methods or subspaces
+    alpha = used_or_flat(method == "contrastive" or k > 1, contrastive, "alpha", 0.0, settings.alpha_max)
+    discriminant = "discriminant" in methods
+    shrinkage = used_or_flat(method == "discriminant", discriminant, "shrinkage", SHRINKAGE_LOW, 1.0)
     if searches_projection(settings):
         projection: float | None = trial.suggest_float("projection", 0.0, 1.0)
     else:  # --projected-directions: every direction projected in full, nothing searched
@@ -212,7 +220,7 @@ def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Setti
     clipped = trial.suggest_categorical("clipped", [False, True]) if searched_winsorize(settings) else None
     scopes = settings.direction_scopes
     scope = scopes[0] if len(scopes) == 1 else trial.suggest_categorical("direction_scope", scopes)
-    index = used_or_flat(scope == "global", "direction_index", 0.2 * last, 0.9 * last)
+    index = used_or_flat(scope == "global", "global" in scopes, "direction_index", 0.2 * last, 0.9 * last)
     kernels = {
         c: Kernel(
             peak_weight=trial.suggest_float(f"{c}_peak_weight", settings.min_weight, settings.max_weight),

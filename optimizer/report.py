@@ -16,7 +16,7 @@ from optimizer.components import COMPONENTS
 # the trade-off shown while running: fewest refusals among trials within this KL
 PROGRESS_KL_LIMIT = 1.0
 SHOWN_SETTINGS = (
-    "trials", "direction_prompts", "scoring_prompts", "max_new_tokens", "system_prompt", "response_prefix", "seed",
+    "trials", "direction_prompts", "scoring_prompts", "max_new_tokens", "system_prompt", "response_prefix", "seed", "sampler",
     "direction_methods", "searched_projection", "winsorize", "searched_winsorize", "alpha_max", "min_weight", "max_weight",
 )  # fmt: skip
 

@@ -177,7 +177,7 @@ def make_objective(scorer: Scorer) -> Callable[[optuna.Trial], tuple[float, floa
         with warnings.catch_warnings():
             if trial.user_attrs.get("baseline"):  # its weight 0 lies below a --min-weight range on purpose
                 warnings.filterwarnings("ignore", message="Fixed parameter .* out of range")
-            params = suggest_params(trial, spec.loaded.n_layers, settings)
+            params = suggest_params(trial, spec.loaded.n_layers, settings, flat=settings.sampler == "gp")
         plan, info = plan_for(params, scorer.prepared.stats_for(params), settings)
         directions_s = time.perf_counter() - start
         front = finished_front(trial.study, n_harmful) if settings.early_stop else None

@@ -153,7 +153,7 @@ def test_a_record_takes_the_location_from_the_command_line_and_skips_none():
 @pytest.mark.parametrize("name, value", [("trials", 0), ("scoring_prompts", -1), ("trials", "5"), ("dtype", "int8"),
                                          ("direction_methods", []), ("direction_scopes", ["both"]),
                                          ("chat_template_kwargs", "[1]"), ("tpe_bandwidth", "wide"),
-                                         ("tpe_weights", "equal"), ("tpe_kl_scale", "log"), ("quantization", "8bit"),
+                                         ("tpe_weights", "equal"), ("tpe_kl_scale", "log"), ("sampler", "cmaes"), ("quantization", "8bit"),
                                          ("winsorize", 1.5), ("searched_winsorize", 0.3)])
 def test_a_bad_record_is_refused_like_a_bad_run(name, value):
     with pytest.raises(UserError) as from_run:
