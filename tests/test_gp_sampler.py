@@ -11,6 +11,7 @@ from optuna.distributions import FloatDistribution
 from optimizer.config import Settings
 from optimizer.params import replay_params, suggest_params
 from optimizer.study import make_sampler
+from tests.test_tpe_rules import draws, same, study_of
 
 
 def test_the_gp_sampler_samples_what_a_plain_one_samples_on_kl_capped_at_the_limit():
@@ -28,29 +29,15 @@ def test_the_gp_sampler_samples_what_a_plain_one_samples_on_kl_capped_at_the_lim
         finished.append(({"x": x, "y": y}, [rate, kl]))
     settings = Settings(startup_trials=10, sampler="gp", kl_limit=1.0)
 
-    def study_of(sampler, stored_kl):
-        study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
-        for params, (rate, kl) in finished:
-            study.add_trial(optuna.trial.create_trial(params=params, distributions=space, values=[rate, stored_kl(kl)]))
-        return study
-
-    def draws(study, stored_kl):
-        out = []
-        for _ in range(3):
-            trial = study.ask(space)
-            out.append((trial.params["x"], trial.params["y"]))
-            study.tell(trial, [0.3, stored_kl(2.5)])  # past the limit: the capped copy stores 1
-        return out
-
     def capped(kl):
         return min(kl, settings.kl_limit)
 
-    ours_study = study_of(make_sampler(settings, seed=7), lambda kl: kl)
-    reference = study_of(optuna.samplers.GPSampler(seed=7, n_startup_trials=10), capped)
-    plain = study_of(optuna.samplers.GPSampler(seed=7, n_startup_trials=10), lambda kl: kl)
-    ours = draws(ours_study, lambda kl: kl)
-    assert ours == draws(reference, capped)
-    assert ours != draws(plain, lambda kl: kl)
+    ours_study = study_of(make_sampler(settings, seed=7), finished, space, same)
+    reference = study_of(optuna.samplers.GPSampler(seed=7, n_startup_trials=10), finished, space, capped)
+    plain = study_of(optuna.samplers.GPSampler(seed=7, n_startup_trials=10), finished, space, same)
+    ours = draws(ours_study, space, 3, 2.5)  # past the limit: the capped copy is told 1
+    assert ours == draws(reference, space, 3, capped(2.5))
+    assert ours != draws(plain, space, 3, 2.5)
     assert [t.values[1] for t in ours_study.trials] == [v[1] for _, v in finished] + [2.5] * 3
 
 

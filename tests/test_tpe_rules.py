@@ -124,25 +124,33 @@ def test_the_sqrt_kl_scale_samples_what_a_plain_sampler_samples_on_square_roots(
         kl = float((0.3 * y + 0.2 * x) ** 2 + 0.001 * rng.uniform())  # tiny at the low end, as KL is
         finished.append(({"x": x, "y": y}, [rate, kl]))
 
-    def study_of(sampler, stored_kl):
-        study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
-        for params, (rate, kl) in finished:
-            study.add_trial(optuna.trial.create_trial(params=params, distributions=space, values=[rate, stored_kl(kl)]))
-        return study
-
-    def draws(study, stored_kl):
-        out = []
-        for _ in range(4):
-            trial = study.ask(space)
-            out.append((trial.params["x"], trial.params["y"]))
-            study.tell(trial, [0.3, stored_kl(0.04)])  # on the front's knee: the next draws see it
-        return out
-
     settings = Settings(startup_trials=10)
-    scaled = study_of(make_sampler(dataclasses.replace(settings, tpe_kl_scale="sqrt"), seed=7), lambda kl: kl)
-    reference = study_of(make_sampler(settings, seed=7), math.sqrt)
-    plain = study_of(make_sampler(settings, seed=7), lambda kl: kl)
-    ours = draws(scaled, lambda kl: kl)
-    assert ours == draws(reference, math.sqrt)
-    assert ours != draws(plain, lambda kl: kl)
+    scaled = study_of(make_sampler(dataclasses.replace(settings, tpe_kl_scale="sqrt"), seed=7), finished, space, same)
+    reference = study_of(make_sampler(settings, seed=7), finished, space, math.sqrt)
+    plain = study_of(make_sampler(settings, seed=7), finished, space, same)
+    ours = draws(scaled, space, 4, same(0.04))  # on the front's knee: the next draws see it
+    assert ours == draws(reference, space, 4, math.sqrt(0.04))
+    assert ours != draws(plain, space, 4, same(0.04))
     assert [t.values[1] for t in scaled.trials] == [v[1] for _, v in finished] + [0.04] * 4
+
+
+def same(kl):
+    return kl
+
+
+def study_of(sampler, finished, space, stored_kl):
+    """A two-objective study of the `finished` (params, (rate, KL)) trials, storing `stored_kl(KL)`."""
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+    for params, (rate, kl) in finished:
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=space, values=[rate, stored_kl(kl)]))
+    return study
+
+
+def draws(study, space, n, told_kl):
+    """The (x, y) of `n` trials the study's sampler draws, each told back at rate 0.3 and `told_kl`."""
+    out = []
+    for _ in range(n):
+        trial = study.ask(space)
+        out.append((trial.params["x"], trial.params["y"]))
+        study.tell(trial, [0.3, told_kl])
+    return out
