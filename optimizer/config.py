@@ -90,7 +90,7 @@ class Settings:
         },
     )
     trials: int = field(default=200, metadata={"help": "finished trials the study should hold in total"})
-    startup_trials: int = field(default=40, metadata={"help": "random trials before TPE takes over"})
+    startup_trials: int = field(default=40, metadata={"help": "random trials before the sampler (--sampler) takes over"})
     sampler: str = field(
         default="tpe",
         metadata={
