@@ -65,6 +65,12 @@ def _connect(settings: Settings) -> optuna.storages.RDBStorage:
     return connect(settings.storage_url(), settings.heartbeat_interval, settings.heartbeat_grace, settings.db_retry_s)
 
 
+def samples_flat(settings: Settings) -> bool:
+    """Whether trials sample the flat space (`params.suggest_params`): the GP sampler models only the
+    parameters every trial has."""
+    return settings.sampler == "gp"
+
+
 def make_sampler(settings: Settings, seed: int | None) -> optuna.samplers.BaseSampler:
     """The study's sampler: multivariate TPE with the rules `--tpe-bandwidth`, `--tpe-weights` and
     `--tpe-kl-scale` choose (`optuna_adapter`), or with `--sampler gp` Optuna's Gaussian-process
@@ -177,7 +183,7 @@ def make_objective(scorer: Scorer) -> Callable[[optuna.Trial], tuple[float, floa
         with warnings.catch_warnings():
             if trial.user_attrs.get("baseline"):  # its weight 0 lies below a --min-weight range on purpose
                 warnings.filterwarnings("ignore", message="Fixed parameter .* out of range")
-            params = suggest_params(trial, spec.loaded.n_layers, settings, flat=settings.sampler == "gp")
+            params = suggest_params(trial, spec.loaded.n_layers, settings, flat=samples_flat(settings))
         plan, info = plan_for(params, scorer.prepared.stats_for(params), settings)
         directions_s = time.perf_counter() - start
         front = finished_front(trial.study, n_harmful) if settings.early_stop else None

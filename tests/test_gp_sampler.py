@@ -83,3 +83,26 @@ def _used_names(params, stored):
         "direction_index": params.direction_index is None,
     }
     return [name for name in stored if not unused.get(name, False)]
+
+
+def test_a_study_runs_with_the_gp_sampler_and_resumes_with_tpe(tiny_dir, tmp_path, capsys):
+    """End to end on the tiny model: past its start-up trials the GP proposes every trial, each holding
+    the whole flat space (the enqueued baseline's unused parameters drawn at random); the study then
+    resumes with TPE, which samples the conditional space, and `show` reads both kinds and names the
+    sampler the study was created with."""
+    from optimizer.cli import main
+    from tests.test_study import load, run_args
+
+    studies = tmp_path / "studies"
+    assert main(run_args(tiny_dir, studies, "--trials", "5", "--sampler", "gp")) == 0
+    trials = load(studies).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 5
+    names = set(trials[0].params)
+    assert {"subspace_gamma", "alpha", "shrinkage", "direction_index"} <= names
+    assert all(set(t.params) == names for t in trials)
+    assert main(run_args(tiny_dir, studies, "--trials", "7", "--sampler", "tpe")) == 0
+    resumed = load(studies).trials[5:]
+    assert [t.state for t in resumed] == [optuna.trial.TrialState.COMPLETE] * 2
+    capsys.readouterr()
+    assert main(["show", "--studies-dir", str(studies), "--study", "t"]) == 0
+    assert "sampler='gp'" in capsys.readouterr().err  # the settings it was created with
