@@ -1,7 +1,7 @@
 """--sampler gp: Optuna's GP sampler sees KL capped at --kl-limit (checked against a plain GP sampler
 on a copy of the study that stores the capped values), and the flat search space it needs samples every
 parameter without changing what a trial means (checked against the replay, which reads only the used
-ones)."""
+ones); and a study run with it on the tiny model, resumed with TPE."""
 
 import numpy as np
 import optuna
