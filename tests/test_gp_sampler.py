@@ -6,12 +6,11 @@ ones); and a study run with it on the tiny model, resumed with TPE."""
 import numpy as np
 import optuna
 import pytest
-from optuna.distributions import FloatDistribution
 
 from optimizer.config import Settings
 from optimizer.params import replay_params, suggest_params
 from optimizer.study import make_sampler
-from tests.test_tpe_rules import draws, same, study_of
+from tests.test_tpe_rules import draws, finished_trials, same, study_of
 
 
 def test_the_gp_sampler_samples_what_a_plain_one_samples_on_kl_capped_at_the_limit():
@@ -19,25 +18,19 @@ def test_the_gp_sampler_samples_what_a_plain_one_samples_on_kl_capped_at_the_lim
     draws from a copy of the study whose stored KLs are capped at --kl-limit; and not what it draws
     from the study as it is (some KLs lie far past the limit), so the cap changes something. The
     stored values stay as they were."""
-    rng = np.random.default_rng(0)
-    space = {"x": FloatDistribution(0, 1), "y": FloatDistribution(0, 2)}
-    finished = []
-    for _ in range(24):
-        x, y = rng.uniform(0, 1), rng.uniform(0, 2)
-        rate = float(np.clip(1 - y / 2 + 0.1 * rng.normal(), 0, 1))
-        kl = float(np.exp(3 * y + x - 4))  # 0.02 to 20: broken edits far past the limit, as in a study
-        finished.append(({"x": x, "y": y}, [rate, kl]))
+    # 0.02 to 20: broken edits far past the limit, as in a study
+    finished = finished_trials(24, lambda x, y, rng: np.exp(3 * y + x - 4))
     settings = Settings(startup_trials=10, sampler="gp", kl_limit=1.0)
 
     def capped(kl):
         return min(kl, settings.kl_limit)
 
-    ours_study = study_of(make_sampler(settings, seed=7), finished, space, same)
-    reference = study_of(optuna.samplers.GPSampler(seed=7, n_startup_trials=10), finished, space, capped)
-    plain = study_of(optuna.samplers.GPSampler(seed=7, n_startup_trials=10), finished, space, same)
-    ours = draws(ours_study, space, 3, 2.5)  # past the limit: the capped copy is told 1
-    assert ours == draws(reference, space, 3, capped(2.5))
-    assert ours != draws(plain, space, 3, 2.5)
+    ours_study = study_of(make_sampler(settings, seed=7), finished, same)
+    reference = study_of(optuna.samplers.GPSampler(seed=7, n_startup_trials=10), finished, capped)
+    plain = study_of(optuna.samplers.GPSampler(seed=7, n_startup_trials=10), finished, same)
+    ours = draws(ours_study, 3, 2.5)  # past the limit: the capped copy is told 1
+    assert ours == draws(reference, 3, capped(2.5))
+    assert ours != draws(plain, 3, 2.5)
     assert [t.values[1] for t in ours_study.trials] == [v[1] for _, v in finished] + [2.5] * 3
 
 

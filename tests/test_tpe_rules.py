@@ -115,22 +115,15 @@ def test_the_sqrt_kl_scale_samples_what_a_plain_sampler_samples_on_square_roots(
     from optimizer.config import Settings
     from optimizer.study import make_sampler
 
-    rng = np.random.default_rng(0)
-    space = {"x": FloatDistribution(0, 1), "y": FloatDistribution(0, 2)}
-    finished = []
-    for _ in range(40):
-        x, y = rng.uniform(0, 1), rng.uniform(0, 2)
-        rate = float(np.clip(1 - y / 2 + 0.1 * rng.normal(), 0, 1))
-        kl = float((0.3 * y + 0.2 * x) ** 2 + 0.001 * rng.uniform())  # tiny at the low end, as KL is
-        finished.append(({"x": x, "y": y}, [rate, kl]))
-
+    # tiny at the low end, as KL is
+    finished = finished_trials(40, lambda x, y, rng: (0.3 * y + 0.2 * x) ** 2 + 0.001 * rng.uniform())
     settings = Settings(startup_trials=10)
-    scaled = study_of(make_sampler(dataclasses.replace(settings, tpe_kl_scale="sqrt"), seed=7), finished, space, same)
-    reference = study_of(make_sampler(settings, seed=7), finished, space, math.sqrt)
-    plain = study_of(make_sampler(settings, seed=7), finished, space, same)
-    ours = draws(scaled, space, 4, same(0.04))  # on the front's knee: the next draws see it
-    assert ours == draws(reference, space, 4, math.sqrt(0.04))
-    assert ours != draws(plain, space, 4, same(0.04))
+    scaled = study_of(make_sampler(dataclasses.replace(settings, tpe_kl_scale="sqrt"), seed=7), finished, same)
+    reference = study_of(make_sampler(settings, seed=7), finished, math.sqrt)
+    plain = study_of(make_sampler(settings, seed=7), finished, same)
+    ours = draws(scaled, 4, same(0.04))  # on the front's knee: the next draws see it
+    assert ours == draws(reference, 4, math.sqrt(0.04))
+    assert ours != draws(plain, 4, same(0.04))
     assert [t.values[1] for t in scaled.trials] == [v[1] for _, v in finished] + [0.04] * 4
 
 
@@ -138,19 +131,34 @@ def same(kl):
     return kl
 
 
-def study_of(sampler, finished, space, stored_kl):
+# The space of the sampler-view tests: two parameters, the refusal rate falling with y.
+XY_SPACE = {"x": FloatDistribution(0, 1), "y": FloatDistribution(0, 2)}
+
+
+def finished_trials(n, kl_of):
+    """`n` (params, (rate, KL)) trials at random points of XY_SPACE (seeded), KL = kl_of(x, y, rng)."""
+    rng = np.random.default_rng(0)
+    finished = []
+    for _ in range(n):
+        x, y = rng.uniform(0, 1), rng.uniform(0, 2)
+        rate = float(np.clip(1 - y / 2 + 0.1 * rng.normal(), 0, 1))
+        finished.append(({"x": x, "y": y}, [rate, float(kl_of(x, y, rng))]))
+    return finished
+
+
+def study_of(sampler, finished, stored_kl):
     """A two-objective study of the `finished` (params, (rate, KL)) trials, storing `stored_kl(KL)`."""
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
     for params, (rate, kl) in finished:
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=space, values=[rate, stored_kl(kl)]))
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=XY_SPACE, values=[rate, stored_kl(kl)]))
     return study
 
 
-def draws(study, space, n, told_kl):
+def draws(study, n, told_kl):
     """The (x, y) of `n` trials the study's sampler draws, each told back at rate 0.3 and `told_kl`."""
     out = []
     for _ in range(n):
-        trial = study.ask(space)
+        trial = study.ask(XY_SPACE)
         out.append((trial.params["x"], trial.params["y"]))
         study.tell(trial, [0.3, told_kl])
     return out
