@@ -46,9 +46,9 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     results: dict[tuple[str, int], float] = {}
     for n in args.trials:
+        done = finished_trials(n, args.layers, Settings(sampler="gp"))  # the same study for both samplers
         for name in ("tpe", "gp"):
             settings = Settings(sampler=name, startup_trials=10)
-            done = finished_trials(n, args.layers, Settings(sampler="gp"))
             times = []
             for seed in range(args.repeats):
                 study = optuna.create_study(directions=["minimize"] * 2, sampler=make_sampler(settings, seed=seed))
