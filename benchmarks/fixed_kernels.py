@@ -1,6 +1,6 @@
 """What the fixed-kernel sweeps share (`row_norm_sweep.py`, `affine_sweep.py`, `lda_sweep.py`,
 `read_sweep.py`): one model prepared as a study would be (cached statistics, hooks; 64 direction
-prompts, the refused-prompt filter on, float32 on the CPU, batch 32), the held-out prompts that
+prompts unless told, the refused-prompt filter on, float32 on the CPU, batch 32), the held-out prompts that
 score each edit, the unedited model's first-token log-probabilities and refusal count, and the
 kernels held fixed while a weight is swept. Refusals on held-out harmful prompts by the default
 markers; KL of the first token on held-out harmless prompts."""
@@ -32,6 +32,7 @@ def arguments(weights: list[float], kernels: list[str] | None = None) -> argpars
     p.add_argument("--model", default=str(Path.home() / ".cache/optimizer/models/smollm2-135m-refusing"))
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--cap", type=int, default=12)
+    p.add_argument("--direction-prompts", type=int, default=64, help="per set, as `optimizer run --direction-prompts`")
     p.add_argument("--weights", type=float, nargs="+", default=weights)
     p.add_argument("--kernels", nargs="+", default=kernels or list(KERNELS), choices=list(KERNELS))
     p.add_argument("--winsorize", type=float, default=0.0, help="the residuals clipped as `optimizer run --winsorize`")
@@ -85,7 +86,7 @@ def open_sweep(a: argparse.Namespace, study: str) -> Sweep:
         model=a.model,
         study=study,
         studies_dir=f"/tmp/{study}-sweep",
-        direction_prompts=64,
+        direction_prompts=a.direction_prompts,
         scoring_prompts=8,
         max_new_tokens=a.cap,
         device="cpu",
