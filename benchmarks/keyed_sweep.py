@@ -1,0 +1,117 @@
+"""A keyed edit (ROME's rank-one rule) against directional ablation, at fixed kernels.
+
+Directional ablation edits each output projection y = W a as y <- y - w r (r^T W a): whatever input
+a is, its write along r is removed, from harmless text as much as from harmful. The KL an edit costs
+comes from the harmless inputs' writes along r. A rank-one edit y <- y - w r (u^T a) with another key
+u can remove the harmful inputs' write and leave the harmless ones' as they are: ROME's rule
+(Meng et al. 2022) picks the u of least effect on the inputs' second moment C for a given effect on
+one key k, u = C^-1 k (k^T W^T r) / (k^T C^-1 k), so that u^T k = r^T W k. Here k is the harmful
+direction prompts' mean input at the position that predicts the first answer token and C the
+harmless direction prompts' second moment over every position (the edit acts at every position),
+shrunk towards its mean eigenvalue: C_lambda = C + lambda (tr C / n) I, lambda -> infinity gives
+u ~ k. At w = 1 the harmful mean's write along r is removed exactly; a harmless input moves by
+its C^-1-similarity to k instead of by its own write along r.
+
+The same model, kernels, directions (the defaults' discriminant, rho 0.9, projected) and prompts as
+`lda_sweep.py` (`fixed_kernels.py`); the direction prompts kept by `--refused-directions`
+(`refit_sweep.kept_direction_texts`).
+
+    python benchmarks/keyed_sweep.py [--lambdas L ...] [--weights W ...] [--kernels NAME ...]
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.fixed_kernels import arguments, open_sweep
+from benchmarks.refit_sweep import kept_direction_texts
+from optimizer.params import build_plan
+from optimizer.residuals import tokenize
+
+
+@torch.inference_mode()
+def input_moments(loaded, sites, harmful: list[str], harmless: list[str], batch_size: int):
+    """Per site: the harmful prompts' mean input at the last position (k) and the harmless
+    prompts' input second moment over every (unpadded) position (C)."""
+    k = {s.module: 0.0 for s in sites}
+    c = {s.module: 0.0 for s in sites}
+    counts = {"harmful": 0, "harmless": 0}
+    for name, texts in (("harmful", harmful), ("harmless", harmless)):
+        for start in range(0, len(texts), batch_size):
+            batch = tokenize(loaded, texts[start : start + batch_size])
+            mask = batch["attention_mask"].bool()
+
+            def keep(module, inputs, _output, name=name, mask=mask):
+                a = inputs[0].float()
+                if name == "harmful":
+                    k[module] = k[module] + a[:, -1].sum(0)
+                else:
+                    rows = a[mask]
+                    c[module] = c[module] + rows.T @ rows
+
+            handles = [s.module.register_forward_hook(keep) for s in sites]
+            try:
+                loaded.model(**batch, use_cache=False)
+            finally:
+                for h in handles:
+                    h.remove()
+            counts[name] += len(texts[start : start + batch_size]) if name == "harmful" else int(mask.sum())
+    return {m: v / counts["harmful"] for m, v in k.items()}, {m: v / counts["harmless"] for m, v in c.items()}
+
+
+def keyed_hooks(sites, plan, keys, moments, lam: float):
+    """Forward hooks y <- y - w r (u^T a) for every site the plan edits (u by ROME's rule)."""
+    handles = []
+    for s in sites:
+        w = plan.weight_at(s)
+        if w == 0:
+            continue
+        r = plan.directions[s.component][s.layer].float()
+        k, c = keys[s.module], moments[s.module]
+        shrunk = c + lam * c.diagonal().mean() * torch.eye(c.shape[0])
+        ck = torch.cholesky_solve(k[:, None], torch.linalg.cholesky(shrunk))[:, 0]
+        write = r @ s.module.weight.float() @ k  # r^T W k
+        u = ck * (write / (k @ ck))
+
+        def hook(_module, inputs, output, r=r, u=u, w=w):
+            return output - w * (inputs[0].float() @ u).unsqueeze(-1) * r
+
+        handles.append(s.module.register_forward_hook(hook))
+    return handles
+
+
+def main() -> None:
+    p = arguments([0.5, 0.7, 1.0, 1.5], kernels=["p.75 f.25", "p.6 f.45"])
+    p.add_argument("--rho", type=float, default=0.9)
+    p.add_argument("--lambdas", type=float, nargs="+", default=[0.01, 0.1, 1.0, 100.0])
+    a = p.parse_args()
+    sweep = open_sweep(a, "keyed")
+    bench, loaded, bs = sweep.bench, sweep.bench.loaded, sweep.bench.batch_size
+    sites = [s for s in loaded.discovery.present() if s.is_single_projection]
+    keys, moments = input_moments(loaded, sites, *kept_direction_texts(sweep), bs)
+    print(sweep.header)
+    print("| kernel | w | edit | refusals | KL |")
+    print("|---|---|---|---|---|")
+    for kname, w in itertools.product(a.kernels, a.weights):
+        plan, _ = build_plan(sweep.params(kname, w, "discriminant", shrinkage=a.rho), bench.stats, projected=1.0)
+        bench.hooks.apply(plan)
+        ref, kl = sweep.score()
+        bench.hooks.clear()
+        print(f"| {kname} | {w} | ablation | {ref}/{a.prompts} | {kl:.4f} |", flush=True)
+        for lam in a.lambdas:
+            handles = keyed_hooks(sites, plan, keys, moments, lam)
+            try:
+                ref, kl = sweep.score()
+            finally:
+                for h in handles:
+                    h.remove()
+            print(f"| {kname} | {w} | keyed, lambda {lam:g} | {ref}/{a.prompts} | {kl:.4f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
