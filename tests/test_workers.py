@@ -29,11 +29,22 @@ def worker(model: Path, studies: Path, *extra: str) -> subprocess.Popen:
     args = run_args(model, studies, *extra)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "optimizer", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        # a shell running the suite in the background ignores SIGINT, and children inherit that: give
-        # the worker a terminal's default, so that Python turns Ctrl-C into KeyboardInterrupt
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        [sys.executable, "-c", SIGINT_AS_FROM_A_TERMINAL, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
+
+
+# `python -m optimizer ARGS`, with SIGINT raising KeyboardInterrupt as it does when started from a
+# terminal: a shell running the suite in the background ignores SIGINT, children inherit that, and
+# Python then installs no handler. (Resetting it in a `preexec_fn` would run Python code between
+# fork and exec in this process, which has torch's threads: unsafe.)
+SIGINT_AS_FROM_A_TERMINAL = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'optimizer'; runpy.run_module('optimizer', run_name='__main__', alter_sys=True)"
+)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
@@ -107,7 +118,9 @@ def test_killed_postgres_worker_trial_is_failed_and_retried(tiny_dir, tmp_path, 
     proc.send_signal(signal.SIGKILL)  # at once: a trial of the tiny model lasts about a second
     proc.wait()
     killed = trial_left_running(pg_url, polled)
-    before = {t.number: t.values for t in optuna.load_study(study_name="t", storage=pg_url).trials if t.state == TrialState.COMPLETE}
+    before = {
+        t.number: t.values for t in optuna.load_study(study_name="t", storage=pg_url).trials if t.state == TrialState.COMPLETE
+    }
     time.sleep(4)  # past the grace period: the next worker fails the silent trial
     again = worker(tiny_dir, studies, "--storage", pg_url, "--trials", str(killed + 2), *SLOW, *beat)
     out = finish(again)
@@ -154,7 +167,9 @@ def test_killed_sqlite_worker_trial_is_failed_and_retried(tiny_dir, tmp_path):
     assert counted_trials(study) == killed + 2 and "computing it now" not in out  # the cache survived the kill
 
 
-@pytest.mark.parametrize(("sig", "code", "said"), [(signal.SIGINT, 130, "Interrupted."), (signal.SIGTERM, 143, "Terminated (SIGTERM).")])
+@pytest.mark.parametrize(
+    ("sig", "code", "said"), [(signal.SIGINT, 130, "Interrupted."), (signal.SIGTERM, 143, "Terminated (SIGTERM).")]
+)
 def test_ctrl_c_or_sigterm_records_the_trial_and_says_how_to_resume(tiny_dir, tmp_path, sig, code, said):
     studies = tmp_path / "studies"
     storage = f"sqlite:///{studies}/t.db"
@@ -258,6 +273,11 @@ def test_no_password_in_the_study_its_dashboard_or_the_output(tiny_dir, tmp_path
         dashboard.terminate()
         dashboard.wait(timeout=10)
     assert "Refusals" in json.loads(detail)["trials"][1]["note"]["body"], "the notes must be in what was read"
-    for where, text in (("run output", out), ("show", shown.stderr), ("study attributes", stored), ("dashboard line", first_line),
-                        ("dashboard API", detail)):
+    for where, text in (
+        ("run output", out),
+        ("show", shown.stderr),
+        ("study attributes", stored),
+        ("dashboard line", first_line),
+        ("dashboard API", detail),
+    ):
         assert SECRET not in text, where
