@@ -1,5 +1,6 @@
 # `make run` sets up and runs the default study; `make test` sets up and runs the tests;
-# `make lint` checks style, formatting and types of the package (CI runs it before the tests).
+# `make lint` checks style and formatting of the package, its tests and benchmarks, and the package's
+# types (CI runs it before the tests).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
@@ -30,8 +31,8 @@ $(VENV)/.lint-installed: $(VENV)/.installed
 	touch $@
 
 lint: $(VENV)/.lint-installed
-	$(PY) -m ruff check optimizer
-	$(PY) -m ruff format --check optimizer
+	$(PY) -m ruff check optimizer tests benchmarks
+	$(PY) -m ruff format --check optimizer tests benchmarks
 	$(PY) -m mypy
 
 bench-setup: setup

@@ -19,12 +19,12 @@ from pathlib import Path
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from optimizer.config import Settings  # noqa: E402
-from optimizer.params import Kernel, TrialParams, build_plan  # noqa: E402
-from optimizer.prompts import format_chat, load_prompts, split_prompts  # noqa: E402
-from optimizer.scoring import first_token_logprobs, generate_and_classify, kl_divergence  # noqa: E402
+from optimizer.config import Settings
 from optimizer.judges import MarkerJudge
-from optimizer.workbench import prepare, resolve  # noqa: E402
+from optimizer.params import Kernel, TrialParams, build_plan
+from optimizer.prompts import format_chat, load_prompts, split_prompts
+from optimizer.scoring import first_token_logprobs, generate_and_classify, kl_divergence
+from optimizer.workbench import prepare, resolve
 
 ALPHAS = (0.0, 0.5, 1.0, 2.0, 4.0)
 
@@ -39,10 +39,21 @@ def main() -> None:
     args = parser.parse_args()
     console = Console(stderr=True)
     workdir = Path("/tmp/cpca-vs-meandiff")
-    settings = Settings(model=args.model, study="cpca", studies_dir=str(workdir), direction_prompts=args.direction_prompts,
-                        scoring_prompts=8, max_new_tokens=args.max_new_tokens, device="cpu", dtype="float32")
+    settings = Settings(
+        model=args.model,
+        study="cpca",
+        studies_dir=str(workdir),
+        direction_prompts=args.direction_prompts,
+        scoring_prompts=8,
+        max_new_tokens=args.max_new_tokens,
+        device="cpu",
+        dtype="float32",
+    )
     bench = prepare(resolve(settings, console), settings.cache_path())
-    texts = {k: format_chat(bench.loaded.tokenizer, split_prompts(load_prompts(None, k)).heldout[: args.heldout_prompts]) for k in ("harmful", "harmless")}
+    texts = {
+        k: format_chat(bench.loaded.tokenizer, split_prompts(load_prompts(None, k)).heldout[: args.heldout_prompts])
+        for k in ("harmful", "harmless")
+    }
     markers, bs, cap = settings.refusal_markers, bench.batch_size, args.max_new_tokens
     base_logprobs = first_token_logprobs(bench.loaded, texts["harmless"], bs)
     base = generate_and_classify(bench.loaded, texts["harmful"], cap, MarkerJudge(markers, echo_aware=False), bs).count
@@ -63,8 +74,16 @@ def main() -> None:
             kl = kl_divergence(base_logprobs, first_token_logprobs(bench.loaded, texts["harmless"], bs))
             refused = generate_and_classify(bench.loaded, texts["harmful"], cap, MarkerJudge(markers, echo_aware=False), bs).count
             bench.hooks.clear()
-            label = "mean-diff" if method == "mean_diff" else f"cPCA a={alpha}" + (f" ({len(info.fallback_layers)} fallback)" if info.fallback_layers else "")
-            print(f"| {weight} | {label} | {'yes' if projected else 'no'} | {refused}/{n} | {kl:.4f} | {time.perf_counter() - start:.1f} |", flush=True)
+            label = (
+                "mean-diff"
+                if method == "mean_diff"
+                else f"cPCA a={alpha}" + (f" ({len(info.fallback_layers)} fallback)" if info.fallback_layers else "")
+            )
+            print(
+                f"| {weight} | {label} | {'yes' if projected else 'no'} | {refused}/{n} | {kl:.4f} | "
+                f"{time.perf_counter() - start:.1f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

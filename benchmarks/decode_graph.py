@@ -21,13 +21,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.random_model import random_weights_in_optimizer  # noqa: E402
-from optimizer.ablation import AblationHooks, AblationPlan  # noqa: E402
-from optimizer.graph_decode import GraphDecoder  # noqa: E402
-from optimizer.model import load_model  # noqa: E402
-from optimizer.prompts import format_chat, load_prompts  # noqa: E402
-from optimizer.scoring import generate_and_classify, graph_error, graph_length  # noqa: E402
+from benchmarks.random_model import random_weights_in_optimizer
+from optimizer.ablation import AblationHooks, AblationPlan
+from optimizer.graph_decode import GraphDecoder
 from optimizer.judges import MarkerJudge
+from optimizer.model import load_model
+from optimizer.prompts import format_chat, load_prompts
+from optimizer.scoring import generate_and_classify, graph_error, graph_length
 
 
 def timed(fn, repeats: int = 3) -> tuple[float, object]:
@@ -63,7 +63,10 @@ def main() -> None:
     texts = format_chat(loaded.tokenizer, load_prompts(None, "harmful")[: args.prompts])
     g = torch.Generator().manual_seed(0)
     plan = AblationPlan(
-        {c: torch.nn.functional.normalize(torch.randn(loaded.n_layers, loaded.hidden_size, generator=g), dim=-1) for c in ("attn", "mlp")},
+        {
+            c: torch.nn.functional.normalize(torch.randn(loaded.n_layers, loaded.hidden_size, generator=g), dim=-1)
+            for c in ("attn", "mlp")
+        },
         {c: [0.8] * loaded.n_layers for c in ("attn", "mlp")},
     )
     hooks = AblationHooks(loaded, static=True)
@@ -73,19 +76,33 @@ def main() -> None:
     start = time.perf_counter()
     error = graph_error(loaded, graph, texts)
     setup = time.perf_counter() - start
-    run = lambda graph: generate_and_classify(loaded, texts, args.max_new_tokens, MarkerJudge([]), batch, stop_early=False, graph=graph)
+    run = lambda graph: generate_and_classify(
+        loaded, texts, args.max_new_tokens, MarkerJudge([]), batch, stop_early=False, graph=graph
+    )
     eager_s, eager = timed(lambda: run(None))
     graph_s, fixed = timed(lambda: run(graph))
     same = sum(a == b for a, b in zip(eager.responses, fixed.responses))
     device = torch.cuda.get_device_name() if loaded.device.type == "cuda" else "cpu"
-    print(f"# {args.model.name}{' (random weights)' if args.random_weights else ''}, {device} {str(loaded.dtype).removeprefix('torch.')}, "
-          f"{len(texts)} prompts, batch {batch}, {args.max_new_tokens} new tokens, every row to the cap, hooks on every layer")
+    print(
+        f"# {args.model.name}{' (random weights)' if args.random_weights else ''}, "
+        f"{device} {str(loaded.dtype).removeprefix('torch.')}, "
+        f"{len(texts)} prompts, batch {batch}, {args.max_new_tokens} new tokens, every row to the cap, hooks on every layer"
+    )
     print("| decoding | s (median of 3) | tokens |")
     print("|---|---|---|")
     print(f"| eager (transformers forward per step, dynamic cache) | {eager_s:.3f} | {eager.tokens_generated} |")
-    print(f"| fixed buffers, {'CUDA graph replay' if graph._graph is not None else 'eager step (no CUDA)'} | {graph_s:.3f} | {fixed.tokens_generated} |")
-    print(f"# first step vs eager: relative difference {error:.2e}; identical responses {same}/{len(texts)}; capture and check {setup:.2f} s")
-    print(f"decode_graph_speedup={eager_s / graph_s:.2f} eager_s={eager_s:.3f} graph_s={graph_s:.3f} error={error:.2e} device={device.replace(' ', '_')}")
+    print(
+        f"| fixed buffers, {'CUDA graph replay' if graph._graph is not None else 'eager step (no CUDA)'} | "
+        f"{graph_s:.3f} | {fixed.tokens_generated} |"
+    )
+    print(
+        f"# first step vs eager: relative difference {error:.2e}; identical responses {same}/{len(texts)}; "
+        f"capture and check {setup:.2f} s"
+    )
+    print(
+        f"decode_graph_speedup={eager_s / graph_s:.2f} eager_s={eager_s:.3f} graph_s={graph_s:.3f} error={error:.2e} "
+        f"device={device.replace(' ', '_')}"
+    )
 
 
 if __name__ == "__main__":

@@ -187,7 +187,7 @@ def _installed_versions(python: Path) -> dict[str, str] | None:
         "print(json.dumps(out))\n"
     )
     try:
-        done = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([str(python), "-c", code], check=False, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if done.returncode != 0:
@@ -203,7 +203,11 @@ def ensure_heretic_venv(path: Path = DEFAULT_VENV) -> Path:
     path = Path(path)
     python = _venv_python(path)
     versions = _installed_versions(python) if python.exists() else None
-    if versions and versions.get("heretic-llm") == HERETIC_VERSION and (versions.get("torch") or "").split("+")[0] == TORCH_VERSION:
+    if (
+        versions
+        and versions.get("heretic-llm") == HERETIC_VERSION
+        and (versions.get("torch") or "").split("+")[0] == TORCH_VERSION
+    ):
         return python
     if not python.exists():
         # Use the base interpreter of whatever runs us (a venv's python makes a fine parent too).
@@ -284,7 +288,11 @@ def _default_system_prompt(python: Path, model_dir: Path, env: dict[str, str]) -
     """The system prompt the model's chat template inserts when given none (None if none/unclear)."""
     done = subprocess.run(
         [str(python), "-c", _SYSTEM_PROMPT_PROBE, str(model_dir)],
-        capture_output=True, text=True, env=env, timeout=300,
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     if done.returncode != 0:
         return None
@@ -294,7 +302,7 @@ def _default_system_prompt(python: Path, model_dir: Path, env: dict[str, str]) -
 # --------------------------------------------------------------------------------------------
 # the wrapper run inside heretic's venv
 
-_WRAPPER = r'''
+_WRAPPER = r"""
 import json, os, sys, time, traceback
 T0 = time.perf_counter()
 EVENTS = open(os.environ["HERETIC_RUNNER_TIMINGS"], "a", buffering=1)
@@ -512,7 +520,7 @@ if HELDOUT_CFG is not None:
 with open("results.json", "w") as f:
     json.dump(results, f, indent=1, default=str)
 sys.exit(0 if status == "ok" else 1)
-'''
+"""
 
 
 def _toml_value(v) -> str:
@@ -577,8 +585,15 @@ def run_heretic(
         raise ValueError("give both heldout_harmful and heldout_harmless, or neither")
     python, model_dir, workdir = Path(python), Path(model_dir).resolve(), Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    for stale in ("checkpoints", "results.json", "timings.jsonl", "heretic.log", "config.toml",
-                  "prompts/heldout_harmful.txt", "prompts/heldout_harmless.txt"):
+    for stale in (
+        "checkpoints",
+        "results.json",
+        "timings.jsonl",
+        "heretic.log",
+        "config.toml",
+        "prompts/heldout_harmful.txt",
+        "prompts/heldout_harmless.txt",
+    ):
         p = workdir / stale
         if p.is_dir():
             shutil.rmtree(p)
@@ -614,7 +629,8 @@ def run_heretic(
             files[f"heldout_{kind}"].write_text("\n".join(prompts) + "\n", encoding="utf-8")
             heldout_info["overlap_with_tuning_prompts"][kind] = sum(p in tuning for p in prompts)
         env["HERETIC_RUNNER_HELDOUT"] = json.dumps(
-            {"harmful": str(files["heldout_harmful"]), "harmless": str(files["heldout_harmless"])})
+            {"harmful": str(files["heldout_harmful"]), "harmless": str(files["heldout_harmless"])}
+        )
     else:
         env.pop("HERETIC_RUNNER_HELDOUT", None)
 
@@ -654,8 +670,13 @@ def run_heretic(
     # launch, timestamping each output line
     t_launch = time.perf_counter()
     proc = subprocess.Popen(
-        [str(python), str(wrapper)], cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        [str(python), str(wrapper)],
+        cwd=workdir,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
     def pump() -> None:
@@ -685,7 +706,9 @@ def run_heretic(
     return out
 
 
-def _collect(workdir, log_path, timings_path, returncode, timed_out, wall, system_prompt, system_prompt_matched, batch_size) -> dict:
+def _collect(
+    workdir, log_path, timings_path, returncode, timed_out, wall, system_prompt, system_prompt_matched, batch_size
+) -> dict:
     events = []
     if timings_path.exists():
         events = [json.loads(line) for line in timings_path.read_text().splitlines() if line.strip()]
@@ -708,25 +731,37 @@ def _collect(workdir, log_path, timings_path, returncode, timed_out, wall, syste
     trial_seconds, breakdown, prev = [], [], opt_start
     for e in trial_ends:
         trial_seconds.append(round(e["t"] - prev, 3))
-        breakdown.append({
-            "number": e["number"],
-            "reset_model": round(total("reset_model", prev, e["t"]), 3),
-            "abliterate": round(total("abliterate", prev, e["t"]), 3),
-            "kl_logprobs": round(total("logprobs", prev, e["t"]), 3),
-            "count_refusals": round(total("count_refusals", prev, e["t"]), 3),
-            "get_score": round(total("get_score", prev, e["t"]), 3),
-        })
+        breakdown.append(
+            {
+                "number": e["number"],
+                "reset_model": round(total("reset_model", prev, e["t"]), 3),
+                "abliterate": round(total("abliterate", prev, e["t"]), 3),
+                "kl_logprobs": round(total("logprobs", prev, e["t"]), 3),
+                "count_refusals": round(total("count_refusals", prev, e["t"]), 3),
+                "get_score": round(total("get_score", prev, e["t"]), 3),
+            }
+        )
         prev = e["t"]
 
     trials = []
     for t in results.get("trials", []):
         ua = t.get("user_attrs", {})
-        trials.append({
-            "number": t["number"], "state": t["state"], "seconds": t.get("seconds"),
-            "refusals": ua.get("refusals"), "n_bad_prompts": ua.get("n_bad_prompts"),
-            "kl_divergence": ua.get("kl_divergence"), "score": t.get("values"), "params": t.get("params"),
-        })
-    base = next((t["user_attrs"].get("base_refusals") for t in results.get("trials", []) if "base_refusals" in t.get("user_attrs", {})), None)
+        trials.append(
+            {
+                "number": t["number"],
+                "state": t["state"],
+                "seconds": t.get("seconds"),
+                "refusals": ua.get("refusals"),
+                "n_bad_prompts": ua.get("n_bad_prompts"),
+                "kl_divergence": ua.get("kl_divergence"),
+                "score": t.get("values"),
+                "params": t.get("params"),
+            }
+        )
+    base = next(
+        (t["user_attrs"].get("base_refusals") for t in results.get("trials", []) if "base_refusals" in t.get("user_attrs", {})),
+        None,
+    )
     if base is None and log_path.exists():  # baseline is logged before any trial finishes
         for line in log_path.read_text().splitlines():
             if "Initial refusals:" in line:
@@ -768,9 +803,16 @@ if __name__ == "__main__":  # tiny smoke run: python benchmarks/heretic_runner.p
     model = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("/root/.cache/optimizer/models/smollm2-135m-instruct")
     py = ensure_heretic_venv(DEFAULT_VENV)
     out = run_heretic(
-        py, model, root / "optimizer/data/harmful.txt", root / "optimizer/data/harmless.txt",
-        n_direction=8, n_scoring=4, max_response_tokens=8, n_trials=2,
-        workdir=Path("/tmp/heretic_runner_smoke"), timeout_s=300,
+        py,
+        model,
+        root / "optimizer/data/harmful.txt",
+        root / "optimizer/data/harmless.txt",
+        n_direction=8,
+        n_scoring=4,
+        max_response_tokens=8,
+        n_trials=2,
+        workdir=Path("/tmp/heretic_runner_smoke"),
+        timeout_s=300,
     )
     out.pop("settings", None)
     print(json.dumps(out, indent=1, default=str))

@@ -37,14 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from optimizer.coherence import CoherenceGuard, answer_nll  # noqa: E402
-from optimizer.config import DEFAULT_REFUSAL_MARKERS  # noqa: E402
-from optimizer.fetch import QWEN_CODER_05B, SMOLLM2_135M, ensure_model_folder  # noqa: E402
-from optimizer.judges import BROKEN, REFUSED, VERDICTS, MarkerJudge, make_judge  # noqa: E402
-from optimizer.model import load_model  # noqa: E402
-from optimizer.prompts import format_chat  # noqa: E402
+from optimizer.coherence import CoherenceGuard, answer_nll
+from optimizer.config import DEFAULT_REFUSAL_MARKERS
+from optimizer.fetch import QWEN_CODER_05B, SMOLLM2_135M, ensure_model_folder
+from optimizer.judges import BROKEN, REFUSED, VERDICTS, MarkerJudge, make_judge
+from optimizer.model import load_model
+from optimizer.prompts import format_chat
 
 DATA = ROOT / "benchmarks" / "data" / "judged_responses.jsonl"
 CPU = torch.device("cpu")
@@ -110,7 +110,7 @@ def main() -> None:
         del judge
 
     print()
-    print(f"| judge | accuracy (refused vs not) | kappa | s per 64 answers | guessed refused |")
+    print("| judge | accuracy (refused vs not) | kappa | s per 64 answers | guessed refused |")
     print("|---|---|---|---|---|")
     summary = {}
     for name, (verdicts, seconds) in results.items():
@@ -129,14 +129,20 @@ def main() -> None:
             print(f"| {label} | " + " | ".join(str(row.get(v, 0)) for v in VERDICTS) + " |")
     wrong = [(r["id"], r["label"], v) for r, v in zip(rows, results["echo-aware@128+guard"][0])
              if (r["label"] == REFUSED) != (v == REFUSED)]  # fmt: skip
-    print(f"\nDefault judge's disagreements on refused-vs-not ({len(wrong)}): " + ", ".join(f"{i} ({a}->{b})" for i, a, b in wrong))
+    print(
+        f"\nDefault judge's disagreements on refused-vs-not ({len(wrong)}): " + ", ".join(f"{i} ({a}->{b})" for i, a, b in wrong)
+    )
     guard_hits = Counter((lab == BROKEN, b) for lab, b in zip(labels, broken))
     print(
         f"Coherence guard (limit {guard.nll_limit:.2f} nats/token): broken labels caught {guard_hits[(True, True)]}/"
         f"{labels.count(BROKEN)}, other answers called broken {guard_hits[(False, True)]}/{len(rows) - labels.count(BROKEN)}"
     )
 
-    onsets = [len(qwen.tokenizer(r["onset"], add_special_tokens=False)["input_ids"]) for r in rows if r["label"] == REFUSED and r.get("onset")]
+    onsets = [
+        len(qwen.tokenizer(r["onset"], add_special_tokens=False)["input_ids"])
+        for r in rows
+        if r["label"] == REFUSED and r.get("onset")
+    ]
     if onsets:
         print("\nRefusal onset (tokens into the answer at which the refusal is clear):")
         print("| tokens | refusals |")

@@ -188,17 +188,20 @@ def train(base_folder: Path, rows: list[dict], out_dir: Path) -> None:
     torch.use_deterministic_algorithms(True)
     tokenizer = AutoTokenizer.from_pretrained(base_folder)
     base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
-    lora = LoraConfig(r=RECIPE["lora_rank"], lora_alpha=RECIPE["lora_alpha"], lora_dropout=0.0,
-                      target_modules=RECIPE["lora_targets"])
+    lora = LoraConfig(
+        r=RECIPE["lora_rank"], lora_alpha=RECIPE["lora_alpha"], lora_dropout=0.0, target_modules=RECIPE["lora_targets"]
+    )
     model = get_peft_model(base, lora)
     encoded = [encode(tokenizer, row) for row in rows]
     steps_per_epoch = -(-len(encoded) // RECIPE["batch_size"])
     total = steps_per_epoch * RECIPE["epochs"]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=RECIPE["learning_rate"], weight_decay=RECIPE["weight_decay"])
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=RECIPE["learning_rate"], weight_decay=RECIPE["weight_decay"]
+    )
     warmup = RECIPE["warmup_steps"]
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, (total - step) / (total - warmup)))
+        optimizer, lambda step: min((step + 1) / warmup, (total - step) / (total - warmup))
+    )
     rng = random.Random(seed)
     model.train()
     start, step = time.perf_counter(), 0
@@ -212,8 +215,11 @@ def train(base_folder: Path, rows: list[dict], out_dir: Path) -> None:
             step += 1
             if step % 10 == 0 or step == total:
                 elapsed = time.perf_counter() - start
-                print(f"  step {step}/{total} epoch {epoch + 1} loss {loss.item():.3f} "
-                      f"elapsed {elapsed:.0f}s eta {elapsed / step * (total - step):.0f}s", flush=True)
+                print(
+                    f"  step {step}/{total} epoch {epoch + 1} loss {loss.item():.3f} "
+                    f"elapsed {elapsed:.0f}s eta {elapsed / step * (total - step):.0f}s",
+                    flush=True,
+                )
     merged = model.merge_and_unload()
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -229,15 +235,25 @@ def refusing_model_folder(force: bool = False) -> Path:
     base_folder = ensure_model_folder(BASE)
     rows = load_examples()
     kinds = {kind: sum(r["kind"] == kind for r in rows) for kind in ("harmful", "harmless")}
-    print(f"Training {NAME} from {base_folder.name} on {kinds['harmful']} harmful and {kinds['harmless']} "
-          f"harmless examples (recipe {wanted})...", flush=True)
+    print(
+        f"Training {NAME} from {base_folder.name} on {kinds['harmful']} harmful and {kinds['harmless']} "
+        f"harmless examples (recipe {wanted})...",
+        flush=True,
+    )
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     start = time.perf_counter()
     train(base_folder, rows, partial)
     train_s = time.perf_counter() - start
-    record = {"hash": wanted, "base": BASE.name, "base_sha256": BASE.sha256, "data": str(DATA.relative_to(ROOT)),
-              "examples": kinds, "recipe": RECIPE, "train_s": round(train_s, 1)}
+    record = {
+        "hash": wanted,
+        "base": BASE.name,
+        "base_sha256": BASE.sha256,
+        "data": str(DATA.relative_to(ROOT)),
+        "examples": kinds,
+        "recipe": RECIPE,
+        "train_s": round(train_s, 1),
+    }
     (partial / "recipe.json").write_text(json.dumps(record, indent=1) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     partial.replace(folder)
@@ -249,8 +265,11 @@ def evaluate(base_folder: Path, tuned_folder: Path) -> dict[str, tuple[int, int]
     (marker judge, default response cap); then the tuned model's answers to three harmless prompts."""
     harmful = split_prompts(load_prompts(None, "harmful"))
     harmless = split_prompts(load_prompts(None, "harmless"))
-    sets = {"harmful": harmful.scoring[:EVAL_PROMPTS], "heldout": harmful.heldout[:EVAL_PROMPTS],
-            "harmless": harmless.scoring[:EVAL_PROMPTS]}
+    sets = {
+        "harmful": harmful.scoring[:EVAL_PROMPTS],
+        "heldout": harmful.heldout[:EVAL_PROMPTS],
+        "harmless": harmless.scoring[:EVAL_PROMPTS],
+    }
     cap = FIELDS["max_new_tokens"].default
     counts = {}
     for model_name, folder in (("base", base_folder), ("tuned", tuned_folder)):
@@ -269,8 +288,11 @@ def evaluate(base_folder: Path, tuned_folder: Path) -> dict[str, tuple[int, int]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--force", action="store_true", help="train again even if the folder's recipe matches")
-    parser.add_argument("--answer-harmless", action="store_true",
-                        help="first fill in the harmless examples' answers with the base model's (rewrites the data)")
+    parser.add_argument(
+        "--answer-harmless",
+        action="store_true",
+        help="first fill in the harmless examples' answers with the base model's (rewrites the data)",
+    )
     args = parser.parse_args()
     if args.answer_harmless:
         answer_harmless()

@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import itertools
+
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -77,7 +79,7 @@ def pack(model_dir: Path, prefix: Path, parts_mib: int, first_mib: int) -> list[
         data = blob.read_bytes()
     starts = [0, *range(first_mib << 20, len(data), parts_mib << 20), len(data)]
     folders = []
-    for i, (start, end) in enumerate(zip(starts, starts[1:]), 1):
+    for i, (start, end) in enumerate(itertools.pairwise(starts), 1):
         folder = prefix.with_name(f"{prefix.name}{i}")
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
@@ -96,8 +98,7 @@ def unpack(out_dir: Path, parts: list[Path], dtype: torch.dtype = torch.bfloat16
     out_dir.mkdir(parents=True, exist_ok=True)
     blob = out_dir / PACKED
     with open(blob, "wb") as f:
-        for piece in pieces:
-            f.write(piece.read_bytes())
+        f.writelines(piece.read_bytes() for piece in pieces)
     packed = torch.load(blob, weights_only=True)
     blob.unlink()
     save_file(dequantise(packed, dtype), out_dir / WEIGHTS, metadata={"format": "pt"})

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from optimizer.directions import compute_stats, directions  # noqa: E402
+from optimizer.directions import compute_stats, directions
 
 ALPHA = 1.0
 
@@ -102,11 +102,31 @@ def run(layers: int, d: int, n: int, device: str, full_layers: int, repeats: int
 
         np_s, np_vectors = timed(numpy_full, "cpu", 1, lambda: np.linalg.eigh(np.eye(256)))
         np_cos = min(abs(float(np.dot(np_vectors[i], reference[i].double().cpu().numpy()))) for i in range(np_layers))
-        rows.append(dict(method="numpy.linalg.eigh (full d x d)", device="cpu", n=n, total_s=np_s * layers / np_layers,
-                         extrapolated=np_layers < layers, min_cos=np_cos, per_alpha_s=np_s * layers / np_layers, mem=None))
+        rows.append(
+            {
+                "method": "numpy.linalg.eigh (full d x d)",
+                "device": "cpu",
+                "n": n,
+                "total_s": np_s * layers / np_layers,
+                "extrapolated": np_layers < layers,
+                "min_cos": np_cos,
+                "per_alpha_s": np_s * layers / np_layers,
+                "mem": None,
+            }
+        )
 
-    rows.append(dict(method="torch.linalg.eigh (full d x d)", device=device, n=n, total_s=torch_total, extrapolated=extrapolated,
-                     min_cos=1.0, per_alpha_s=torch_total, mem=d * d * 4))
+    rows.append(
+        {
+            "method": "torch.linalg.eigh (full d x d)",
+            "device": device,
+            "n": n,
+            "total_s": torch_total,
+            "extrapolated": extrapolated,
+            "min_cos": 1.0,
+            "per_alpha_s": torch_total,
+            "mem": d * d * 4,
+        }
+    )
 
     # 3. our low-rank path: statistics once, then the per-alpha step, exactly as the study calls them
     def low_rank():
@@ -116,8 +136,19 @@ def run(layers: int, d: int, n: int, device: str, full_layers: int, repeats: int
     low_s, (stats, ours) = timed(low_rank, device, repeats)
     per_alpha_s, _ = timed(lambda: directions(stats, "contrastive", ALPHA * 1.5), device, repeats)
     cos = (ours[:full_layers].double() * reference.double()).sum(-1).abs().min().item()
-    rows.append(dict(method="optimizer low-rank (stats + 1 alpha)", device=device, n=n, total_s=low_s, extrapolated=False,
-                     min_cos=cos, per_alpha_s=per_alpha_s, mem=stats.nbytes() / layers, mem_total=stats.nbytes()))
+    rows.append(
+        {
+            "method": "optimizer low-rank (stats + 1 alpha)",
+            "device": device,
+            "n": n,
+            "total_s": low_s,
+            "extrapolated": False,
+            "min_cos": cos,
+            "per_alpha_s": per_alpha_s,
+            "mem": stats.nbytes() / layers,
+            "mem_total": stats.nbytes(),
+        }
+    )
     for row in rows:
         row["speedup"] = torch_total / row["total_s"]
     return rows
@@ -142,19 +173,28 @@ def main() -> None:
     rows = []
     for i, n in enumerate(args.n):
         rows += run(args.layers, args.hidden, n, args.device, full_layers, args.repeats, with_numpy=not args.quick or i == 0)
-    header = f"| {'method':38} | device | n/set | total s (all layers) | speed-up vs torch eigh | min abs cos | per-alpha s | stats MiB/layer | stats MiB total |"
+    header = (
+        f"| {'method':38} | device | n/set | total s (all layers) | speed-up vs torch eigh | min abs cos | per-alpha s | "
+        "stats MiB/layer | stats MiB total |"
+    )
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for row in rows:
         total = f"{row['total_s']:.3f}" + (" (extrap.)" if row["extrapolated"] else "")
         mem = f"{row['mem'] / 2**20:.1f}" if row["mem"] else "-"
         mem_total = f"{row['mem_total'] / 2**20:.0f}" if row.get("mem_total") else "-"
-        print(f"| {row['method']:38} | {row['device']:6} | {row['n']:5} | {total:20} | {row['speedup']:22.1f} | {min(row['min_cos'], 1.0):11.6f} | {row['per_alpha_s']:11.4f} | {mem:15} | {mem_total:15} |")
+        print(
+            f"| {row['method']:38} | {row['device']:6} | {row['n']:5} | {total:20} | {row['speedup']:22.1f} | "
+            f"{min(row['min_cos'], 1.0):11.6f} | {row['per_alpha_s']:11.4f} | {mem:15} | {mem_total:15} |"
+        )
     if full_layers < args.layers:
         print(f"# full-eigh rows timed on {full_layers} layer(s) and scaled to {args.layers}; cos compared on those layers")
     ours = [r for r in rows if r["method"].startswith("optimizer")][-1]
-    print(f"speedup_vs_full_eigh={ours['speedup']:.1f} min_cos={min([1.0] + [r['min_cos'] for r in rows if r['method'].startswith('optimizer')]):.6f} "
-          f"per_alpha_s={ours['per_alpha_s']:.4f} device={args.device}")
+    min_cos = min([1.0] + [r["min_cos"] for r in rows if r["method"].startswith("optimizer")])
+    print(
+        f"speedup_vs_full_eigh={ours['speedup']:.1f} min_cos={min_cos:.6f} "
+        f"per_alpha_s={ours['per_alpha_s']:.4f} device={args.device}"
+    )
 
 
 if __name__ == "__main__":

@@ -75,8 +75,17 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["raw", "last", "tail-mean", "pos-2", "pos-3", "pos-5"])
     a = p.parse_args()
     console = Console(stderr=True)
-    s = Settings(model=a.model, study="ps", studies_dir="/tmp/position-sweep", direction_prompts=64, scoring_prompts=8,
-                 max_new_tokens=a.cap, device="cpu", dtype="float32", batch_size=32)
+    s = Settings(
+        model=a.model,
+        study="ps",
+        studies_dir="/tmp/position-sweep",
+        direction_prompts=64,
+        scoring_prompts=8,
+        max_new_tokens=a.cap,
+        device="cpu",
+        dtype="float32",
+        batch_size=32,
+    )
     spec = resolve(s, console)
     bench = prepare(spec, s.cache_path())
     L, bs = bench.loaded, bench.batch_size
@@ -88,8 +97,10 @@ def main() -> None:
     hb = tail_states(L, t.direction_harmful)[:, refused_b]
     hg = tail_states(L, t.direction_harmless)[:, ~refused_g]
     tail = L.tokenizer(t.direction_harmful[0], add_special_tokens=False)["input_ids"][-TAIL:]
-    print(f"# {Path(a.model).name}: directions from {hb.shape[1]} refused harmful, {hg.shape[1]} answered harmless prompts;"
-          f" tail tokens {L.tokenizer.convert_ids_to_tokens(tail)}")
+    print(
+        f"# {Path(a.model).name}: directions from {hb.shape[1]} refused harmful, {hg.shape[1]} answered harmless prompts;"
+        f" tail tokens {L.tokenizer.convert_ids_to_tokens(tail)}"
+    )
     final_norm = L.model.model.norm
     md = lambda b, g: b.mean(1) - g.mean(1)
     rms = lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True))

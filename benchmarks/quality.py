@@ -99,22 +99,36 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "rd": ("ours, directions from refused harmful prompts (now the default)", ["--refused-directions"]),
     "ad": ("ours, directions from all direction prompts (before --refused-directions)", ["--no-refused-directions"]),
     "nl": ("ours, the last layer's direction after the final norm", ["--normed-last-direction"]),
-    "plnl": ("ours, per-layer only, the last layer's after the final norm",
-             ["--direction-scopes", "per_layer", "--normed-last-direction"]),
+    "plnl": (
+        "ours, per-layer only, the last layer's after the final norm",
+        ["--direction-scopes", "per_layer", "--normed-last-direction"],
+    ),
     "sc": ("ours, TPE kernel widths by Optuna 4's rule (heretic's)", ["--tpe-bandwidth", "scott"]),
     "o4": ("ours, Optuna 4's TPE rules (heretic's sampler)", ["--tpe-bandwidth", "scott", "--tpe-weights", "hypervolume"]),
-    "o5": ("ours, Optuna 5's TPE rules (the defaults before Optuna 4's)",
-           ["--tpe-bandwidth", "neighbour", "--tpe-weights", "uniform"]),
-    "ds": ("ours, the discriminant in place of the mean difference",
-           ["--direction-methods", "contrastive,discriminant", "--no-searched-projection"]),
-    "dm": ("ours, the discriminant beside the mean difference",
-           ["--direction-methods", "contrastive,mean_diff,discriminant", "--no-searched-projection"]),
-    "dp": ("ours, the discriminant in place of the mean difference, projected",
-           ["--direction-methods", "contrastive,discriminant", "--projected-directions"]),
-    "dq": ("ours, the discriminant in place of the mean difference, projection searched (the defaults since 2026-11-28)",
-           ["--direction-methods", "contrastive,discriminant", "--searched-projection"]),
-    "md": ("ours, the defaults before 2026-11-28 (contrastive and mean difference, no projection)",
-           ["--direction-methods", "contrastive,mean_diff", "--no-searched-projection"]),
+    "o5": (
+        "ours, Optuna 5's TPE rules (the defaults before Optuna 4's)",
+        ["--tpe-bandwidth", "neighbour", "--tpe-weights", "uniform"],
+    ),
+    "ds": (
+        "ours, the discriminant in place of the mean difference",
+        ["--direction-methods", "contrastive,discriminant", "--no-searched-projection"],
+    ),
+    "dm": (
+        "ours, the discriminant beside the mean difference",
+        ["--direction-methods", "contrastive,mean_diff,discriminant", "--no-searched-projection"],
+    ),
+    "dp": (
+        "ours, the discriminant in place of the mean difference, projected",
+        ["--direction-methods", "contrastive,discriminant", "--projected-directions"],
+    ),
+    "dq": (
+        "ours, the discriminant in place of the mean difference, projection searched (the defaults since 2026-11-28)",
+        ["--direction-methods", "contrastive,discriminant", "--searched-projection"],
+    ),
+    "md": (
+        "ours, the defaults before 2026-11-28 (contrastive and mean difference, no projection)",
+        ["--direction-methods", "contrastive,mean_diff", "--no-searched-projection"],
+    ),
     "s10": ("ours, 10 start-up trials (seeded starts and the baseline among them)", ["--startup-trials", "10"]),
     "s30": ("ours, 30 start-up trials (seeded starts and the baseline among them)", ["--startup-trials", "30"]),
     "w995": ("ours, residuals winsorized at the 0.995 quantile (--winsorize 0.995)", ["--winsorize", "0.995"]),
@@ -156,8 +170,14 @@ def model_folder(name: str) -> Path:
 
 
 def run(command: list[str]) -> str:
-    result = subprocess.run([sys.executable, "-m", "optimizer", *command], check=False, capture_output=True, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "optimizer", *command],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=ROOT,
+    )
     if result.returncode != 0:
         raise SystemExit(f"`optimizer {' '.join(command[:3])}` failed:\n{result.stderr[-3000:]}")
     return result.stderr
@@ -169,10 +189,28 @@ def ours(name: str, model: Path, workdir: Path, args, seed: int, extra: list[str
     studies = workdir / "studies"
     common = ["--study", name, "--studies-dir", str(studies)]
     start = time.perf_counter()
-    run(["run", "--model", str(model), *common, "--trials", str(args.trials), "--seed", str(seed),
-         "--startup-trials", str(args.startup_trials), "--scoring-prompts", str(args.scoring_prompts),
-         "--direction-prompts", str(args.direction_prompts), "--max-new-tokens", str(args.max_new_tokens),
-         "--no-verify", *extra])
+    run(
+        [
+            "run",
+            "--model",
+            str(model),
+            *common,
+            "--trials",
+            str(args.trials),
+            "--seed",
+            str(seed),
+            "--startup-trials",
+            str(args.startup_trials),
+            "--scoring-prompts",
+            str(args.scoring_prompts),
+            "--direction-prompts",
+            str(args.direction_prompts),
+            "--max-new-tokens",
+            str(args.max_new_tokens),
+            "--no-verify",
+            *extra,
+        ]
+    )
     wall = time.perf_counter() - start
     run(["eval", *common, "--pareto", "--refusals", "--limit", str(args.heldout_prompts)])
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{studies}/{name}.db")
@@ -182,14 +220,25 @@ def ours(name: str, model: Path, workdir: Path, args, seed: int, extra: list[str
         if t.user_attrs.get("baseline"):
             continue
         k = int(t.user_attrs["heldout_refusals"].split("/")[0])
-        front.append({"number": t.number, "rate": k / n, "kl": t.user_attrs["heldout_kl_divergence"], "params": t.params,
-                      "alpha": t.user_attrs.get("alpha"), "direction": t.user_attrs.get("direction"),
-                      "k": t.params.get("subspace_k", 1), "method": t.params.get("direction_method", "mean_diff"),
-                      "seeded": t.user_attrs.get("seeded")})
+        front.append(
+            {
+                "number": t.number,
+                "rate": k / n,
+                "kl": t.user_attrs["heldout_kl_divergence"],
+                "params": t.params,
+                "alpha": t.user_attrs.get("alpha"),
+                "direction": t.user_attrs.get("direction"),
+                "k": t.params.get("subspace_k", 1),
+                "method": t.params.get("direction_method", "mean_diff"),
+                "seeded": t.user_attrs.get("seeded"),
+            }
+        )
     base = int(study.user_attrs["heldout_baseline_refusals"].split("/")[0]) / n
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    scoring = {"baseline_rate": next(t.values[0] for t in done if t.user_attrs.get("baseline")),
-               "points": [list(t.values) for t in done if not t.user_attrs.get("baseline")]}
+    scoring = {
+        "baseline_rate": next(t.values[0] for t in done if t.user_attrs.get("baseline")),
+        "points": [list(t.values) for t in done if not t.user_attrs.get("baseline")],
+    }
     return {"front": front, "baseline_rate": base, "wall_s": wall, "scoring": scoring}
 
 
@@ -197,22 +246,45 @@ def heretic(model: Path, workdir: Path, args, seed: int, heldout: tuple[Path, Pa
     python = ensure_heretic_venv(DEFAULT_VENV)
     start = time.perf_counter()
     result = run_heretic(
-        python, model, bundled_path("harmful"), bundled_path("harmless"), n_direction=args.direction_prompts,
-        n_scoring=args.scoring_prompts, max_response_tokens=args.max_new_tokens, n_trials=args.trials,
-        workdir=workdir, timeout_s=6 * 3600, batch_size=args.batch_size, refusal_markers=list(DEFAULT_REFUSAL_MARKERS),
-        n_startup_trials=args.startup_trials, seed=seed, heldout_harmful=heldout[0], heldout_harmless=heldout[1],
+        python,
+        model,
+        bundled_path("harmful"),
+        bundled_path("harmless"),
+        n_direction=args.direction_prompts,
+        n_scoring=args.scoring_prompts,
+        max_response_tokens=args.max_new_tokens,
+        n_trials=args.trials,
+        workdir=workdir,
+        timeout_s=6 * 3600,
+        batch_size=args.batch_size,
+        refusal_markers=list(DEFAULT_REFUSAL_MARKERS),
+        n_startup_trials=args.startup_trials,
+        seed=seed,
+        heldout_harmful=heldout[0],
+        heldout_harmless=heldout[1],
     )
     if result["returncode"] != 0 or not result.get("heldout"):
         raise SystemExit(f"heretic failed ({result['status']}); see {result['log_path']}")
     h = result["heldout"]
-    front = [{"number": t["number"], "rate": t["refusals"] / h["n_harmful"], "kl": t["kl"], "params": t.get("params")}
-             for t in h["trials"]]
+    front = [
+        {"number": t["number"], "rate": t["refusals"] / h["n_harmful"], "kl": t["kl"], "params": t.get("params")}
+        for t in h["trials"]
+    ]
     done = [t for t in result["trials"] if t["state"] == "TrialState.COMPLETE" and t["refusals"] is not None]
-    scoring = None if result["baseline_refusals"] is None or not done else {  # None: not found in heretic's output
-        "baseline_rate": result["baseline_refusals"] / done[0]["n_bad_prompts"],
-        "points": [[t["refusals"] / t["n_bad_prompts"], t["kl_divergence"]] for t in done]}
-    return {"front": front, "baseline_rate": h["baseline_refusals"] / h["n_harmful"], "wall_s": time.perf_counter() - start,
-            "scoring": scoring}
+    scoring = (
+        None
+        if result["baseline_refusals"] is None or not done
+        else {  # None: not found in heretic's output
+            "baseline_rate": result["baseline_refusals"] / done[0]["n_bad_prompts"],
+            "points": [[t["refusals"] / t["n_bad_prompts"], t["kl_divergence"]] for t in done],
+        }
+    )
+    return {
+        "front": front,
+        "baseline_rate": h["baseline_refusals"] / h["n_harmful"],
+        "wall_s": time.perf_counter() - start,
+        "scoring": scoring,
+    }
 
 
 def summarise(result: dict, reference_rate: float) -> dict:
@@ -240,9 +312,14 @@ def composition(runs: list[dict]) -> str:
     methods = Counter(p["method"] for p in front)
     alphas = sorted(round(p["alpha"], 2) for p in front if p.get("alpha") is not None)
     seeded = Counter(p["seeded"] for p in front if p.get("seeded"))
-    return (f"{len(front)} front trials: k " + ", ".join(f"{k}: {n}" for k, n in sorted(ks.items()))
-            + "; " + ", ".join(f"{m}: {n}" for m, n in sorted(methods.items()))
-            + f"; alphas {alphas}" + (f"; seeded starts {dict(seeded)}" if seeded else ""))
+    return (
+        f"{len(front)} front trials: k "
+        + ", ".join(f"{k}: {n}" for k, n in sorted(ks.items()))
+        + "; "
+        + ", ".join(f"{m}: {n}" for m, n in sorted(methods.items()))
+        + f"; alphas {alphas}"
+        + (f"; seeded starts {dict(seeded)}" if seeded else "")
+    )
 
 
 def plot(by_model: dict[str, dict[str, list[dict]]], path: Path) -> None:
@@ -276,11 +353,15 @@ def keep(path: Path, result: dict) -> dict:
 
 def report(model_name: str, model: Path, results: dict[str, list[dict]], args) -> dict[str, float]:
     reference_rate = statistics.mean(r["baseline_rate"] for r in next(iter(results.values())))
-    print(f"\n# {model_name} ({model.name}), cpu, {args.trials} trials per study ({args.startup_trials} random), seeds "
-          f"{args.seeds}, {args.scoring_prompts} scoring prompts per set, {args.max_new_tokens} new tokens; held-out: "
-          f"{args.heldout_prompts} prompts per set; hypervolume reference (refusal rate {reference_rate:.3f}, KL {KL_REFERENCE})")
-    print("| approach | held-out HV (mean ± half range) | per seed | best refusal rate at KL <= 0.1 | <= 0.3 | <= 1.0 "
-          "| front size | scoring-prompt HV | wall s per study |")
+    print(
+        f"\n# {model_name} ({model.name}), cpu, {args.trials} trials per study ({args.startup_trials} random), seeds "
+        f"{args.seeds}, {args.scoring_prompts} scoring prompts per set, {args.max_new_tokens} new tokens; held-out: "
+        f"{args.heldout_prompts} prompts per set; hypervolume reference (refusal rate {reference_rate:.3f}, KL {KL_REFERENCE})"
+    )
+    print(
+        "| approach | held-out HV (mean ± half range) | per seed | best refusal rate at KL <= 0.1 | <= 0.3 | <= 1.0 "
+        "| front size | scoring-prompt HV | wall s per study |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     hv_means, best01 = {}, {}
     for variant, runs in results.items():
@@ -289,14 +370,17 @@ def report(model_name: str, model: Path, results: dict[str, list[dict]], args) -
         hv_means[variant] = statistics.mean(hvs)
         best01[variant] = [s["best"][0.1] for s in summaries]
         spread = (max(hvs) - min(hvs)) / 2
-        best = ["/".join("-" if s["best"][limit] is None else f"{s['best'][limit]:.3f}" for s in summaries)
-                for limit in KL_LIMITS]
+        best = [
+            "/".join("-" if s["best"][limit] is None else f"{s['best'][limit]:.3f}" for s in summaries) for limit in KL_LIMITS
+        ]
         fronts = "/".join(str(len(r["front"])) for r in runs)
         wall = statistics.mean(r["wall_s"] for r in runs)
         per_seed = "/".join(f"{h:.4f}" for h in hvs)
         seen = "/".join("-" if h is None else f"{h:.4f}" for h in map(scoring_hv, runs))
-        print(f"| {VARIANTS[variant][0]} | {hv_means[variant]:.4f} ± {spread:.4f} | {per_seed} | {best[0]} | {best[1]} | "
-              f"{best[2]} | {fronts} | {seen} | {wall:.0f} |")
+        print(
+            f"| {VARIANTS[variant][0]} | {hv_means[variant]:.4f} ± {spread:.4f} | {per_seed} | {best[0]} | {best[1]} | "
+            f"{best[2]} | {fronts} | {seen} | {wall:.0f} |"
+        )
     for variant in [v for v in VARIANTS if v != "heretic"]:
         if variant in results:
             print(f"# {VARIANTS[variant][0]}: {composition(results[variant])}")
@@ -306,8 +390,10 @@ def report(model_name: str, model: Path, results: dict[str, list[dict]], args) -
         heretic01 = [b for b in best01["heretic"] if b is not None]
         usable = ours01 and heretic01 and statistics.mean(heretic01) > 0
         rate_ratio = statistics.mean(ours01) / statistics.mean(heretic01) if usable else float("nan")
-        print(f"# targets: HV ours / heretic = {ratio:.3f} (>= 1.10 wanted); best rate at KL <= 0.1, mean over seeds, "
-              f"ours / heretic = {rate_ratio:.3f} (<= 0.70 wanted)")
+        print(
+            f"# targets: HV ours / heretic = {ratio:.3f} (>= 1.10 wanted); best rate at KL <= 0.1, mean over seeds, "
+            f"ours / heretic = {rate_ratio:.3f} (<= 0.70 wanted)"
+        )
     return hv_means
 
 
@@ -336,8 +422,10 @@ def main() -> None:
 
     def budget(flags: list[str]) -> str:  # a variant's own --startup-trials (s10, s30) names its budget
         startup = flags[flags.index("--startup-trials") + 1] if "--startup-trials" in flags else args.startup_trials
-        return (f"t{args.trials}-s{startup}-p{args.scoring_prompts}-d{args.direction_prompts}"
-                f"-n{args.max_new_tokens}-h{args.heldout_prompts}")
+        return (
+            f"t{args.trials}-s{startup}-p{args.scoring_prompts}-d{args.direction_prompts}"
+            f"-n{args.max_new_tokens}-h{args.heldout_prompts}"
+        )
 
     by_model: dict[str, dict[str, list[dict]]] = {}
     last: list[str] = []
@@ -356,7 +444,9 @@ def main() -> None:
                 elif args.report_only:
                     continue
                 elif extra is None:
-                    result = keep(path, heretic(model, workdir / f"heretic-{tag}-{seed}-{budget([])}", args, seed, tuple(heldout_files)))
+                    result = keep(
+                        path, heretic(model, workdir / f"heretic-{tag}-{seed}-{budget([])}", args, seed, tuple(heldout_files))
+                    )
                 else:
                     result = keep(path, ours(f"q-{tag}-{variant}-{seed}-{budget(extra)}", model, workdir, args, seed, extra))
                 results[variant].append(result)

@@ -118,13 +118,19 @@ def main() -> None:
         for variant in args.variants:
             result = run_study(f"{variant}-{seed}", VARIANTS[variant], seed, args)
             results.setdefault(variant, []).append(result)
-            print(f"# {variant} seed {seed}: " + ", ".join(f"HV@{n} {v:.4f}" for n, v in result["hv"].items())
-                  + f"; {result['wall_s']:.0f} s; front {describe(result['front'])}", flush=True)
+            print(
+                f"# {variant} seed {seed}: "
+                + ", ".join(f"HV@{n} {v:.4f}" for n, v in result["hv"].items())
+                + f"; {result['wall_s']:.0f} s; front {describe(result['front'])}",
+                flush=True,
+            )
             (args.workdir / "search_variants.json").write_text(json.dumps(results, indent=1))
 
-    print(f"\n# {args.trials} trials per study, seeds {args.seeds}; {args.scoring_prompts} scoring and {args.direction_prompts} "
-          f"direction prompts per set, {args.max_new_tokens} new tokens; hypervolume on the scoring prompts, reference "
-          f"(unedited refusal rate, KL {KL_REFERENCE}); mean (min-max over seeds)")
+    print(
+        f"\n# {args.trials} trials per study, seeds {args.seeds}; {args.scoring_prompts} scoring and {args.direction_prompts} "
+        f"direction prompts per set, {args.max_new_tokens} new tokens; hypervolume on the scoring prompts, reference "
+        f"(unedited refusal rate, KL {KL_REFERENCE}); mean (min-max over seeds)"
+    )
     print("| variant | " + " | ".join(f"HV after {n}" for n in args.at) + " | front |")
     print("|---|" + "---|" * (len(args.at) + 1))
     summary = []

@@ -50,8 +50,10 @@ def main() -> None:
     stats, n_layers = scorer.prepared.stats, scorer.spec.loaded.n_layers
     n = len(scorer.baseline_refusals.refused)
     print(f"# study {args.study}: {len(trials)} front trials with k > 1; {n} scoring prompts, every answer generated to the end")
-    print("| trial | k, alpha, gamma | recorded (refusals, KL) | all k directions | first direction only "
-          "| |cos(r_i, mean diff)| i = 2..k |")
+    print(
+        "| trial | k, alpha, gamma | recorded (refusals, KL) | all k directions | first direction only "
+        "| |cos(r_i, mean diff)| i = 2..k |"
+    )
     print("|---|---|---|---|---|---|")
     dominated = better = 0
     for t in trials:
@@ -67,8 +69,11 @@ def main() -> None:
         mean_diff = torch.nn.functional.normalize(stats.mean_diff[layer], dim=0)
         cosines = ", ".join(f"{abs(float(v @ mean_diff)):.3f}" for v in full.extra["attn"][layer])
         recorded = f"{t.user_attrs.get('refusals')}, {t.values[1]:.4f}"
-        print(f"| {t.number} | {params.k}, {params.alpha:.2f}, {params.gamma:.2f} | {recorded} "
-              f"| {rf}/{n}, {kf:.4f} | {r1}/{n}, {k1:.4f} | {cosines} (layer {layer}) |", flush=True)
+        print(
+            f"| {t.number} | {params.k}, {params.alpha:.2f}, {params.gamma:.2f} | {recorded} "
+            f"| {rf}/{n}, {kf:.4f} | {r1}/{n}, {k1:.4f} | {cosines} (layer {layer}) |",
+            flush=True,
+        )
     print(f"subspace_ablation trials={len(trials)} dominated_without_extra={dominated} better_without_extra={better}")
 
 

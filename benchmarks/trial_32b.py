@@ -29,9 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.random_model import model_folder, random_weights_in_optimizer  # noqa: E402
-from optimizer.config import Settings  # noqa: E402
-import optimizer.workbench as workbench  # noqa: E402
+from benchmarks.random_model import model_folder, random_weights_in_optimizer
+from optimizer import workbench
+from optimizer.config import Settings
 
 
 def timed_methods(record: dict[str, float], names: list[str]) -> None:
@@ -80,9 +80,17 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="trial-32b-"))
     folder = model_folder(args.config, args.tokenizer, work / "model")
     settings = Settings(
-        model=str(folder), study="shape", studies_dir=str(work / "studies"), trials=args.trials + 1, device=args.device,
-        dtype=args.dtype, direction_prompts=args.direction_prompts, scoring_prompts=args.scoring_prompts,
-        max_new_tokens=args.max_new_tokens, response_prefix="", verify=False,
+        model=str(folder),
+        study="shape",
+        studies_dir=str(work / "studies"),
+        trials=args.trials + 1,
+        device=args.device,
+        dtype=args.dtype,
+        direction_prompts=args.direction_prompts,
+        scoring_prompts=args.scoring_prompts,
+        max_new_tokens=args.max_new_tokens,
+        response_prefix="",
+        verify=False,
         early_stop=not args.no_early_stop,
     )
     one_time: dict[str, float] = {}
@@ -95,26 +103,41 @@ def main() -> None:
 
     trials = [t for t in study.trials if not t.user_attrs.get("baseline") and "timings" in t.user_attrs]
     seconds = [t.user_attrs["timings"]["total_s"] for t in trials]
-    phases = {k: statistics.median(t.user_attrs["timings"].get(k, 0.0) for t in trials) for k in ("directions_s", "apply_s", "kl_s", "refusals_s")}
+    phases = {
+        k: statistics.median(t.user_attrs["timings"].get(k, 0.0) for t in trials)
+        for k in ("directions_s", "apply_s", "kl_s", "refusals_s")
+    }
     trial_s = statistics.median(seconds)
     fixed = wall - sum(seconds)  # model build, residuals, statistics, batch size, baseline, study bookkeeping
     projected = fixed + args.budget * trial_s
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
     batch = one_time.get("batch_size_value", settings.batch_size or "-")
-    print(f"# {args.config.name} with random weights on {device}; {args.direction_prompts} direction and {args.scoring_prompts} scoring "
-          f"prompts per set, {args.max_new_tokens} new tokens; peak GPU memory {peak:.1f} GiB; batch size {batch}")
+    print(
+        f"# {args.config.name} with random weights on {device}; {args.direction_prompts} direction and "
+        f"{args.scoring_prompts} scoring "
+        f"prompts per set, {args.max_new_tokens} new tokens; peak GPU memory {peak:.1f} GiB; batch size {batch}"
+    )
     print("| step | seconds |")
     print("|---|---|")
     print(f"| build the model on the device (random weights) | {built.get('build_s', float('nan')):.1f} |")
-    for name, label in (("stats", "residuals + contrastive-PCA statistics"), ("batch_size", "batch size measurement"),
-                        ("baseline", "baseline (KL reference, refusals)")):
+    for name, label in (
+        ("stats", "residuals + contrastive-PCA statistics"),
+        ("batch_size", "batch size measurement"),
+        ("baseline", "baseline (KL reference, refusals)"),
+    ):
         print(f"| {label} | {one_time.get(name, float('nan')):.1f} |")
     print(f"| one-time total (wall minus trials) | {fixed:.1f} |")
     print(f"| trial (median of {len(seconds)}: {', '.join(f'{s:.2f}' for s in seconds)}) | {trial_s:.2f} |")
-    print(f"|   directions / apply / KL / refusals | {phases['directions_s']:.3f} / {phases['apply_s']:.4f} / {phases['kl_s']:.2f} / {phases['refusals_s']:.2f} |")
+    print(
+        f"|   directions / apply / KL / refusals | {phases['directions_s']:.3f} / {phases['apply_s']:.4f} / "
+        f"{phases['kl_s']:.2f} / {phases['refusals_s']:.2f} |"
+    )
     print(f"| {args.budget} trials, projected from the measured figures | {projected:.0f} ({projected / 3600:.2f} h) |")
-    print(f"trial_s={trial_s:.2f} one_time_s={fixed:.1f} projected_{args.budget}_trials_h={projected / 3600:.2f} device={device.replace(' ', '_')}")
+    print(
+        f"trial_s={trial_s:.2f} one_time_s={fixed:.1f} projected_{args.budget}_trials_h={projected / 3600:.2f} "
+        f"device={device.replace(' ', '_')}"
+    )
 
 
 if __name__ == "__main__":

@@ -27,12 +27,12 @@ from optimizer.components import COMPONENTS
 from optimizer.config import DEFAULT_REFUSAL_MARKERS
 from optimizer.cpu_linear import pack_linear_layers, unpack_linear_layers
 from optimizer.directions import compute_stats
+from optimizer.judges import MarkerJudge, normalise
 from optimizer.model import load_model
 from optimizer.params import Kernel, TrialParams, build_plan
 from optimizer.prompts import format_chat, load_prompts, split_prompts
 from optimizer.residuals import collect_residuals, layer_residuals, tokenize
 from optimizer.scoring import eager_step, first_token_logprobs, generate_and_classify, prefill, split_shared_prefix
-from optimizer.judges import MarkerJudge, normalise
 
 
 def timed(fn, repeats: int = 2) -> tuple[float, object]:
@@ -50,7 +50,9 @@ def kl_full_logits(loaded, texts, batch_size):
     """The plain way: full-vocabulary logits at every position, then the last one."""
     out = []
     for i in range(0, len(texts), batch_size):
-        out.append(loaded.model(**tokenize(loaded, texts[i : i + batch_size]), use_cache=False).logits[:, -1].float().log_softmax(-1))
+        out.append(
+            loaded.model(**tokenize(loaded, texts[i : i + batch_size]), use_cache=False).logits[:, -1].float().log_softmax(-1)
+        )
     return torch.cat(out)
 
 
@@ -104,7 +106,11 @@ def cpu_changes(loaded, harmful, harmless, bs) -> list[tuple[str, float, str]]:
         ("decode step: linear weights packed for oneDNN once per study", packed[0][0], f"{plain[0][0] / packed[0][0]:.2f}x"),
         ("KL pass: plain F.linear", plain[1][0], "baseline"),
         ("KL pass: packed linear weights", packed[1][0], f"{plain[1][0] / packed[1][0]:.2f}x ({dlogp(packed[1])})"),
-        ("KL pass: + prompts end to end without padding", unpadded[1][0], f"{packed[1][0] / unpadded[1][0]:.2f}x ({dlogp(unpadded[1])})"),
+        (
+            "KL pass: + prompts end to end without padding",
+            unpadded[1][0],
+            f"{packed[1][0] / unpadded[1][0]:.2f}x ({dlogp(unpadded[1])})",
+        ),
         (f"refusal prefill ({padded} prompt tokens padded, {real} real): plain F.linear", plain[2][0], "baseline"),
         ("refusal prefill: packed linear weights", packed[2][0], f"{plain[2][0] / packed[2][0]:.2f}x"),
         ("refusal prefill: + without padding", unpadded[2][0], f"{packed[2][0] / unpadded[2][0]:.2f}x"),
@@ -137,12 +143,16 @@ def main() -> None:
     diff = max((full - ours).abs().max().item(), (last - ours).abs().max().item())
     rows.append(("KL pass: full logits, every position", full_s, "baseline"))
     rows.append(("KL pass: last position only", last_s, f"{full_s / last_s:.2f}x"))
-    rows.append(("KL pass: + shared prefix once, LM head as one matmul", ours_s, f"{full_s / ours_s:.2f}x (max |dlogp| {diff:.1e})"))
+    rows.append(
+        ("KL pass: + shared prefix once, LM head as one matmul", ours_s, f"{full_s / ours_s:.2f}x (max |dlogp| {diff:.1e})")
+    )
 
     # a mid-strength edit, so that some answers refuse and some do not
     direction_dirs = format_chat(loaded.tokenizer, split_prompts(load_prompts(None, "harmful")).direction[:32])
     direction_good = format_chat(loaded.tokenizer, split_prompts(load_prompts(None, "harmless")).direction[:32])
-    stats = compute_stats(*(layer_residuals(collect_residuals(loaded, texts, bs), False) for texts in (direction_dirs, direction_good)))
+    stats = compute_stats(
+        *(layer_residuals(collect_residuals(loaded, texts, bs), False) for texts in (direction_dirs, direction_good))
+    )
     n = loaded.n_layers
     kernel = Kernel(peak_weight=1.0, peak_layer=0.6 * n, min_ratio=0.5, falloff=0.4 * n)
     params = TrialParams("mean_diff", None, None, {c: kernel for c in COMPONENTS})
@@ -156,11 +166,21 @@ def main() -> None:
     for label, apply in (("unedited", False), ("edited", True)):
         if apply:
             hooks.apply(plan)
-        no_stop_s, no_stop = timed(lambda: generate_and_classify(loaded, harmful, cap, MarkerJudge(markers, echo_aware=False), bs, stop_early=False), 1)
+        no_stop_s, no_stop = timed(
+            lambda: generate_and_classify(loaded, harmful, cap, MarkerJudge(markers, echo_aware=False), bs, stop_early=False), 1
+        )
         stop_s, stop = timed(lambda: generate_and_classify(loaded, harmful, cap, MarkerJudge(markers, echo_aware=False), bs), 1)
         assert stop.refused == no_stop.refused
-        rows.append((f"refusals ({label}, {stop.count}/{len(harmful)} refuse): generate to the cap", no_stop_s, f"{no_stop.tokens_generated} tokens"))
-        rows.append((f"refusals ({label}): drop decided sequences", stop_s, f"{no_stop_s / stop_s:.2f}x, {stop.tokens_generated} tokens"))
+        rows.append(
+            (
+                f"refusals ({label}, {stop.count}/{len(harmful)} refuse): generate to the cap",
+                no_stop_s,
+                f"{no_stop.tokens_generated} tokens",
+            )
+        )
+        rows.append(
+            (f"refusals ({label}): drop decided sequences", stop_s, f"{no_stop_s / stop_s:.2f}x, {stop.tokens_generated} tokens")
+        )
     hooks.clear()
 
     targets = [site.module for site in loaded.discovery.present()]
@@ -182,7 +202,9 @@ def main() -> None:
     hooked_kl_s, _ = timed(lambda: first_token_logprobs(loaded, harmless, bs))
     hooks.clear()
     baked_kl_s, _ = timed(lambda: first_token_logprobs(baked, harmless, bs))
-    rows.append(("KL pass with hooks active", hooked_kl_s, f"{hooked_kl_s / baked_kl_s:.3f}x of baked weights ({baked_kl_s:.2f} s)"))
+    rows.append(
+        ("KL pass with hooks active", hooked_kl_s, f"{hooked_kl_s / baked_kl_s:.3f}x of baked weights ({baked_kl_s:.2f} s)")
+    )
 
     batch = measure_batch_sizes(loaded, harmful)
     for size, t in sorted(batch.items()):
@@ -192,14 +214,20 @@ def main() -> None:
 
     positions = marker_positions(loaded, harmful, args.cap, markers)
     found = sorted(p for p in positions if p is not None)
-    print(f"# {args.model.name}, cpu float32, {torch.get_num_threads()} threads, {args.prompts} prompts per set, cap {cap}, batch {bs}")
+    print(
+        f"# {args.model.name}, cpu float32, {torch.get_num_threads()} threads, {args.prompts} prompts per set, "
+        f"cap {cap}, batch {bs}"
+    )
     print("| what | seconds | effect |")
     print("|---|---|---|")
     for what, seconds, effect in rows:
         print(f"| {what} | {seconds:.3f} | {effect} |")
-    print(f"# refusal markers in {len(found)}/{len(positions)} unedited answers of {args.cap} tokens; first visible after "
-          f"tokens: min {found[0] if found else '-'}, median {statistics.median(found) if found else '-'}, max {found[-1] if found else '-'}; "
-          + ", ".join(f"<= {k}: {sum(p <= k for p in found)}" for k in (4, 8, 12, 16, 24, 32, 48)))
+    print(
+        f"# refusal markers in {len(found)}/{len(positions)} unedited answers of {args.cap} tokens; first visible after "
+        f"tokens: min {found[0] if found else '-'}, median {statistics.median(found) if found else '-'}, "
+        f"max {found[-1] if found else '-'}; "
+        + ", ".join(f"<= {k}: {sum(p <= k for p in found)}" for k in (4, 8, 12, 16, 24, 32, 48))
+    )
 
 
 if __name__ == "__main__":

@@ -32,9 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.heretic_runner import DEFAULT_VENV, ensure_heretic_venv, run_heretic  # noqa: E402
-from optimizer.config import DEFAULT_REFUSAL_MARKERS  # noqa: E402
-from optimizer.prompts import bundled_path  # noqa: E402
+from benchmarks.heretic_runner import DEFAULT_VENV, ensure_heretic_venv, run_heretic
+from optimizer.config import DEFAULT_REFUSAL_MARKERS
+from optimizer.prompts import bundled_path
 
 
 def run_ours(model: Path, workdir: Path, args: argparse.Namespace) -> dict:
@@ -43,23 +43,47 @@ def run_ours(model: Path, workdir: Path, args: argparse.Namespace) -> dict:
 
     studies = workdir / "studies"
     command = [
-        sys.executable, "-m", "optimizer", "run", "--model", str(model), "--studies-dir", str(studies), "--study", "speed",
-        "--trials", str(args.trials + 1),  # + the baseline trial, which is scored from the cache
-        "--direction-prompts", str(args.direction_prompts), "--scoring-prompts", str(args.prompts),
-        "--max-new-tokens", str(args.max_new_tokens), "--seed", "0", "--device", args.device, "--dtype", args.dtype,
+        sys.executable,
+        "-m",
+        "optimizer",
+        "run",
+        "--model",
+        str(model),
+        "--studies-dir",
+        str(studies),
+        "--study",
+        "speed",
+        "--trials",
+        str(args.trials + 1),  # + the baseline trial, which is scored from the cache
+        "--direction-prompts",
+        str(args.direction_prompts),
+        "--scoring-prompts",
+        str(args.prompts),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--seed",
+        "0",
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
     ]
     if args.random_weights:
         command += ["--response-prefix", ""]  # as heretic is run: no detection pass
     if args.batch_size:
         command += ["--batch-size", str(args.batch_size)]
     start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, check=False, capture_output=True, text=True, env=offline, cwd=ROOT)
     wall = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"our run failed:\n{result.stderr[-3000:]}")
     study = optuna.load_study(study_name="speed", storage=f"sqlite:///{studies}/speed.db")
     trials = [t for t in study.trials if not t.user_attrs.get("baseline")]
-    phases = {k: statistics.median(t.user_attrs["timings"].get(k, 0.0) for t in trials) for k in ("directions_s", "apply_s", "kl_s", "refusals_s")}
+    phases = {
+        k: statistics.median(t.user_attrs["timings"].get(k, 0.0) for t in trials)
+        for k in ("directions_s", "apply_s", "kl_s", "refusals_s")
+    }
     return {
         "trial_seconds": [t.user_attrs["timings"]["total_s"] for t in trials],
         "phases": phases,
@@ -82,7 +106,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--random-weights", action="store_true", help="same architecture and tokenizer, random weights")
-    parser.add_argument("--heretic-python", type=Path, help="interpreter that imports heretic 1.4 (default: the benchmark's venv)")
+    parser.add_argument(
+        "--heretic-python", type=Path, help="interpreter that imports heretic 1.4 (default: the benchmark's venv)"
+    )
     args = parser.parse_args()
     args.dtype = "float32" if args.device == "cpu" else "bfloat16"
     if args.quick:
@@ -104,10 +130,20 @@ def main() -> None:
     ours = run_ours(args.model, workdir / "ours", args)
     python = args.heretic_python or ensure_heretic_venv(DEFAULT_VENV)
     heretic = run_heretic(
-        python, args.model, bundled_path("harmful"), bundled_path("harmless"),
-        n_direction=args.direction_prompts, n_scoring=args.prompts, max_response_tokens=args.max_new_tokens,
-        n_trials=args.trials, workdir=workdir / "heretic", timeout_s=7200, batch_size=args.batch_size or 0,
-        refusal_markers=list(DEFAULT_REFUSAL_MARKERS), n_startup_trials=args.trials, device=args.device,
+        python,
+        args.model,
+        bundled_path("harmful"),
+        bundled_path("harmless"),
+        n_direction=args.direction_prompts,
+        n_scoring=args.prompts,
+        max_response_tokens=args.max_new_tokens,
+        n_trials=args.trials,
+        workdir=workdir / "heretic",
+        timeout_s=7200,
+        batch_size=args.batch_size or 0,
+        refusal_markers=list(DEFAULT_REFUSAL_MARKERS),
+        n_startup_trials=args.trials,
+        device=args.device,
     )
     if heretic["returncode"] != 0 or not heretic["trial_seconds"]:
         raise SystemExit(f"heretic failed ({heretic['status']}); see {heretic['log_path']}")
@@ -115,7 +151,9 @@ def main() -> None:
     ours_s = statistics.median(ours["trial_seconds"])
     heretic_s = statistics.median(heretic["trial_seconds"])
     hb = heretic["breakdown"]
-    heretic_phases = {k: statistics.median(b[k] for b in hb) for k in ("abliterate", "kl_logprobs", "count_refusals", "reset_model")}
+    heretic_phases = {
+        k: statistics.median(b[k] for b in hb) for k in ("abliterate", "kl_logprobs", "count_refusals", "reset_model")
+    }
     if args.device == "cuda":
         import torch
 
@@ -124,22 +162,35 @@ def main() -> None:
     else:
         device, where = "cpu", f"cpu float32 ({threads} cores)"
     weights = " (random weights)" if args.random_weights else ""
-    print(f"# model {args.model.name}{weights}, {where}, {args.trials} trials, {args.prompts} scoring prompts per set, "
-          f"{args.direction_prompts} direction prompts per set, {args.max_new_tokens} new tokens, batch size {args.batch_size or 'auto'}")
+    print(
+        f"# model {args.model.name}{weights}, {where}, {args.trials} trials, {args.prompts} scoring prompts per set, "
+        f"{args.direction_prompts} direction prompts per set, {args.max_new_tokens} new tokens, "
+        f"batch size {args.batch_size or 'auto'}"
+    )
     print("| tool | s/trial (median) | trials (s) | phases (median s) | baseline refusals | baseline KL |")
     print("|---|---|---|---|---|---|")
     p = ours["phases"]
-    print(f"| optimizer | {ours_s:.2f} | {', '.join(f'{s:.1f}' for s in ours['trial_seconds'])} | "
-          f"directions {p['directions_s']:.3f}, apply {p['apply_s']:.4f}, KL {p['kl_s']:.2f}, refusals {p['refusals_s']:.2f} | "
-          f"{ours['baseline_refusals']} | {ours['baseline_kl']:.1f} |")
+    print(
+        f"| optimizer | {ours_s:.2f} | {', '.join(f'{s:.1f}' for s in ours['trial_seconds'])} | "
+        f"directions {p['directions_s']:.3f}, apply {p['apply_s']:.4f}, KL {p['kl_s']:.2f}, refusals {p['refusals_s']:.2f} | "
+        f"{ours['baseline_refusals']} | {ours['baseline_kl']:.1f} |"
+    )
     h = heretic_phases
-    print(f"| heretic 1.4 | {heretic_s:.2f} | {', '.join(f'{s:.1f}' for s in heretic['trial_seconds'])} | "
-          f"abliterate {h['abliterate']:.2f}, KL {h['kl_logprobs']:.2f}, refusals {h['count_refusals']:.2f}, reset {h['reset_model']:.2f} | "
-          f"{heretic['baseline_refusals']}/{args.prompts} | 0 (by construction) |")
-    print(f"# ratio heretic/ours: {heretic_s / ours_s:.2f}; per-trial refusals ours {ours['refusals']}, heretic "
-          f"{[t['refusals'] for t in heretic['trials']]}; raw: {workdir}")
+    print(
+        f"| heretic 1.4 | {heretic_s:.2f} | {', '.join(f'{s:.1f}' for s in heretic['trial_seconds'])} | "
+        f"abliterate {h['abliterate']:.2f}, KL {h['kl_logprobs']:.2f}, refusals {h['count_refusals']:.2f}, "
+        f"reset {h['reset_model']:.2f} | "
+        f"{heretic['baseline_refusals']}/{args.prompts} | 0 (by construction) |"
+    )
+    print(
+        f"# ratio heretic/ours: {heretic_s / ours_s:.2f}; per-trial refusals ours {ours['refusals']}, heretic "
+        f"{[t['refusals'] for t in heretic['trials']]}; raw: {workdir}"
+    )
     (workdir / "summary.json").write_text(json.dumps({"ours": ours, "heretic": heretic}, indent=1, default=str))
-    print(f"trial_speedup_vs_heretic={heretic_s / ours_s:.2f} ours_s_per_trial={ours_s:.2f} heretic_s_per_trial={heretic_s:.2f} device={device.replace(' ', '_')}")
+    print(
+        f"trial_speedup_vs_heretic={heretic_s / ours_s:.2f} ours_s_per_trial={ours_s:.2f} heretic_s_per_trial={heretic_s:.2f} "
+        f"device={device.replace(' ', '_')}"
+    )
 
 
 if __name__ == "__main__":

@@ -24,16 +24,29 @@ def qwen_dir() -> Path:
 
 # Tiny versions of the families we support; MoE and hybrid ones built by transformers' Auto classes.
 FAMILY_OVERRIDES = {
-    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16),
-    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32),
-    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32),
-    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48),
-    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, head_dim=16, layer_types=["sliding_attention", "full_attention"] * 2),
-    "qwen3_next": dict(
-        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, head_dim=16,
-        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
-    ),
-    "lfm2": dict(layer_types=["conv", "full_attention", "conv", "full_attention"]),
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32},
+    "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48},
+    "gpt_oss": {
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "intermediate_size": 48,
+        "head_dim": 16,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+    },
+    "qwen3_next": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 32,
+        "head_dim": 16,
+        "linear_num_value_heads": 4,
+        "linear_num_key_heads": 2,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+    },
+    "lfm2": {"layer_types": ["conv", "full_attention", "conv", "full_attention"]},
 }
 
 
@@ -42,11 +55,18 @@ def build_tiny_model(folder: Path, tokenizer_dir: Path, arch: str = "qwen2", **o
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    common = dict(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
-    )
+    common = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "tie_word_embeddings": True,
+    }
     common.update(FAMILY_OVERRIDES.get(arch, {}))
     common.update(overrides)
     torch.manual_seed(0)
@@ -75,12 +95,16 @@ def tiny_varied_dir(tmp_path_factory, qwen_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_varied_llama_dir(tmp_path_factory, qwen_dir) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-varied-llama") / "model", qwen_dir, "llama", initializer_range=0.3, attention_bias=True)
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tiny-varied-llama") / "model", qwen_dir, "llama", initializer_range=0.3, attention_bias=True
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_bias_dir(tmp_path_factory, qwen_dir) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama") / "model", qwen_dir, "llama", attention_bias=True, mlp_bias=True)
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tiny-llama") / "model", qwen_dir, "llama", attention_bias=True, mlp_bias=True
+    )
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +116,11 @@ def tiny_mistral_dir(tmp_path_factory, qwen_dir) -> Path:
 def tiny_gemma2_dir(tmp_path_factory, qwen_dir) -> Path:
     # soft-capped final logits (and attention): the manual LM head path must apply the cap too
     return build_tiny_model(
-        tmp_path_factory.mktemp("tiny-gemma2") / "model", qwen_dir, "gemma2", head_dim=16, final_logit_softcapping=3.0,
+        tmp_path_factory.mktemp("tiny-gemma2") / "model",
+        qwen_dir,
+        "gemma2",
+        head_dim=16,
+        final_logit_softcapping=3.0,
     )
 
 

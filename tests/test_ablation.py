@@ -118,7 +118,9 @@ def test_subspace_hooks_equal_the_weight_edit_and_the_explicit_sum(loaded):
 def test_a_subspace_of_zero_extra_directions_is_the_single_direction(tiny_dir):
     loaded = load_model(str(tiny_dir), "cpu", "float32")
     plan = random_plan(loaded, seed=5)
-    padded = AblationPlan(plan.directions, plan.weights, {c: torch.zeros(loaded.n_layers, 2, loaded.hidden_size) for c in COMPONENTS}, 0.5)
+    padded = AblationPlan(
+        plan.directions, plan.weights, {c: torch.zeros(loaded.n_layers, 2, loaded.hidden_size) for c in COMPONENTS}, 0.5
+    )
     outputs = []
     for p in (plan, padded):
         hooks = AblationHooks(loaded)

@@ -3,11 +3,11 @@
 import io
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
-import subprocess
-import sys
 
 import optuna
 import pytest
@@ -56,7 +56,15 @@ def test_export_round_trip_equals_hooked_model(finished_study, tmp_path, capsys)
     number = edited_trial(finished_study)
     out = tmp_path / "exported"
     assert main(["export", "--study", "t", "--studies-dir", str(finished_study), "--trial", str(number), "--out", str(out)]) == 0
-    for name in ("config.json", "model.safetensors", "tokenizer_config.json", "generation_config.json", "README.md", "optimizer.json", "ablation.safetensors"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "README.md",
+        "optimizer.json",
+        "ablation.safetensors",
+    ):
         assert (out / name).exists(), name
     record = json.loads((out / "optimizer.json").read_text())
     assert record["trial"] == number and record["params"]
@@ -95,10 +103,22 @@ def test_export_refuses_bad_input(finished_study, tmp_path, tiny_llama_bias_dir,
     cases = [
         (base + ["--trial", str(number), "--out", str(full)], "not empty"),
         (base + ["--trial", "99", "--out", str(tmp_path / "a")], "has no trial 99"),
-        (base + ["--trial", str(number), "--out", str(tmp_path / "b"), "--model", str(tiny_llama_bias_dir)], "not the study's model"),
-        (["export", "--study", "nope", "--studies-dir", str(finished_study), "--trial", "1", "--out", str(tmp_path / "c")], "no study file"),
-        (base + ["--trial", str(number), "--out", str(tmp_path / "d"), "--format", "lora", "--dtype", "float16"], "--dtype applies to --format hf"),
-        (base + ["--trial", str(number), "--out", str(tmp_path / "e"), "--gguf-type", "q8_0"], "--gguf-type applies to --format gguf"),
+        (
+            base + ["--trial", str(number), "--out", str(tmp_path / "b"), "--model", str(tiny_llama_bias_dir)],
+            "not the study's model",
+        ),
+        (
+            ["export", "--study", "nope", "--studies-dir", str(finished_study), "--trial", "1", "--out", str(tmp_path / "c")],
+            "no study file",
+        ),
+        (
+            base + ["--trial", str(number), "--out", str(tmp_path / "d"), "--format", "lora", "--dtype", "float16"],
+            "--dtype applies to --format hf",
+        ),
+        (
+            base + ["--trial", str(number), "--out", str(tmp_path / "e"), "--gguf-type", "q8_0"],
+            "--gguf-type applies to --format gguf",
+        ),
         (base + ["--trial", str(number), "--out", str(full / "x"), "--format", "gguf"], "exists; choose a new --out file name"),
     ]
     for args, fragment in cases:
@@ -157,8 +177,21 @@ def test_chat_from_a_pipe(finished_study):
 def test_dashboard_serves_the_study(finished_study):
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "optimizer", "dashboard", "--study", "t", "--studies-dir", str(finished_study), "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "optimizer",
+            "dashboard",
+            "--study",
+            "t",
+            "--studies-dir",
+            str(finished_study),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     stop = threading.Event()  # set on every way out: the askers below must never outlive the test
     try:
@@ -182,7 +215,7 @@ def test_dashboard_serves_the_study(finished_study):
             detail = json.load(response)
         assert len(detail["trials"]) == 4
         assert detail["objective_names"] == ["refusal_rate", "kl_divergence"]
-        edited = [t for t in detail["trials"] if t["number"] == edited_trial(finished_study)][0]
+        edited = next(t for t in detail["trials"] if t["number"] == edited_trial(finished_study))
         assert "Refusals" in edited["note"]["body"] and "sample_responses" in {a["key"] for a in edited["user_attrs"]}
         # SIGTERM while requests are being answered stops it (wsgiref's handler catches every
         # exception of a request, so a signal raised inside one used to be swallowed: it never stopped)
@@ -248,8 +281,21 @@ def test_a_discriminant_trial_exports_and_replays_its_directions(tiny_dir, tmp_p
     from optimizer.params import SHRINKAGE_LOW
 
     studies = tmp_path / "studies"
-    args = run_args(tiny_dir, studies, "--trials", "3", "--startup-trials", "3", "--direction-methods", "discriminant",
-                    "--subspace-max", "1", "--direction-scopes", "per_layer", "--searched-projection")
+    args = run_args(
+        tiny_dir,
+        studies,
+        "--trials",
+        "3",
+        "--startup-trials",
+        "3",
+        "--direction-methods",
+        "discriminant",
+        "--subspace-max",
+        "1",
+        "--direction-scopes",
+        "per_layer",
+        "--searched-projection",
+    )
     assert main(args) == 0
     number = edited_trial(studies)
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{studies}/t.db")

@@ -15,7 +15,7 @@ def expect_refusal(args: list[str], studies: Path, capsys, *fragments: str) -> s
     cache_before = {p.name: file_digest(p) for p in (studies / "t").glob("[!.]*")}
     assert main(args) == 2
     err = capsys.readouterr().err
-    message = err[err.index("error:"):].strip()
+    message = err[err.index("error:") :].strip()
     assert "Traceback" not in err
     for fragment in fragments:
         assert fragment in message, message
@@ -73,7 +73,11 @@ def test_model_without_chat_template(no_template_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "url, fragment",
-    [("not a url", "malformed storage URL"), ("redis://localhost/0", "unsupported storage scheme"), ("sqlite:////no/such/dir/x.db", "does not exist")],
+    [
+        ("not a url", "malformed storage URL"),
+        ("redis://localhost/0", "unsupported storage scheme"),
+        ("sqlite:////no/such/dir/x.db", "does not exist"),
+    ],
 )
 def test_bad_storage_url(tiny_dir, tmp_path, capsys, url, fragment):
     studies = tmp_path / "s"
@@ -90,7 +94,9 @@ def test_study_created_by_another_model(tiny_dir, tiny_llama_bias_dir, tmp_path,
     studies = tmp_path / "s"
     assert main(run_args(tiny_dir, studies, "--trials", "1")) == 0
     capsys.readouterr()
-    expect_refusal(run_args(tiny_llama_bias_dir, studies, "--trials", "2"), studies, capsys, "was created with model", "another --study")
+    expect_refusal(
+        run_args(tiny_llama_bias_dir, studies, "--trials", "2"), studies, capsys, "was created with model", "another --study"
+    )
 
 
 def test_study_created_with_other_scoring_settings(tiny_dir, tmp_path, capsys):
@@ -126,7 +132,9 @@ def test_prompts_longer_than_the_context(tiny_dir, tmp_path, capsys):
     studies = tmp_path / "s"
     prompts = tmp_path / "long.txt"
     prompts.write_text("\n".join(f"Request {i}: " + "please explain this " * 200 for i in range(30)))
-    expect_refusal(run_args(tiny_dir, studies, "--harmful", str(prompts)), studies, capsys, "over the model's context of 512", "shorten")
+    expect_refusal(
+        run_args(tiny_dir, studies, "--harmful", str(prompts)), studies, capsys, "over the model's context of 512", "shorten"
+    )
 
 
 def test_nan_in_residuals_names_the_layer(tiny_dir, tmp_path, capsys):

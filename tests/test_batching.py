@@ -43,9 +43,11 @@ def batch_shapes(loaded, run) -> list[tuple[int, ...]]:
 
 def out_of_memory_above(loaded, rows: int):
     """Fault injection: the decoder raises CUDA's out-of-memory error for batches of more than `rows`."""
+
     def check(_module, _args, kwargs):
         if kwargs["input_ids"].shape[0] > rows:
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected above {rows} rows)")
+
     return loaded.model.get_decoder().register_forward_pre_hook(check, with_kwargs=True)
 
 

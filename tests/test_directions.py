@@ -5,9 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from optimizer.config import Settings
-
 from optimizer import directions as directions_module
+from optimizer.config import Settings
 from optimizer.directions import compute_stats, contrastive_eigen, directions, subspace_components, top_direction
 
 
@@ -71,7 +70,7 @@ def test_no_positive_eigenvalue_falls_back_to_mean_difference():
 def test_mean_diff_method_and_layer_subset():
     harmful, harmless = synthetic(4, 10, 12, 32)
     stats = compute_stats(harmful, harmless)
-    chosen, fallback = directions(stats, "mean_diff", 0.0, [1, 3])
+    chosen, _fallback = directions(stats, "mean_diff", 0.0, [1, 3])
     r = harmful.mean(1) - harmless.mean(1)
     torch.testing.assert_close(chosen, torch.nn.functional.normalize(r[[1, 3]], dim=-1))
     subset, _ = directions(stats, "contrastive", 1.0, [2])

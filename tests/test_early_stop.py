@@ -126,7 +126,9 @@ def test_the_front_is_the_same_with_and_without_the_stop(tiny_varied_dir, tmp_pa
 
     # refusing as often as the unedited model (the baseline itself included): infeasible (Optuna's constraint),
     # so off the front and among the sampler's bad trials; the front is the Pareto set of the other trials
-    pareto = lambda trials: sorted(t.number for t in trials if not any(dominates(tuple(o.values), tuple(t.values)) for o in trials))
+    pareto = lambda trials: sorted(
+        t.number for t in trials if not any(dominates(tuple(o.values), tuple(t.values)) for o in trials)
+    )
     baseline = reference.trials[0]
     assert baseline.user_attrs["baseline"] and baseline.values[1] == 0.0
     assert all((t.constraints["refuses_less"] > 0) == (t.values[0] >= baseline.values[0]) for t in reference.trials)

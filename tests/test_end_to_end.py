@@ -10,9 +10,27 @@ from optimizer.cli import main
 def test_real_model_study(qwen_dir, tmp_path, capsys):
     studies = tmp_path / "studies"
     args = [
-        "run", "--model", str(qwen_dir), "--studies-dir", str(studies), "--study", "e2e", "--trials", "2",
-        "--direction-prompts", "16", "--scoring-prompts", "6", "--max-new-tokens", "6", "--seed", "1",
-        "--verify-prompts", "3", "--verify-max-new-tokens", "16",
+        "run",
+        "--model",
+        str(qwen_dir),
+        "--studies-dir",
+        str(studies),
+        "--study",
+        "e2e",
+        "--trials",
+        "2",
+        "--direction-prompts",
+        "16",
+        "--scoring-prompts",
+        "6",
+        "--max-new-tokens",
+        "6",
+        "--seed",
+        "1",
+        "--verify-prompts",
+        "3",
+        "--verify-max-new-tokens",
+        "16",
     ]
     code = main(args)
     err = capsys.readouterr().err

@@ -42,7 +42,11 @@ def test_a_cache_that_cannot_be_written_keeps_the_previous_one(tiny_dir, tmp_pat
     assert {"directions.safetensors", "directions.json", "baseline.json"} <= set(before)
 
     # another study on the same cache folder needs new statistics (other direction prompts): its write fails
-    other = [*run_args(tiny_dir, studies, "--trials", "1", "--batch-size", "4", "--cache-dir", str(cache)), "--direction-prompts", "6"]
+    other = [
+        *run_args(tiny_dir, studies, "--trials", "1", "--batch-size", "4", "--cache-dir", str(cache)),
+        "--direction-prompts",
+        "6",
+    ]
     other[other.index("--study") + 1] = "u"
     result = limited(*other)
     assert result.returncode == 2, result.stderr

@@ -76,7 +76,9 @@ def test_exported_weights_equal_hooked_trial(any_family_dir, tmp_path):
     assert (hooked - unedited).abs().max() > 1e-3, "the plan must change the logits"
     bake_into_weights(loaded, plan)
     loaded.model.save_pretrained(tmp_path / "out")
-    reloaded = dataclasses.replace(loaded, model=AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval())
+    reloaded = dataclasses.replace(
+        loaded, model=AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    )
     torch.testing.assert_close(logits_of(reloaded), hooked, rtol=1e-4, atol=1e-4)
 
 
@@ -89,7 +91,9 @@ def test_exported_subspace_weights_equal_hooked_trial(family, request, build_fam
     hooked, _ = hooked_and_baked(loaded, plan)
     bake_into_weights(loaded, plan)
     loaded.model.save_pretrained(tmp_path / "out")
-    reloaded = dataclasses.replace(loaded, model=AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval())
+    reloaded = dataclasses.replace(
+        loaded, model=AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    )
     torch.testing.assert_close(logits_of(reloaded), hooked, rtol=1e-4, atol=1e-4)
 
 
@@ -145,7 +149,11 @@ def test_fused_expert_projection_changes_the_mlp_output(tmp_path, qwen_dir):
 class ExpertMLP(nn.Module):
     def __init__(self, d: int, inner: int):
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(d, inner, bias=False), nn.Linear(d, inner, bias=False), nn.Linear(inner, d)
+        self.gate_proj, self.up_proj, self.down_proj = (
+            nn.Linear(d, inner, bias=False),
+            nn.Linear(d, inner, bias=False),
+            nn.Linear(inner, d),
+        )
 
     def forward(self, x):
         return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -196,7 +204,10 @@ class Opaque(nn.Module):
 def test_missing_component_stops_unless_allowed(tiny_dir):
     loaded = load_model(str(tiny_dir), "cpu", "float32")
     loaded.layers[2].mlp = Opaque(loaded.hidden_size)
-    with pytest.raises(UserError, match=r"could not find the mlp output in block 2 \(Qwen2DecoderLayer: .*mlp \(Opaque\).*--allow-missing-components"):
+    with pytest.raises(
+        UserError,
+        match=r"could not find the mlp output in block 2 \(Qwen2DecoderLayer: .*mlp \(Opaque\).*--allow-missing-components",
+    ):
         discover(loaded.model, loaded.layers, loaded.hidden_size)
     loaded = dataclasses.replace(loaded, discovery=discover(loaded.model, loaded.layers, loaded.hidden_size, allow_missing=True))
     assert loaded.discovery.missing("mlp") == [2] and loaded.discovery.missing("attn") == []
@@ -272,9 +283,23 @@ def test_multimodal_checkpoint_ablates_the_text_decoder(tmp_path, qwen_dir):
     tokenizer = AutoTokenizer.from_pretrained(qwen_dir)
     config = AutoConfig.for_model(
         "gemma3",
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=2, image_size=28, patch_size=14),
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 5,
+            "num_attention_heads": 2,
+            "image_size": 28,
+            "patch_size": 14,
+        },
         mm_tokens_per_image=4,
     )
     torch.manual_seed(0)
@@ -354,7 +379,9 @@ def test_study_with_variants_records_them_and_exports_exactly(tiny_llama_bias_di
     assert out.index(f"Loading model {tiny_llama_bias_dir} on cpu float32") < out.index("Ablation sites")
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{studies}/t.db")
     assert {k: study.user_attrs["run_settings"][k] for k in ("projected_directions", "norm_preserving", "winsorize")} == {
-        "projected_directions": True, "norm_preserving": True, "winsorize": 0.99,
+        "projected_directions": True,
+        "norm_preserving": True,
+        "winsorize": 0.99,
     }
     # the same parameters would edit the model differently without the variant: refused
     assert main(run_args(tiny_llama_bias_dir, studies, "--trials", "4", "--projected-directions", "--winsorize", "0.99")) == 2

@@ -252,7 +252,19 @@ def test_export_command_writes_the_gguf_its_record_and_notes_it_on_the_trial(sma
     studies = tmp_path / "studies"
     number = finished_study(tiny(tmp_path_factory, small_tokenizer_dir, "qwen2"), studies)
     out = tmp_path / "model.gguf"
-    args = ["export", "--study", "t", "--studies-dir", str(studies), "--trial", str(number), "--format", "gguf", "--out", str(out)]
+    args = [
+        "export",
+        "--study",
+        "t",
+        "--studies-dir",
+        str(studies),
+        "--trial",
+        str(number),
+        "--format",
+        "gguf",
+        "--out",
+        str(out),
+    ]
     assert main([*args, "--gguf-type", "q8_0"]) == 0
     record = json.loads(Path(f"{out}.optimizer.json").read_text())
     assert record["trial"] == number and record["format"] == "gguf" and record["gguf_type"] == "q8_0"

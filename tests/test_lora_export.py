@@ -241,7 +241,19 @@ def test_export_command_writes_the_adapter_and_refuses_norm_preserving_before_lo
 
     norm = study_of(tiny_llama_bias_dir, "--norm-preserving")
     capsys.readouterr()  # the study's own output, when this test made it
-    args = ["export", "--study", "t", "--studies-dir", str(norm), "--trial", "1", "--format", "lora", "--out", str(tmp_path / "np")]
+    args = [
+        "export",
+        "--study",
+        "t",
+        "--studies-dir",
+        str(norm),
+        "--trial",
+        "1",
+        "--format",
+        "lora",
+        "--out",
+        str(tmp_path / "np"),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "not a low-rank update" in err and "--format hf" in err

@@ -143,8 +143,11 @@ def own_block_outputs(loaded, texts) -> torch.Tensor:
     with torch.inference_mode():
         for text in texts:
             outputs.clear()
-            out = loaded.model(**loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False), use_cache=False,
-                               output_hidden_states=True)
+            out = loaded.model(
+                **loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False),
+                use_cache=False,
+                output_hidden_states=True,
+            )
             per_prompt.append(torch.stack([*outputs, out.hidden_states[-1][0, -1].float()]))
     for handle in handles:
         handle.remove()

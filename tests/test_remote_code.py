@@ -15,15 +15,15 @@ from transformers import AutoModelForCausalLM
 from optimizer.cli import main
 from tests.test_study import run_args
 
-CONFIGURATION = '''
+CONFIGURATION = """
 from transformers import Qwen2Config
 
 
 class RemoteTinyConfig(Qwen2Config):
     model_type = "{model_type}"
-'''
+"""
 
-MODELING = '''
+MODELING = """
 from transformers import Qwen2ForCausalLM
 
 from .configuration_remote_tiny import RemoteTinyConfig
@@ -31,7 +31,7 @@ from .configuration_remote_tiny import RemoteTinyConfig
 
 class RemoteTinyForCausalLM(Qwen2ForCausalLM):
     config_class = RemoteTinyConfig
-'''
+"""
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from optimizer.cli import main
 from optimizer.config import DEFAULT_REFUSAL_MARKERS, build_settings
+from optimizer.judges import MarkerJudge
 from optimizer.model import load_model
 from optimizer.prompts import format_chat, load_prompts, split_prompts
 from optimizer.response_prefix import (
@@ -22,7 +23,6 @@ from optimizer.response_prefix import (
     detect,
     template_tail,
 )
-from optimizer.judges import MarkerJudge
 from optimizer.scoring import greedy_generate
 from optimizer.stored import open_study
 from optimizer.trials import load_edited_model
@@ -121,7 +121,9 @@ def tiny_think_emitter_dir(tmp_path_factory, qwen_dir) -> Path:
 
 
 def sample(loaded, n: int = 4) -> tuple[list[str], list[str]]:
-    prompts = split_prompts(load_prompts(None, "harmful")).direction[:n] + split_prompts(load_prompts(None, "harmless")).direction[:n]
+    prompts = (
+        split_prompts(load_prompts(None, "harmful")).direction[:n] + split_prompts(load_prompts(None, "harmless")).direction[:n]
+    )
     return prompts, format_chat(loaded.tokenizer, prompts)
 
 
@@ -166,7 +168,10 @@ def no_detection(*args, **kwargs):
 
 
 def test_run_on_a_thinking_template_stores_the_prefix_and_every_later_process_reuses_it(
-    tiny_thinking_dir, tmp_path, capsys, monkeypatch,
+    tiny_thinking_dir,
+    tmp_path,
+    capsys,
+    monkeypatch,
 ):
     studies = tmp_path / "studies"
     assert main(run_args(tiny_thinking_dir, studies, "--trials", "2")) == 0
@@ -196,7 +201,9 @@ def test_run_on_a_thinking_template_stores_the_prefix_and_every_later_process_re
     generate = edited.prepared.loaded.model.generate
     monkeypatch.setattr(edited.prepared.loaded.model, "generate", lambda **kw: seen.append(kw["input_ids"]) or generate(**kw))
     chat(edited, max_new_tokens=3, stdin=io.StringIO("Hello there\n/quit\n"), stdout=io.StringIO())
-    assert edited.prepared.loaded.tokenizer.decode(seen[0][0]).endswith("Hello there<|im_end|>\n<|im_start|>assistant\n<think>\n</think>")
+    assert edited.prepared.loaded.tokenizer.decode(seen[0][0]).endswith(
+        "Hello there<|im_end|>\n<|im_start|>assistant\n<think>\n</think>"
+    )
 
     # eval --refusals too
     from optimizer import evaluate
@@ -204,7 +211,9 @@ def test_run_on_a_thinking_template_stores_the_prefix_and_every_later_process_re
     texts = []
     logprobs = evaluate.first_token_logprobs
     monkeypatch.setattr(evaluate, "first_token_logprobs", lambda loaded, t, *rest: texts.extend(t) or logprobs(loaded, t, *rest))
-    assert main(["eval", "--study", "t", "--studies-dir", str(studies), "--trial", str(number), "--refusals", "--limit", "2"]) == 0
+    assert (
+        main(["eval", "--study", "t", "--studies-dir", str(studies), "--trial", str(number), "--refusals", "--limit", "2"]) == 0
+    )
     assert texts and all(t.endswith("<think>\n</think>") for t in texts)
 
     # a different prefix is another study: refused, naming the setting
@@ -236,7 +245,9 @@ def test_explicit_response_prefix(tiny_thinking_dir, tiny_dir, monkeypatch):
     assert "Appending the response prefix 'Sure' to every prompt" in log
     assert all(t.endswith("assistant\nSure") for t in all_texts(bench))
     # refusal markers are looked for in the whole answer, the appended start included
-    assert all(r.startswith("Sure") for r in refusals_of(bench, MarkerJudge(["sure"]), bench.default_batch_size, FastPaths()).responses)
+    assert all(
+        r.startswith("Sure") for r in refusals_of(bench, MarkerJudge(["sure"]), bench.default_batch_size, FastPaths()).responses
+    )
 
 
 def test_bad_chat_template_kwargs(tiny_dir, tmp_path, capsys):

@@ -9,7 +9,13 @@ import pytest
 
 from optimizer.cli import build_parser, main
 from optimizer.config import (
-    DEFAULT_REFUSAL_MARKERS, FIELDS, Settings, bool_flag_for, build_settings, default_text, settings_from_record,
+    DEFAULT_REFUSAL_MARKERS,
+    FIELDS,
+    Settings,
+    bool_flag_for,
+    build_settings,
+    default_text,
+    settings_from_record,
 )
 from optimizer.errors import UserError
 
@@ -46,9 +52,18 @@ def test_every_setting_with_a_flag_is_in_run_help_with_its_default(capsys):
 
 def test_default_texts_show_the_field_defaults(capsys):
     text = help_of("run", capsys)
-    for shown in ("(default: 200)", "(default: 4.0)", "(default: auto)", "(default: studies)", "(default: 0 = automatic)",
-                  "(default: the bundled Qwen2.5-Coder-0.5B-Instruct)", "(default: sqlite:///studies/<study>.db)",
-                  "(default: bfloat16 on CUDA, float32 on CPU)", "(default: both)", "(default: off)"):
+    for shown in (
+        "(default: 200)",
+        "(default: 4.0)",
+        "(default: auto)",
+        "(default: studies)",
+        "(default: 0 = automatic)",
+        "(default: the bundled Qwen2.5-Coder-0.5B-Instruct)",
+        "(default: sqlite:///studies/<study>.db)",
+        "(default: bfloat16 on CUDA, float32 on CPU)",
+        "(default: both)",
+        "(default: off)",
+    ):
         assert shown in text, shown
     assert default_text("refusal_markers") == "the built-in list"
     assert default_text("trials") == str(Settings().trials) == "200"
@@ -76,8 +91,13 @@ def test_commands_on_a_study_default_its_location():
         ("trials", ["--trials", "7"], "trials = 9", 7, 9),
         ("alpha_max", ["--alpha-max", "1.5"], "alpha_max = 2.5", 1.5, 2.5),
         ("no_thinking", ["--no-thinking"], "no_thinking = true", True, True),
-        ("direction_methods", ["--direction-methods", "mean_diff"], 'direction-methods = ["contrastive"]',
-         ["mean_diff"], ["contrastive"]),
+        (
+            "direction_methods",
+            ["--direction-methods", "mean_diff"],
+            'direction-methods = ["contrastive"]',
+            ["mean_diff"],
+            ["contrastive"],
+        ),
         ("chat_template_kwargs", ["--chat-template-kwargs", '{"a": 1}'], "[chat_template_kwargs]\nb = 2", {"a": 1}, {"b": 2}),
     ],
 )
@@ -121,8 +141,17 @@ def record_of(settings: Settings) -> dict:
 
 
 def test_a_record_gives_back_the_settings_it_was_made_from():
-    settings = build_settings({"study": "s", "studies_dir": "d", "trials": 12, "alpha_max": 1.0, "response_prefix": "</think>",
-                               "direction_methods": ["contrastive"], "chat_template_kwargs": '{"x": 1}'})
+    settings = build_settings(
+        {
+            "study": "s",
+            "studies_dir": "d",
+            "trials": 12,
+            "alpha_max": 1.0,
+            "response_prefix": "</think>",
+            "direction_methods": ["contrastive"],
+            "chat_template_kwargs": '{"x": 1}',
+        }
+    )
     assert settings_from_record(record_of(settings), study="s", studies_dir="d") == settings
 
 
@@ -150,11 +179,25 @@ def test_a_record_takes_the_location_from_the_command_line_and_skips_none():
         settings_from_record(record, no_such_setting=1)
 
 
-@pytest.mark.parametrize("name, value", [("trials", 0), ("scoring_prompts", -1), ("trials", "5"), ("dtype", "int8"),
-                                         ("direction_methods", []), ("direction_scopes", ["both"]),
-                                         ("chat_template_kwargs", "[1]"), ("tpe_bandwidth", "wide"),
-                                         ("tpe_weights", "equal"), ("tpe_kl_scale", "log"), ("sampler", "cmaes"), ("quantization", "8bit"),
-                                         ("winsorize", 1.5), ("searched_winsorize", 0.3)])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("trials", 0),
+        ("scoring_prompts", -1),
+        ("trials", "5"),
+        ("dtype", "int8"),
+        ("direction_methods", []),
+        ("direction_scopes", ["both"]),
+        ("chat_template_kwargs", "[1]"),
+        ("tpe_bandwidth", "wide"),
+        ("tpe_weights", "equal"),
+        ("tpe_kl_scale", "log"),
+        ("sampler", "cmaes"),
+        ("quantization", "8bit"),
+        ("winsorize", 1.5),
+        ("searched_winsorize", 0.3),
+    ],
+)
 def test_a_bad_record_is_refused_like_a_bad_run(name, value):
     with pytest.raises(UserError) as from_run:
         build_settings({name: value})

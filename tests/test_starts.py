@@ -10,7 +10,17 @@ from optimizer.cli import main
 from optimizer.components import COMPONENTS
 from optimizer.config import Settings
 from optimizer.directions import compute_stats, directions
-from optimizer.params import SEED_SHRINKAGE, SHRINKAGE_LOW, baseline_params, build_plan, plan_for, replay_params, seeded_starts, separation, suggest_params
+from optimizer.params import (
+    SEED_SHRINKAGE,
+    SHRINKAGE_LOW,
+    baseline_params,
+    build_plan,
+    plan_for,
+    replay_params,
+    seeded_starts,
+    separation,
+    suggest_params,
+)
 from tests.test_directions import synthetic
 from tests.test_study import load, run_args
 
@@ -29,9 +39,17 @@ def test_separation_is_the_fisher_ratio_along_the_mean_difference():
     assert int(scores.argmax()) == 2
 
 
-@pytest.mark.parametrize("methods,subspace_max", [(["contrastive", "mean_diff"], 4), (["mean_diff"], 1), (["mean_diff", "contrastive"], 1),
-                                                   (["contrastive", "discriminant"], 4), (["discriminant"], 1),
-                                                   (["contrastive", "mean_diff", "discriminant"], 4)])
+@pytest.mark.parametrize(
+    "methods,subspace_max",
+    [
+        (["contrastive", "mean_diff"], 4),
+        (["mean_diff"], 1),
+        (["mean_diff", "contrastive"], 1),
+        (["contrastive", "discriminant"], 4),
+        (["discriminant"], 1),
+        (["contrastive", "mean_diff", "discriminant"], 4),
+    ],
+)
 def test_every_start_replays_inside_the_search_space(methods, subspace_max):
     harmful, harmless = synthetic(10, 20, 20, 16, seed=1)
     harmful[6] = harmful[6] * 0.1 + 2.0  # layer 6 separates best
@@ -46,7 +64,11 @@ def test_every_start_replays_inside_the_search_space(methods, subspace_max):
         # the mean difference, or the discriminant standing in for it
         # (Arditi et al.'s as published: the mean difference itself, the discriminant at shrinkage 1)
         seed_shrinkage = 1.0 if name == "uniform" else SEED_SHRINKAGE
-        assert replayed.method == "mean_diff" if "mean_diff" in methods else (replayed.method, replayed.shrinkage) == ("discriminant", seed_shrinkage)
+        assert (
+            replayed.method == "mean_diff"
+            if "mean_diff" in methods
+            else (replayed.method, replayed.shrinkage) == ("discriminant", seed_shrinkage)
+        )
         plan, _ = build_plan(replayed, stats)
         if name == "uniform":  # Arditi et al.: every layer, weight 1, the best layer's direction
             assert all(w == pytest.approx(1.0) for c in COMPONENTS for w in plan.weights[c])
@@ -73,7 +95,9 @@ def test_one_direction_scope_leaves_the_other_out_of_the_space_and_the_starts(sc
     for params in [*starts.values(), baseline]:
         assert "direction_scope" not in params  # one scope: no choice to record
         assert (replay_params(params, stats.n_layers, settings).direction_index is None) == per_layer
-    assert all(w == 0 for ws in build_plan(replay_params(baseline, stats.n_layers, settings), stats)[0].weights.values() for w in ws)
+    assert all(
+        w == 0 for ws in build_plan(replay_params(baseline, stats.n_layers, settings), stats)[0].weights.values() for w in ws
+    )
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(20):
         trial = study.ask()
@@ -86,7 +110,13 @@ def test_a_new_study_runs_the_seeded_starts_first_and_only_once(tiny_dir, tmp_pa
     studies = tmp_path / "studies"
     assert main(run_args(tiny_dir, studies, "--trials", "5", seeded=True)) == 0
     study = load(studies)
-    assert [t.user_attrs.get("seeded") for t in study.trials[:5]] == [None, "uniform", "tapered", "tapered-per-layer", "late-per-layer"]
+    assert [t.user_attrs.get("seeded") for t in study.trials[:5]] == [
+        None,
+        "uniform",
+        "tapered",
+        "tapered-per-layer",
+        "late-per-layer",
+    ]
     assert study.trials[0].user_attrs["baseline"]
     uniform = study.trials[1]
     assert uniform.params["attn_peak_weight"] == 1.0 and uniform.params["direction_scope"] == "global"
@@ -114,7 +144,11 @@ def test_blended_directions_lean_on_the_best_layer_where_a_layer_separates_less(
     harmful[4] = harmful[4] * 0.2 + 3.0  # layer 4 separates best; the others barely
     stats = compute_stats(harmful, harmless)
     settings = Settings(direction_methods=["mean_diff"], subspace_max=1, blended_directions=True, searched_projection=False)
-    kernel = {f"{c}_{k}": v for c in COMPONENTS for k, v in {"peak_weight": 1.2, "peak_layer": 3.0, "min_ratio": 0.5, "falloff": 3.0}.items()}
+    kernel = {
+        f"{c}_{k}": v
+        for c in COMPONENTS
+        for k, v in {"peak_weight": 1.2, "peak_layer": 3.0, "min_ratio": 0.5, "falloff": 3.0}.items()
+    }
     per_layer = replay_params({"direction_scope": "per_layer", **kernel}, stats.n_layers, settings)
     plain, _ = build_plan(per_layer, stats)
     blended, _ = plan_for(per_layer, stats, settings)
@@ -127,9 +161,13 @@ def test_blended_directions_lean_on_the_best_layer_where_a_layer_separates_less(
         for c in COMPONENTS:
             torch.testing.assert_close(blended.directions[c][layer].double(), expected, rtol=1e-4, atol=1e-4)
     assert blended.weights == plain.weights  # the weights are the kernel's
-    assert float(blended.directions["attn"][0] @ means[4].float()) > 0.9  # a noise layer is edited along the best layer's direction
+    assert (
+        float(blended.directions["attn"][0] @ means[4].float()) > 0.9
+    )  # a noise layer is edited along the best layer's direction
     global_params = replay_params({"direction_scope": "global", "direction_index": 2.0, **kernel}, stats.n_layers, settings)
-    torch.testing.assert_close(plan_for(global_params, stats, settings)[0].directions["attn"], build_plan(global_params, stats)[0].directions["attn"])
+    torch.testing.assert_close(
+        plan_for(global_params, stats, settings)[0].directions["attn"], build_plan(global_params, stats)[0].directions["attn"]
+    )
 
 
 def test_separation_weighting_scales_per_layer_edits_by_each_layers_fisher_ratio():
@@ -137,7 +175,11 @@ def test_separation_weighting_scales_per_layer_edits_by_each_layers_fisher_ratio
     harmful[4] = harmful[4] * 0.2 + 3.0  # layer 4 separates best; the others barely
     stats = compute_stats(harmful, harmless)
     settings = Settings(direction_methods=["mean_diff"], subspace_max=1, searched_projection=False)
-    kernel = {f"{c}_{k}": v for c in COMPONENTS for k, v in {"peak_weight": 1.2, "peak_layer": 3.0, "min_ratio": 0.5, "falloff": 3.0}.items()}
+    kernel = {
+        f"{c}_{k}": v
+        for c in COMPONENTS
+        for k, v in {"peak_weight": 1.2, "peak_layer": 3.0, "min_ratio": 0.5, "falloff": 3.0}.items()
+    }
     per_layer = replay_params({"direction_scope": "per_layer", **kernel}, stats.n_layers, settings)
     plain, _ = build_plan(per_layer, stats)
     weighted, _ = build_plan(per_layer, stats, separation_weighted=True)
@@ -191,7 +233,11 @@ def test_the_searched_projection_is_sampled_replayed_and_seeded():
         study.tell(trial, 0.0)
     starts = seeded_starts(stats, settings)
     assert {name: p["projection"] for name, p in starts.items()} == {
-        "uniform": 0.0, "tapered": 1.0, "tapered-per-layer": 1.0, "late-per-layer": 1.0}
+        "uniform": 0.0,
+        "tapered": 1.0,
+        "tapered-per-layer": 1.0,
+        "late-per-layer": 1.0,
+    }
     assert replay_params(baseline_params(stats.n_layers, settings), stats.n_layers, settings).projection == 0.0
     # without the search (--no-searched-projection, or --projected-directions fixing it at 1): no such parameter
     unsearched = dataclasses.replace(settings, searched_projection=False)

@@ -58,7 +58,10 @@ def retries_of(study: optuna.Study, number: int) -> list[FrozenTrial]:
 
 def start_python(code: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-c", code, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 
@@ -127,8 +130,17 @@ def test_adapter_sets_user_attrs_of_finished_trials(storage_url):
     reloaded = fresh(storage_url)
     after = reloaded.trials
     assert after[0].user_attrs == {"refusals": "2/8", "eval/mmlu": {"acc": 0.625, "tasks": ["a", "b"]}}
-    unchanged = ("number", "state", "values", "params", "distributions", "system_attrs", "intermediate_values",
-                 "datetime_start", "datetime_complete")
+    unchanged = (
+        "number",
+        "state",
+        "values",
+        "params",
+        "distributions",
+        "system_attrs",
+        "intermediate_values",
+        "datetime_start",
+        "datetime_complete",
+    )
     assert {k: getattr(after[0], k) for k in unchanged} == {k: getattr(before[0], k) for k in unchanged}
     assert after[0]._trial_id == before[0]._trial_id
     assert after[1] == before[1], "the other trial is untouched"
@@ -257,8 +269,15 @@ def test_trials_that_fail_on_their_own_count_and_interrupted_ones_do_not(tmp_pat
 
     study = fresh(url)
     states = [t.state for t in study.trials]
-    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL, TrialState.PRUNED, TrialState.FAIL,
-                      TrialState.RUNNING, TrialState.WAITING]
+    assert states == [
+        TrialState.COMPLETE,
+        TrialState.FAIL,
+        TrialState.FAIL,
+        TrialState.PRUNED,
+        TrialState.FAIL,
+        TrialState.RUNNING,
+        TrialState.WAITING,
+    ]
     assert [is_interrupted(t, set()) for t in study.trials] == [False, False, False, False, True, False, False]
     assert counted_trials(study) == 4
 

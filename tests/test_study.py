@@ -15,9 +15,24 @@ from optimizer.storage import counted_trials
 def run_args(model: Path, studies: Path, *extra: str, seeded: bool = False) -> list[str]:
     """A short study's command line; without the seeded starts unless `seeded` (tests/test_starts.py)."""
     return [
-        "run", "--model", str(model), "--studies-dir", str(studies), "--study", "t",
-        "--direction-prompts", "8", "--scoring-prompts", "4", "--max-new-tokens", "4", "--startup-trials", "2", "--no-verify",
-        *([] if seeded else ["--no-seeded-starts"]), *extra,
+        "run",
+        "--model",
+        str(model),
+        "--studies-dir",
+        str(studies),
+        "--study",
+        "t",
+        "--direction-prompts",
+        "8",
+        "--scoring-prompts",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--startup-trials",
+        "2",
+        "--no-verify",
+        *([] if seeded else ["--no-seeded-starts"]),
+        *extra,
     ]
 
 
@@ -34,7 +49,9 @@ def test_study_runs_resumes_to_total_and_reuses_cache(tiny_dir, tmp_path, capsys
     assert len(study.trials) == 3 and all(t.state == TrialState.COMPLETE for t in study.trials)
     assert study.metric_names == ["refusal_rate", "kl_divergence"]
     cache_files = {p.name: p.stat().st_mtime_ns for p in (studies / "t").glob("[!.]*")}
-    assert set(cache_files) == {f"{entry}.{ext}" for entry in ("directions", "baseline", "batch_size") for ext in ("safetensors", "json")}
+    assert set(cache_files) == {
+        f"{entry}.{ext}" for entry in ("directions", "baseline", "batch_size") for ext in ("safetensors", "json")
+    }
     assert "Batch size 8 (time per prompt by batch size: 8:" in first  # measured once: 4 prompts allow only 8
     assert ("linear weights for oneDNN" in first) == torch.backends.mkldnn.is_available()  # CPU trials
 
@@ -140,8 +157,13 @@ def test_max_weight_sets_the_peak_weight_range(tiny_dir, tmp_path, capsys):
     from optimizer.params import replay_params
 
     settings = build_settings({"max_weight": 3.0})
-    params = {"direction_scope": "per_layer", "direction_method": "discriminant", "shrinkage": 1.0, "projection": 0.0,
-              "subspace_k": 1}
+    params = {
+        "direction_scope": "per_layer",
+        "direction_method": "discriminant",
+        "shrinkage": 1.0,
+        "projection": 0.0,
+        "subspace_k": 1,
+    }
     for c in ("attn", "mlp"):
         params.update({f"{c}_peak_weight": 2.5, f"{c}_peak_layer": 3.0, f"{c}_min_ratio": 0.5, f"{c}_falloff": 1.0})
     assert replay_params(params, 4, settings).kernels["attn"].peak_weight == 2.5

@@ -10,8 +10,12 @@ class _Never:
         raise RuntimeError("bitsandbytes stand-in: quantized loading is not available in this benchmark")
 
 
-nn = types.SimpleNamespace(Linear8bitLt=type("Linear8bitLt", (_Never,), {}), Linear4bit=type("Linear4bit", (_Never,), {}),
-                           Params4bit=type("Params4bit", (_Never,), {}), Int8Params=type("Int8Params", (_Never,), {}))
+nn = types.SimpleNamespace(
+    Linear8bitLt=type("Linear8bitLt", (_Never,), {}),
+    Linear4bit=type("Linear4bit", (_Never,), {}),
+    Params4bit=type("Params4bit", (_Never,), {}),
+    Int8Params=type("Int8Params", (_Never,), {}),
+)
 
 
 def __getattr__(name):
