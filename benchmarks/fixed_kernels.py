@@ -1,7 +1,8 @@
 """What the fixed-kernel sweeps share (`row_norm_sweep.py`, `affine_sweep.py`, `lda_sweep.py`,
-`read_sweep.py`): one model prepared as a study would be (cached statistics, hooks; 64 direction
-prompts unless told, the refused-prompt filter on, float32 on the CPU, batch 32), the held-out prompts that
-score each edit, the unedited model's first-token log-probabilities and refusal count, and the
+`read_sweep.py`, `refit_sweep.py`, `fisher_sweep.py`, `keyed_sweep.py`): one model prepared as a
+study would be (cached statistics, hooks; 64 direction prompts per set unless `--direction-prompts`
+says otherwise, the refused-prompt filter on, float32 on the CPU, batch 32), the held-out prompts
+that score each edit, the unedited model's first-token log-probabilities and refusal count, and the
 kernels held fixed while a weight is swept. Refusals on held-out harmful prompts by the default
 markers; KL of the first token on held-out harmless prompts."""
 
