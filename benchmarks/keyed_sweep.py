@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,13 +35,19 @@ from optimizer.params import build_plan
 from optimizer.residuals import tokenize
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """Per site (module -> vector or matrix) what the keyed and masked edits read of its inputs."""
+
+    harmful_last: dict  # the kept harmful prompts' mean input at the last position: k
+    harmless_last: dict  # the kept harmless prompts' mean input at the last position
+    harmless_moment: dict  # the kept harmless prompts' input second moment over every position: C
+
+
 @torch.inference_mode()
-def input_moments(loaded, sites, harmful: list[str], harmless: list[str], batch_size: int):
-    """Per site: the harmful prompts' mean input at the last position (k) and the harmless
-    prompts' input second moment over every (unpadded) position (C)."""
-    k = {s.module: 0.0 for s in sites}
-    c = {s.module: 0.0 for s in sites}
-    counts = {"harmful": 0, "harmless": 0}
+def input_moments(loaded, sites, harmful: list[str], harmless: list[str], batch_size: int) -> Inputs:
+    sums: dict[str, dict] = {name: {s.module: 0.0 for s in sites} for name in ("harmful", "harmless", "moment")}
+    counts = {"harmful": 0, "harmless": 0, "moment": 0}
     for name, texts in (("harmful", harmful), ("harmless", harmless)):
         for start in range(0, len(texts), batch_size):
             batch = tokenize(loaded, texts[start : start + batch_size])
@@ -48,11 +55,10 @@ def input_moments(loaded, sites, harmful: list[str], harmless: list[str], batch_
 
             def keep(module, inputs, _output, name=name, mask=mask):
                 a = inputs[0].float()
-                if name == "harmful":
-                    k[module] = k[module] + a[:, -1].sum(0)
-                else:
+                sums[name][module] = sums[name][module] + a[:, -1].sum(0)
+                if name == "harmless":
                     rows = a[mask]
-                    c[module] = c[module] + rows.T @ rows
+                    sums["moment"][module] = sums["moment"][module] + rows.T @ rows
 
             handles = [s.module.register_forward_hook(keep) for s in sites]
             try:
@@ -60,40 +66,68 @@ def input_moments(loaded, sites, harmful: list[str], harmless: list[str], batch_
             finally:
                 for h in handles:
                     h.remove()
-            counts[name] += len(texts[start : start + batch_size]) if name == "harmful" else int(mask.sum())
-    return {m: v / counts["harmful"] for m, v in k.items()}, {m: v / counts["harmless"] for m, v in c.items()}
+            counts[name] += mask.shape[0]
+            counts["moment"] += int(mask.sum()) if name == "harmless" else 0
+    mean = {name: {m: v / counts[name] for m, v in sums[name].items()} for name in sums}
+    return Inputs(mean["harmful"], mean["harmless"], mean["moment"])
 
 
-def keyed_hooks(sites, plan, keys, moments, lam: float):
-    """Forward hooks y <- y - w r (u^T a) for every site the plan edits (u by ROME's rule)."""
+def key_rows(sites, plan, inputs: Inputs, lam: float) -> dict:
+    """Per edited site, u by ROME's rule: u = C^-1 k (k^T W^T r) / (k^T C^-1 k), C shrunk by lambda."""
+    rows = {}
+    for s in sites:
+        if plan.weight_at(s):
+            r = plan.directions[s.component][s.layer].float()
+            k, c = inputs.harmful_last[s.module], inputs.harmless_moment[s.module]
+            shrunk = c + lam * c.diagonal().mean() * torch.eye(c.shape[0])
+            ck = torch.cholesky_solve(k[:, None], torch.linalg.cholesky(shrunk))[:, 0]
+            rows[s.module] = ck * ((r @ s.module.weight.float() @ k) / (k @ ck))
+    return rows
+
+
+def masked_rows(sites, plan, inputs: Inputs, keep: float) -> dict:
+    """Per edited site, ablation's u = W^T r restricted to the input features that write the most
+    refusal along r per unit of harmless cost: feature j writes (k_j - g_j) c_j more along r for the
+    harmful prompts than for the harmless (c = W^T r, g the harmless last-position mean) and costs
+    about c_j^2 E[a_j^2] (its harmless write along r, squared); the `keep` share of features with the
+    largest positive ratio (k_j - g_j) c_j / (c_j^2 E[a_j^2]) is kept."""
+    rows = {}
+    for s in sites:
+        if plan.weight_at(s):
+            c = s.module.weight.float().T @ plan.directions[s.component][s.layer].float()
+            delta = inputs.harmful_last[s.module] - inputs.harmless_last[s.module]
+            ratio = delta * c / (c.square() * inputs.harmless_moment[s.module].diagonal()).clamp_min(1e-12)
+            chosen = ratio.topk(max(1, round(keep * len(c)))).indices
+            mask = torch.zeros_like(c)
+            mask[chosen] = (ratio[chosen] > 0).float()
+            rows[s.module] = c * mask
+    return rows
+
+
+def rank_one_hooks(sites, plan, rows: dict):
+    """Forward hooks y <- y - w r (u^T a), u per site from `rows`."""
     handles = []
     for s in sites:
-        w = plan.weight_at(s)
-        if w == 0:
-            continue
-        r = plan.directions[s.component][s.layer].float()
-        k, c = keys[s.module], moments[s.module]
-        shrunk = c + lam * c.diagonal().mean() * torch.eye(c.shape[0])
-        ck = torch.cholesky_solve(k[:, None], torch.linalg.cholesky(shrunk))[:, 0]
-        write = r @ s.module.weight.float() @ k  # r^T W k
-        u = ck * (write / (k @ ck))
+        if s.module in rows:
+            r, u, w = plan.directions[s.component][s.layer].float(), rows[s.module], plan.weight_at(s)
 
-        def hook(_module, inputs, output, r=r, u=u, w=w):
-            return output - w * (inputs[0].float() @ u).unsqueeze(-1) * r
+            def hook(_module, inputs, output, r=r, u=u, w=w):
+                return output - w * (inputs[0].float() @ u).unsqueeze(-1) * r
 
-        handles.append(s.module.register_forward_hook(hook))
+            handles.append(s.module.register_forward_hook(hook))
     return handles
 
 
 def main() -> None:
     p = arguments([0.5, 0.7, 1.0, 1.5], kernels=["p.75 f.25", "p.6 f.45"])
     p.add_argument("--rho", type=float, default=0.9)
-    p.add_argument("--lambdas", type=float, nargs="+", default=[0.01, 0.1, 1.0, 100.0])
+    p.add_argument("--lambdas", type=float, nargs="*", default=[0.01, 0.1, 1.0, 100.0])
+    p.add_argument("--keep", type=float, nargs="*", default=[], help="masked ablation rows: shares of features kept")
     a = p.parse_args()
     sweep = open_sweep(a, "keyed")
     bench, loaded, bs = sweep.bench, sweep.bench.loaded, sweep.bench.batch_size
     sites = [s for s in loaded.discovery.present() if s.is_single_projection]
-    keys, moments = input_moments(loaded, sites, *kept_direction_texts(sweep), bs)
+    inputs = input_moments(loaded, sites, *kept_direction_texts(sweep), bs)
     print(sweep.header)
     print("| kernel | w | edit | refusals | KL |")
     print("|---|---|---|---|---|")
@@ -103,14 +137,16 @@ def main() -> None:
         ref, kl = sweep.score()
         bench.hooks.clear()
         print(f"| {kname} | {w} | ablation | {ref}/{a.prompts} | {kl:.4f} |", flush=True)
-        for lam in a.lambdas:
-            handles = keyed_hooks(sites, plan, keys, moments, lam)
+        variants = [(f"keyed, lambda {lam:g}", key_rows(sites, plan, inputs, lam)) for lam in a.lambdas]
+        variants += [(f"masked, keep {q:g}", masked_rows(sites, plan, inputs, q)) for q in a.keep]
+        for label, rows in variants:
+            handles = rank_one_hooks(sites, plan, rows)
             try:
                 ref, kl = sweep.score()
             finally:
                 for h in handles:
                     h.remove()
-            print(f"| {kname} | {w} | keyed, lambda {lam:g} | {ref}/{a.prompts} | {kl:.4f} |", flush=True)
+            print(f"| {kname} | {w} | {label} | {ref}/{a.prompts} | {kl:.4f} |", flush=True)
 
 
 if __name__ == "__main__":
