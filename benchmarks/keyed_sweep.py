@@ -16,7 +16,9 @@ The same model, kernels, directions (the defaults' discriminant, rho 0.9, projec
 `lda_sweep.py` (`fixed_kernels.py`); the direction prompts kept by `--refused-directions`
 (`refit_sweep.kept_direction_texts`).
 
-    python benchmarks/keyed_sweep.py [--lambdas L ...] [--weights W ...] [--kernels NAME ...]
+`--keep Q ...` adds rows of ablation masked to a share Q of the input features (`masked_rows`).
+
+    python benchmarks/keyed_sweep.py [--lambdas L ...] [--keep Q ...] [--weights W ...] [--kernels NAME ...]
 """
 
 from __future__ import annotations
