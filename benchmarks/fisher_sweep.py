@@ -30,8 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.fixed_kernels import arguments, open_sweep
-from benchmarks.refit_sweep import kept_direction_texts
+from benchmarks.fixed_kernels import arguments, kept_direction_texts, open_sweep
 from optimizer.ablation import AblationPlan
 from optimizer.directions import discriminant_directions, project_out_harmless_mean
 from optimizer.params import build_plan

@@ -3,7 +3,8 @@
 study would be (cached statistics, hooks; 64 direction prompts per set unless `--direction-prompts`
 says otherwise, the refused-prompt filter on, float32 on the CPU, batch 32), the held-out prompts
 that score each edit, the unedited model's first-token log-probabilities and refusal count, and the
-kernels held fixed while a weight is swept. Refusals on held-out harmful prompts by the default
+kernels held fixed while a weight is swept; and for the sweeps that need the direction prompts
+themselves, those the refused-prompt filter keeps (`kept_direction_texts`). Refusals on held-out harmful prompts by the default
 markers; KL of the first token on held-out harmless prompts."""
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from optimizer.judges import MarkerJudge
 from optimizer.params import Kernel, TrialParams
 from optimizer.prompts import PromptSplits, format_chat, load_prompts, split_prompts
 from optimizer.scoring import first_token_logprobs, generate_and_classify, kl_divergence
-from optimizer.workbench import Prepared, prepare, resolve
+from optimizer.workbench import Prepared, load_judge, prepare, resolve
 
 KERNELS = {"p.6 f.45": (0.6, 0.45), "p.75 f.25": (0.75, 0.25), "p.5 f1": (0.5, 1.0)}  # peak, falloff (x last layer)
 
@@ -103,3 +104,13 @@ def open_sweep(a: argparse.Namespace, study: str) -> Sweep:
     base_logprobs = first_token_logprobs(loaded, texts["harmless"], bs)
     base = generate_and_classify(loaded, texts["harmful"], a.cap, judge, bs).count
     return Sweep(bench, splits, texts, judge, a.model, a.prompts, a.cap, base_logprobs, base)
+
+
+def kept_direction_texts(sweep: Sweep) -> tuple[list[str], list[str]]:
+    """The direction prompts `--refused-directions` keeps: refused harmful, answered harmless."""
+    spec, bs = sweep.bench.spec, sweep.bench.batch_size
+    judge = load_judge(spec.settings, spec.loaded)
+    texts, raw = (spec.texts.direction_harmful, spec.texts.direction_harmless), spec.texts.direction_prompts
+    cap = spec.settings.max_new_tokens
+    refused = [generate_and_classify(spec.loaded, t, cap, judge, bs, p).refused for t, p in zip(texts, raw)]
+    return [t for t, r in zip(texts[0], refused[0]) if r], [t for t, r in zip(texts[1], refused[1]) if not r]

@@ -14,7 +14,7 @@ its C^-1-similarity to k instead of by its own write along r.
 
 The same model, kernels, directions (the defaults' discriminant, rho 0.9, projected) and prompts as
 `lda_sweep.py` (`fixed_kernels.py`); the direction prompts kept by `--refused-directions`
-(`refit_sweep.kept_direction_texts`).
+(`fixed_kernels.kept_direction_texts`).
 
 `--keep Q ...` adds rows of ablation masked to a share Q of the input features (`masked_rows`).
 
@@ -31,8 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.fixed_kernels import arguments, open_sweep
-from benchmarks.refit_sweep import kept_direction_texts
+from benchmarks.fixed_kernels import arguments, kept_direction_texts, open_sweep
 from optimizer.params import build_plan
 from optimizer.residuals import tokenize
 

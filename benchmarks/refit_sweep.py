@@ -27,23 +27,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.fixed_kernels import arguments, open_sweep
+from benchmarks.fixed_kernels import arguments, kept_direction_texts, open_sweep
 from optimizer.ablation import AblationPlan
 from optimizer.directions import compute_stats, discriminant_directions, project_out_harmless_mean
 from optimizer.params import build_plan
 from optimizer.residuals import collect_residuals, layer_residuals
-from optimizer.scoring import generate_and_classify
-from optimizer.workbench import load_judge
-
-
-def kept_direction_texts(sweep) -> tuple[list[str], list[str]]:
-    """The direction prompts `--refused-directions` keeps: refused harmful, answered harmless."""
-    spec, bs = sweep.bench.spec, sweep.bench.batch_size
-    judge = load_judge(spec.settings, spec.loaded)
-    texts, raw = (spec.texts.direction_harmful, spec.texts.direction_harmless), spec.texts.direction_prompts
-    cap = spec.settings.max_new_tokens
-    refused = [generate_and_classify(spec.loaded, t, cap, judge, bs, p).refused for t, p in zip(texts, raw)]
-    return [t for t, r in zip(texts[0], refused[0]) if r], [t for t, r in zip(texts[1], refused[1]) if not r]
 
 
 def direction_at(sweep, kept, layer: int, rho: float, projected: bool) -> torch.Tensor:
