@@ -86,6 +86,8 @@ KL_REFERENCE = 1.0
 # variant -> (label, extra `optimizer run` arguments); None: heretic
 VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "ours": ("ours (defaults)", []),
+    "ff3": ("ours, every third trial after start-up fills the front's widest gap", ["--front-fill", "3"]),
+    "ff5": ("ours, every fifth trial after start-up fills the front's widest gap", ["--front-fill", "5"]),
     "k1": ("ours, k = 1", ["--subspace-max", "1"]),
     "meandiff": ("ours, mean-diff only", ["--direction-methods", "mean_diff", "--subspace-max", "1", "--no-searched-projection"]),
     "np": ("ours, norm-preserving + projected", ["--norm-preserving", "--projected-directions"]),

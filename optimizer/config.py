@@ -215,6 +215,13 @@ class Settings:
             "sampler's good trials (nearly unedited models that still refuse; heretic's kl_divergence_target); 0 = off"
         },
     )
+    front_fill: int = field(
+        default=0,
+        metadata={
+            "help": "every N-th trial after the start-up ones is a front trial's edit scaled into the widest gap of the "
+            "Pareto front (optimizer/fill.py), the rest are the sampler's; 0 = off"
+        },
+    )
     seeded_starts: bool = field(
         default=True,
         metadata={
@@ -373,6 +380,11 @@ def _check(settings: Settings) -> Settings:
         raise UserError("--heartbeat-interval must be positive and --heartbeat-grace larger than it")
     if settings.startup_trials < 0 or settings.batch_size < 0 or settings.db_retry_s < 0:
         raise UserError("--startup-trials, --batch-size and --db-retry-s must not be negative")
+    if settings.front_fill < 0:
+        raise UserError(
+            f"--front-fill takes how often a trial fills the front (e.g. 3: every third trial), or 0 for off; "
+            f"got {settings.front_fill}"
+        )
     if not settings.kl_limit > 0:
         raise UserError(f"--kl-limit must be a positive KL divergence (e.g. 1.0), got {settings.kl_limit}")
     if not 0 <= settings.kl_floor < settings.kl_limit:

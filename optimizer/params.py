@@ -338,6 +338,19 @@ def seeded_starts(stats: ContrastiveStats, settings: Settings) -> dict[str, dict
     return {name: scoped(scope, params) for name, (scope, params) in starts.items() if scope in settings.direction_scopes}
 
 
+def scaled_params(params: dict, scale: float, settings: Settings) -> dict:
+    """A trial's parameters with the edit's strength times `scale`: every component's peak weight
+    scaled, within [--min-weight, --max-weight]. The rest of a kernel (its edge as a ratio of the
+    peak, its width) and the extra directions' decay are relative to the peak, so each layer's weight,
+    and each extra direction's, is scaled the same way (`optimizer.fill`)."""
+    out = dict(params)
+    for c in COMPONENTS:
+        key = f"{c}_peak_weight"
+        if key in out:
+            out[key] = min(settings.max_weight, max(settings.min_weight, out[key] * scale))
+    return out
+
+
 def replay_params(params: dict, n_layers: int, settings: Settings) -> TrialParams:
     """A finished trial's parameters, read back through the same code that sampled them."""
     return suggest_params(optuna.trial.FixedTrial(params), n_layers, settings)

@@ -23,6 +23,7 @@ from optimizer import signals
 from optimizer.config import Settings
 from optimizer.dashboard import trial_note
 from optimizer.errors import UserError
+from optimizer.fill import FrontFill
 from optimizer.front import Front
 from optimizer.locks import file_lock
 from optimizer.optuna_adapter import (
@@ -330,7 +331,9 @@ def _optimize(study: optuna.Study, scorer: Scorer, remaining: int) -> None:
             if not console.is_terminal:  # a log file gets no live bar: one line per trial instead
                 console.print(trial_line(trial, done, total))
 
-        optimize_until_done(study, make_objective(scorer), remaining, [StopAtBudget(total), show], total, console.print)
+        fill = FrontFill(scorer.spec.settings)
+        callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [StopAtBudget(total), fill, show]
+        optimize_until_done(study, make_objective(scorer), remaining, callbacks, total, console.print)
 
 
 def optimize_until_done(
