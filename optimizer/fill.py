@@ -10,13 +10,13 @@ of the edited model from the unedited one has its minimum, 0, at s = 0, so to se
     KL(s) = s^2 * (1/2) d^T F d + O(s^3),
 
 with d the edit and F the Fisher metric of the model's next-token distributions on the harmless
-prompts: a trial at (R_b, K_b) scaled by s lands near KL s^2 K_b. Refusals do not rise as the
-edit is weakened towards the unedited model's and do not fall below the stronger edit's, so a
-weakened copy of a front trial lands between it and the unedited model. A multivariate TPE
-sampler does not know any of this: it draws each parameter from densities around good trials,
-and on the benchmark models the stretch of a 60-trial front where refusals fall fastest is often
-one gap (seed 0 of the second model: nothing between 31/64 refusals at KL 0.087 and 5/64 at
-0.177, benchmarks/RESULTS.md).
+prompts: a trial at (R_b, K_b) scaled by s lands near KL s^2 K_b. Its refusals, as a rule, rise
+back towards the unedited model's as it is weakened, so a weakened copy of a front trial lands
+between it and the unedited model. A multivariate TPE sampler does not know any of this: it draws
+each parameter from densities around good trials, and on the benchmark models the stretch of a
+60-trial front where refusals fall fastest is often one gap (seed 0 of the second model: from
+31/64 refusals at KL 0.087 the next front trials are 26/64 at 0.153 and 5/64 at 0.177,
+benchmarks/RESULTS.md).
 
 The rule, every N-th trial after the start-up ones, when no trial waits in the queue: the front
 (the study's `best_trials`, and the unedited model at KL 0 as its left end) is sorted by KL, and
@@ -29,7 +29,7 @@ same sampled edit at any strength) already lies inside the gap, on the front or 
 changes as trials finish and the same gap comes back between new neighbours, and on a model
 scored on few prompts (the default benchmark's 16) a weakened copy of the 0-refusal trial that
 refuses once more is dominated, so a rule that only remembered pairs of trials asked the same
-question again (measured: three of eight fills of a default-model study, benchmarks/RESULTS.md).
+question again (measured: four of the eight fills of a default-model study, benchmarks/RESULTS.md).
 The trial is queued through Optuna's public `enqueue_trial` with the user attribute `front_fill`
 (source trial, the gap's other end, the line, scale, target KL):
 it is scored, stopped early, replayed and exported like any other trial, and the sampler learns

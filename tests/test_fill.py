@@ -118,8 +118,9 @@ def test_a_study_queues_a_fill_every_nth_trial_after_the_start_up_ones(tiny_vari
         assert fill.params == pytest.approx(scaled_params(source.params, record["scale"], Settings()))
         kl = source.values[1] * record["scale"] ** 2  # where it is aimed
         assert record["target_kl"] == pytest.approx(kl, rel=1e-3)
-        if record["scale"] < 1:  # weaker: less KL than its source
+        if record["scale"] < 1:  # weaker: less KL than its source, about s^2 times it (measured here: within 3%)
             assert fill.values[1] < source.values[1]
+            assert fill.values[1] == pytest.approx(record["target_kl"], rel=0.25)
     off = tmp_path / "off"
     off.mkdir()
     plain = _study(tiny_varied_dir, off, "--trials", "10", "--startup-trials", "6")
