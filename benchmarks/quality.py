@@ -86,6 +86,7 @@ KL_REFERENCE = 1.0
 # variant -> (label, extra `optimizer run` arguments); None: heretic
 VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "ours": ("ours (defaults)", []),
+    "kl102": ("ours, KL on 102 harmless prompts (the scoring split's all)", ["--kl-prompts", "102"]),
     "ff3": ("ours, every third trial after start-up fills the front's widest gap", ["--front-fill", "3"]),
     "ff5": ("ours, every fifth trial after start-up fills the front's widest gap", ["--front-fill", "5"]),
     "k1": ("ours, k = 1", ["--subspace-max", "1"]),

@@ -133,6 +133,13 @@ class Settings:
     harmless: str | None = field(default=None, metadata={"help": "harmless prompts, same forms", "default_text": "bundled"})
     direction_prompts: int = field(default=128, metadata={"help": "prompts per set for the directions"})
     scoring_prompts: int = field(default=64, metadata={"help": "prompts per set for scoring each trial"})
+    kl_prompts: int | None = field(
+        default=None,
+        metadata={
+            "help": "harmless prompts the KL divergence is measured on (one forward pass each), from the same scoring split",
+            "default_text": "--scoring-prompts",
+        },
+    )
     max_new_tokens: int = field(default=16, metadata={"help": "response length cap for refusal detection"})
     judge: str = field(
         default="markers",
@@ -373,8 +380,15 @@ def _check(settings: Settings) -> Settings:
     """Every setting's constraints; returns the settings with the chat template kwargs parsed."""
     if settings.trials <= 0:
         raise UserError(f"--trials must be a positive number of trials, got {settings.trials}")
-    for name in ("direction_prompts", "scoring_prompts", "max_new_tokens", "verify_max_new_tokens", "verify_prompts"):
-        if getattr(settings, name) <= 0:
+    for name in (
+        "direction_prompts",
+        "scoring_prompts",
+        "max_new_tokens",
+        "verify_max_new_tokens",
+        "verify_prompts",
+        "kl_prompts",
+    ):
+        if getattr(settings, name) is not None and getattr(settings, name) <= 0:
             raise UserError(f"{flag_of(name)} must be positive, got {getattr(settings, name)}")
     if settings.heartbeat_interval <= 0 or settings.heartbeat_grace <= settings.heartbeat_interval:
         raise UserError("--heartbeat-interval must be positive and --heartbeat-grace larger than it")

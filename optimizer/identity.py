@@ -76,6 +76,7 @@ def comparable_settings(settings: Settings) -> dict[str, Any]:
     s = settings
     return {
         "scoring_prompts": s.scoring_prompts,
+        "kl_prompts": s.kl_prompts or s.scoring_prompts,
         "direction_prompts": s.direction_prompts,
         "max_new_tokens": s.max_new_tokens,
         "system_prompt": s.system_prompt,

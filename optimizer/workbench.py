@@ -135,7 +135,8 @@ def resolve(settings: Settings, console: Console, portable: bool | None = None) 
     dir_b = take(harmful.direction, n_dir, "harmful direction", "--direction-prompts")
     dir_g = take(harmless.direction, n_dir, "harmless direction", "--direction-prompts")
     score_b = take(harmful.scoring, n_score, "harmful scoring", "--scoring-prompts")
-    score_g = take(harmless.scoring, n_score, "harmless scoring", "--scoring-prompts")
+    n_kl, kl_flag = (settings.kl_prompts, "--kl-prompts") if settings.kl_prompts else (n_score, "--scoring-prompts")
+    score_g = take(harmless.scoring, n_kl, "harmless scoring", kl_flag)
     with console.status("Loading model..."):
         loaded = load_model(
             settings.model, settings.device, settings.dtype, settings.chat_template,

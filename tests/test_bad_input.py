@@ -66,6 +66,12 @@ def test_fewer_prompts_than_asked(tiny_dir, tmp_path, capsys):
     assert "--direction-prompts" in message
 
 
+def test_more_kl_prompts_than_the_scoring_split_holds(tiny_dir, tmp_path, capsys):
+    studies = tmp_path / "s"
+    args = run_args(tiny_dir, studies, "--kl-prompts", "500")
+    expect_refusal(args, studies, capsys, "asked for 500 harmless scoring", "has only", "--kl-prompts")
+
+
 def test_model_without_chat_template(no_template_dir, tmp_path, capsys):
     studies = tmp_path / "s"
     expect_refusal(run_args(no_template_dir, studies), studies, capsys, "no chat template", "--chat-template")
@@ -84,7 +90,9 @@ def test_bad_storage_url(tiny_dir, tmp_path, capsys, url, fragment):
     expect_refusal(run_args(tiny_dir, studies, "--storage", url), studies, capsys, fragment, "--storage")
 
 
-@pytest.mark.parametrize("flag, value", [("--trials", "0"), ("--trials", "-3"), ("--scoring-prompts", "0")])
+@pytest.mark.parametrize(
+    "flag, value", [("--trials", "0"), ("--trials", "-3"), ("--scoring-prompts", "0"), ("--kl-prompts", "0")]
+)
 def test_non_positive_counts(tiny_dir, tmp_path, capsys, flag, value):
     studies = tmp_path / "s"
     expect_refusal(run_args(tiny_dir, studies, flag, value), studies, capsys, flag, "positive")
@@ -163,3 +171,16 @@ def test_residuals_with_nan_or_inf_name_the_layer_and_what_to_try(tiny_dir):
     residuals[min(3, loaded.n_layers - 1), 1, 5] = float("inf")
     with pytest.raises(UserError, match=rf"NaN or inf at layer {min(3, loaded.n_layers - 1)}: .*try --dtype float32"):
         check_finite(loaded, residuals)
+
+
+def test_kl_prompts_are_the_harmless_scoring_prompts_and_a_study_keeps_them(tiny_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    studies = tmp_path / "s"
+    assert main(run_args(tiny_dir, studies, "--trials", "1", "--kl-prompts", "6")) == 0
+    baseline = load_file(next((studies / "t").glob("baseline*.safetensors")))
+    assert {name: t.shape[0] for name, t in baseline.items() if t.dim() == 2} == {"logprobs": 6}  # 4 scoring, 6 for KL
+    capsys.readouterr()
+    expect_refusal(
+        run_args(tiny_dir, studies, "--trials", "2", "--kl-prompts", "5"), studies, capsys, "kl_prompts", "another --study"
+    )

@@ -197,6 +197,7 @@ def test_a_record_takes_the_location_from_the_command_line_and_skips_none():
         ("winsorize", 1.5),
         ("searched_winsorize", 0.3),
         ("front_fill", -1),
+        ("kl_prompts", 0),
     ],
 )
 def test_a_bad_record_is_refused_like_a_bad_run(name, value):
