@@ -15,8 +15,7 @@ back towards the unedited model's as it is weakened, so a weakened copy of a fro
 between it and the unedited model. A multivariate TPE sampler does not know any of this: it draws
 each parameter from densities around good trials, and on the benchmark models the stretch of a
 60-trial front where refusals fall fastest is often one gap (seed 0 of the second model: from
-31/64 refusals at KL 0.087 the next front trials are 26/64 at 0.153 and 5/64 at 0.177,
-benchmarks/RESULTS.md).
+22/64 refusals at KL 0.111 the next front trial is 7/64 at 0.195, benchmarks/RESULTS.md).
 
 The rule, every N-th trial after the start-up ones, when no trial waits in the queue: the front
 (the study's `best_trials`, and the unedited model at KL 0 as its left end) is sorted by KL, and
