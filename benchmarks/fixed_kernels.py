@@ -18,6 +18,7 @@ import torch
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from optimizer.ablation import AblationPlan
 from optimizer.config import Settings
 from optimizer.judges import MarkerJudge
 from optimizer.params import Kernel, TrialParams
@@ -81,6 +82,25 @@ class Sweep:
         loaded, bs = self.bench.loaded, self.bench.batch_size
         kl = kl_divergence(self.base_logprobs, first_token_logprobs(loaded, self.texts["harmless"], bs))
         return generate_and_classify(loaded, self.texts["harmful"], self.cap, self.judge, bs).count, kl
+
+    def score_plan(self, plan: AblationPlan) -> tuple[int, float]:
+        """`score` with `plan` hooked in, and the hooks cleared after."""
+        self.bench.hooks.apply(plan)
+        try:
+            return self.score()
+        finally:
+            self.bench.hooks.clear()
+
+
+@torch.inference_mode()
+def forward_with_hooks(loaded, sites, hook, batch: dict) -> None:
+    """One forward pass of `batch` with `hook` on every site's module (removed after)."""
+    handles = [s.module.register_forward_hook(hook) for s in sites]
+    try:
+        loaded.model(**batch, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def open_sweep(a: argparse.Namespace, study: str) -> Sweep:

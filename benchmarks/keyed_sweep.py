@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.fixed_kernels import arguments, kept_direction_texts, open_sweep
+from benchmarks.fixed_kernels import arguments, forward_with_hooks, kept_direction_texts, open_sweep
 from optimizer.params import build_plan
 from optimizer.residuals import tokenize
 
@@ -61,12 +61,7 @@ def input_moments(loaded, sites, harmful: list[str], harmless: list[str], batch_
                     rows = a[mask]
                     sums["moment"][module] = sums["moment"][module] + rows.T @ rows
 
-            handles = [s.module.register_forward_hook(keep) for s in sites]
-            try:
-                loaded.model(**batch, use_cache=False)
-            finally:
-                for h in handles:
-                    h.remove()
+            forward_with_hooks(loaded, sites, keep, batch)
             counts[name] += mask.shape[0]
             counts["moment"] += int(mask.sum()) if name == "harmless" else 0
     mean = {name: {m: v / counts[name] for m, v in sums[name].items()} for name in sums}
@@ -134,9 +129,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for kname, w in itertools.product(a.kernels, a.weights):
         plan, _ = build_plan(sweep.params(kname, w, "discriminant", shrinkage=a.rho), bench.stats, projected=1.0)
-        bench.hooks.apply(plan)
-        ref, kl = sweep.score()
-        bench.hooks.clear()
+        ref, kl = sweep.score_plan(plan)
         print(f"| {kname} | {w} | ablation | {ref}/{a.prompts} | {kl:.4f} |", flush=True)
         variants = [(f"keyed, lambda {lam:g}", key_rows(sites, plan, inputs, lam)) for lam in a.lambdas]
         variants += [(f"masked, keep {q:g}", masked_rows(sites, plan, inputs, q)) for q in a.keep]

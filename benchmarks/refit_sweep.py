@@ -73,9 +73,7 @@ def main() -> None:
                 cos = float(refit[layer] @ study_directions[layer])
                 assert cos > 0.999, f"the first refitted direction is not the study's (cosine {cos:.4f})"
         plan = AblationPlan({c: refit for c in plan.directions}, plan.weights)
-        bench.hooks.apply(plan)
-        ref, kl = sweep.score()
-        bench.hooks.clear()
+        ref, kl = sweep.score_plan(plan)
         print(f"| {kname} | {w} | refitted | {ref}/{a.prompts} | {kl:.4f} |", flush=True)
 
 

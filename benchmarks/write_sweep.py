@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.fixed_kernels import arguments, kept_direction_texts, open_sweep
+from benchmarks.fixed_kernels import arguments, forward_with_hooks, kept_direction_texts, open_sweep
 from optimizer.ablation import AblationPlan
 from optimizer.params import build_plan
 from optimizer.residuals import tokenize
@@ -57,12 +57,7 @@ def component_writes(loaded, sites, harmful: list[str], harmless: list[str], bat
             def keep(module, _inputs, output, name=name):
                 rows[name][module].append(output[:, -1].float())
 
-            handles = [s.module.register_forward_hook(keep) for s in sites]
-            try:
-                loaded.model(**batch, use_cache=False)
-            finally:
-                for h in handles:
-                    h.remove()
+            forward_with_hooks(loaded, sites, keep, batch)
     mean, within = {}, {}
     for s in sites:
         b, g = torch.cat(rows["harmful"][s.module]), torch.cat(rows["harmless"][s.module])
@@ -114,9 +109,7 @@ def main() -> None:
         rows = [("defaults (residual-projected)", plan), ("write-projected", write_plan(plain, sites, writes, r, None))]
         rows += [(f"write-discriminant rho {x:g}", write_plan(plain, sites, writes, r, x)) for x in a.write_rhos]
         for label, edit in rows:
-            bench.hooks.apply(edit)
-            ref, kl = sweep.score()
-            bench.hooks.clear()
+            ref, kl = sweep.score_plan(edit)
             print(f"| {kname} | {w} | {label} | {ref}/{a.prompts} | {kl:.4f} |", flush=True)
 
 
