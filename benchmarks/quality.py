@@ -88,7 +88,6 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "ours": ("ours (defaults)", []),
     "kl102": ("ours, KL on 102 harmless prompts (the scoring split's all)", ["--kl-prompts", "102"]),
     "ff3": ("ours, every third trial after start-up fills the front's widest gap", ["--front-fill", "3"]),
-    "ff5": ("ours, every fifth trial after start-up fills the front's widest gap", ["--front-fill", "5"]),
     "k1": ("ours, k = 1", ["--subspace-max", "1"]),
     "meandiff": ("ours, mean-diff only", ["--direction-methods", "mean_diff", "--subspace-max", "1", "--no-searched-projection"]),
     "np": ("ours, norm-preserving + projected", ["--norm-preserving", "--projected-directions"]),

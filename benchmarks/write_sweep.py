@@ -61,8 +61,8 @@ def component_writes(loaded, sites, harmful: list[str], harmless: list[str], bat
     mean, within = {}, {}
     for s in sites:
         b, g = torch.cat(rows["harmful"][s.module]), torch.cat(rows["harmless"][s.module])
-        b, g = b - b.mean(0), g - g.mean(0)
-        mean[s.module] = torch.cat(rows["harmless"][s.module]).mean(0)
+        mean[s.module] = g.mean(0)
+        b, g = b - b.mean(0), g - mean[s.module]
         within[s.module] = (b.T @ b + g.T @ g) / (len(b) + len(g))
     return Writes(mean, within)
 
