@@ -116,12 +116,15 @@ class FrontFill:
     def __init__(self, settings: Settings):
         self.settings = settings
 
-    def due(self, done: int) -> bool:
+    def due(self, study: optuna.Study) -> bool:
         every, start = self.settings.front_fill, self.settings.startup_trials
-        return every > 0 and start <= done < self.settings.trials and (done - start) % every == every - 1
+        if every == 0:  # off: no read of the storage after every trial
+            return False
+        done = counted_trials(study)
+        return start <= done < self.settings.trials and (done - start) % every == every - 1
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if not self.due(counted_trials(study)):
+        if not self.due(study):
             return
         trials = study.get_trials(deepcopy=False)
         if any(t.state == TrialState.WAITING for t in trials):
