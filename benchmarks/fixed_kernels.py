@@ -1,11 +1,11 @@
 """What the fixed-kernel sweeps share (`row_norm_sweep.py`, `affine_sweep.py`, `lda_sweep.py`,
-`read_sweep.py`, `refit_sweep.py`, `fisher_sweep.py`, `keyed_sweep.py`, `write_sweep.py`): one model prepared as a
-study would be (cached statistics, hooks; 64 direction prompts per set unless `--direction-prompts`
-says otherwise, the refused-prompt filter on, float32 on the CPU, batch 32), the held-out prompts
-that score each edit, the unedited model's first-token log-probabilities and refusal count, and the
-kernels held fixed while a weight is swept; and for the sweeps that need the direction prompts
-themselves, those the refused-prompt filter keeps (`kept_direction_texts`). Refusals on held-out harmful prompts by the default
-markers; KL of the first token on held-out harmless prompts."""
+`read_sweep.py`, `refit_sweep.py`, `fisher_sweep.py`, `keyed_sweep.py`, `write_sweep.py`,
+`rdo_sweep.py`): one model prepared as a study would be (cached statistics, hooks; 64 direction prompts
+per set unless `--direction-prompts` says otherwise, the refused-prompt filter on, float32 on the CPU,
+batch 32), the held-out prompts that score each edit, the unedited model's first-token log-probabilities
+and refusal count, and the kernels held fixed while a weight is swept; and for the sweeps that need the
+direction prompts themselves, those the refused-prompt filter keeps (`kept_direction_texts`). Refusals
+on held-out harmful prompts by the default markers; KL of the first token on held-out harmless prompts."""
 
 from __future__ import annotations
 
