@@ -93,6 +93,7 @@ def batches(sweep, harmful: list[str], harmless: list[str], target_plan: Ablatio
 
 
 def sweep_answers(sweep, texts: list[str], plan: AblationPlan, n_target: int):
+    """Greedy answers to `texts` with `plan` hooked in, each to `n_target` tokens (not stopped when decided)."""
     sweep.bench.hooks.apply(plan)
     try:
         return generate_and_classify(sweep.bench.loaded, texts, n_target, sweep.judge, sweep.bench.batch_size, stop_early=False)
