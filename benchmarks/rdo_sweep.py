@@ -162,6 +162,7 @@ def main() -> None:
     p.add_argument("--target-weight", type=float, default=1.5)
     p.add_argument("--target-tokens", type=int, default=16)
     p.add_argument("--shared", action="store_true")
+    p.add_argument("--save-dir", type=Path, help="save each fitted direction set here (torch.save, (L, d))")
     p.add_argument("--eval-kernels", nargs="+", default=["p.75 f.25", "p.6 f.45"], choices=list(KERNELS))
     a = p.parse_args()
     torch.manual_seed(0)
@@ -176,6 +177,9 @@ def main() -> None:
         data = batches(sweep, harmful, harmless, defaults(kname, a.target_weight), a.target_tokens)
         for lam in a.lambdas:
             fitted = fit(bench.loaded, defaults(kname, a.train_weight), data, lam, a.steps, a.lr, a.shared, bench.batch_size)
+            if a.save_dir:
+                a.save_dir.mkdir(parents=True, exist_ok=True)
+                torch.save(fitted, a.save_dir / f"{kname.replace(' ', '_')}-lambda{lam:g}{'-shared' if a.shared else ''}.pt")
             print("| kernel | w | directions | refusals | KL |")
             print("|---|---|---|---|---|")
             for ename, w in itertools.product(a.eval_kernels, a.weights):
