@@ -105,7 +105,8 @@ def fit(
     loaded, start: AblationPlan, data: Batches, lam: float, steps: int, lr: float, shared: bool, batch_size: int
 ) -> torch.Tensor:
     """Per-layer unit directions (L, d) fitted by Adam with `start`'s weights, from `start`'s directions
-    (`shared`: one direction for every edited layer, from the peak layer's)."""
+    (`shared`: one direction for every layer, from the peak layer's). Per-layer fits keep `start`'s
+    directions (zero) at the layers its kernel leaves unedited."""
     weights, init = start.weights, start.directions["attn"].float().clone()
     edited = sorted({i for ws in weights.values() for i, x in enumerate(ws) if x})
     peak = max(edited, key=lambda i: weights["attn"][i])
@@ -143,8 +144,8 @@ def fit(
     finally:
         for h in handles:
             h.remove()
-    with torch.no_grad():
-        fitted = init.clone()
+    with torch.no_grad():  # shared: the one direction at every layer, so other kernels use it everywhere they edit
+        fitted = unit(peak).expand_as(init).clone() if shared else init.clone()
         for i in edited:
             fitted[i] = unit(i)
     cos = [float(fitted[i] @ init[i]) for i in edited]
