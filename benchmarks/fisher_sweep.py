@@ -173,9 +173,7 @@ def main() -> None:
     for kname, w, (name, v) in itertools.product(a.kernels, a.weights, rows):
         plan, _ = build_plan(sweep.params(kname, w, "discriminant", shrinkage=a.identity_rho), bench.stats)
         v = project_out_harmless_mean(stats, v, everything) if a.projected else v
-        bench.hooks.apply(AblationPlan({c: v.to(loaded.device) for c in plan.directions}, plan.weights))
-        ref, kl = sweep.score()
-        bench.hooks.clear()
+        ref, kl = sweep.score_plan(AblationPlan({c: v.to(loaded.device) for c in plan.directions}, plan.weights))
         print(f"| {kname} | {w} | {name}{', projected' if a.projected else ''} | {ref}/{a.prompts} | {kl:.4f} |", flush=True)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,13 +85,19 @@ class Sweep:
         kl = kl_divergence(self.base_logprobs, first_token_logprobs(loaded, self.texts["harmless"], bs))
         return generate_and_classify(loaded, self.texts["harmful"], self.cap, self.judge, bs).count, kl
 
-    def score_plan(self, plan: AblationPlan) -> tuple[int, float]:
-        """`score` with `plan` hooked in, and the hooks cleared after."""
+    @contextmanager
+    def hooked(self, plan: AblationPlan) -> Iterator[None]:
+        """The model edited by `plan` inside the block; the hooks cleared after."""
         self.bench.hooks.apply(plan)
         try:
-            return self.score()
+            yield
         finally:
             self.bench.hooks.clear()
+
+    def score_plan(self, plan: AblationPlan) -> tuple[int, float]:
+        """`score` with `plan` hooked in."""
+        with self.hooked(plan):
+            return self.score()
 
 
 @torch.inference_mode()

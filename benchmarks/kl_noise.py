@@ -33,9 +33,8 @@ def main() -> None:
     for kname in a.kernels:
         for w in a.weights:
             plan, _ = build_plan(sweep.params(kname, w, "discriminant", shrinkage=0.9), bench.stats, projected=1.0)
-            bench.hooks.apply(plan)
-            logprobs = first_token_logprobs(loaded, texts, bs)
-            bench.hooks.clear()
+            with sweep.hooked(plan):
+                logprobs = first_token_logprobs(loaded, texts, bs)
             per = (base.exp() * (base - logprobs)).sum(-1)
             ratio = float(per.std() / per.mean())
             ratios.append(ratio)

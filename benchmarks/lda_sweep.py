@@ -53,9 +53,7 @@ def main() -> None:
         a.kernels, a.weights, rows, projections, a.mlp_ratios
     ):
         plan, _ = build_plan(sweep.params(kname, w, method, shrinkage=rho, mlp_ratio=ratio), bench.stats, projected=projected)
-        bench.hooks.apply(plan)
-        ref, kl = sweep.score()
-        bench.hooks.clear()
+        ref, kl = sweep.score_plan(plan)
         label = f"{name}, projected" if projected else name
         label += f", MLP x {ratio:g}" if len(a.mlp_ratios) > 1 else ""
         print(f"| {kname} | {w} | {label} | {ref}/{a.prompts} | {kl:.4f} |", flush=True)

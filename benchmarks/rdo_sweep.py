@@ -94,11 +94,8 @@ def batches(sweep, harmful: list[str], harmless: list[str], target_plan: Ablatio
 
 def sweep_answers(sweep, texts: list[str], plan: AblationPlan, n_target: int):
     """Greedy answers to `texts` with `plan` hooked in, each to `n_target` tokens (not stopped when decided)."""
-    sweep.bench.hooks.apply(plan)
-    try:
+    with sweep.hooked(plan):
         return generate_and_classify(sweep.bench.loaded, texts, n_target, sweep.judge, sweep.bench.batch_size, stop_early=False)
-    finally:
-        sweep.bench.hooks.clear()
 
 
 def fit(

@@ -57,18 +57,15 @@ def main() -> None:
     for kname, w in itertools.product(a.kernels, a.weights):
         params = sweep.params(kname, w, "discriminant", shrinkage=a.rho)
         plan, _ = build_plan(params, bench.stats, projected=float(a.projected))
-        bench.hooks.apply(plan)
-        ref, kl = sweep.score()
-        bench.hooks.clear()
+        ref, kl = sweep.score_plan(plan)
         print(f"| {kname} | {w} | unedited model's | {ref}/{a.prompts} | {kl:.4f} |", flush=True)
         edited = sorted({i for ws in plan.weights.values() for i, x in enumerate(ws) if x})
         study_directions = plan.directions["attn"]
         refit = study_directions.clone()
         for layer in edited:
             upstream = {c: [x if i < layer else 0.0 for i, x in enumerate(ws)] for c, ws in plan.weights.items()}
-            bench.hooks.apply(AblationPlan({c: refit for c in plan.directions}, upstream))
-            refit[layer] = direction_at(sweep, kept, layer, a.rho, a.projected)
-            bench.hooks.clear()
+            with sweep.hooked(AblationPlan({c: refit for c in plan.directions}, upstream)):
+                refit[layer] = direction_at(sweep, kept, layer, a.rho, a.projected)
             if layer == edited[0]:  # nothing upstream is edited: the study's direction
                 cos = float(refit[layer] @ study_directions[layer])
                 assert cos > 0.999, f"the first refitted direction is not the study's (cosine {cos:.4f})"

@@ -32,9 +32,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for layer in a.layers:
         plan, _ = plan_for(replay_params({**uniform, "direction_index": float(layer)}, n_layers, settings), stats, settings)
-        sweep.bench.hooks.apply(plan)
-        refusals, kl = sweep.score()
-        sweep.bench.hooks.clear()
+        refusals, kl = sweep.score_plan(plan)
         print(f"| {a.winsorize} | {layer} | {refusals}/{a.prompts} | {kl:.4f} |", flush=True)
 
 
