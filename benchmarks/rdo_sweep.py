@@ -113,7 +113,12 @@ def fit(
 
     def hook(site):
         w = weights[site.component][site.layer]
-        return lambda _m, _i, out: out - w * (out @ unit(site.layer)).unsqueeze(-1) * unit(site.layer)
+
+        def edit(_module, _inputs, out):
+            u = unit(site.layer)  # normalised once per call, not once per use
+            return out - w * (out @ u).unsqueeze(-1) * u
+
+        return edit
 
     sites = [s for s in loaded.discovery.present() if weights[s.component][s.layer]]
     handles = [s.module.register_forward_hook(hook(s)) for s in sites]
