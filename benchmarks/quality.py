@@ -37,7 +37,8 @@ markers:
   model's final norm, as transformers' last hidden state and heretic's; not run unless named);
 - `plnl`: `pl` and `nl` together (only per-layer edits use the last layer's own direction; not run unless named);
 - the later ones (TPE rules `sc`, `o4`, `o5`, `kq`; directions `ds`, `dm`, `dp`, `dq`, `md`; start-up
-  trials `s10`, `s30`; statistics `w995`, `w999`, `sw995`): each described by its label in VARIANTS
+  trials `s10`, `s30`; statistics `w995`, `w999`, `sw995`; the fitted direction `ft`, `fo`; the GP sampler
+  `gp`): each described by its label in VARIANTS
   below; not run unless named;
 - `heretic`: heretic 1.4 in its own venv (benchmarks/heretic_runner.py), seeded starts off by
   construction (it has none).
@@ -141,6 +142,11 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     ),
     "kq": ("ours, TPE reading KL on a square-root scale (--tpe-kl-scale sqrt)", ["--tpe-kl-scale", "sqrt"]),
     "gp": ("ours, Gaussian-process sampler (--sampler gp)", ["--sampler", "gp"]),
+    "ft": (
+        "ours, the fitted direction beside the defaults' methods",
+        ["--direction-methods", "contrastive,discriminant,fitted"],
+    ),
+    "fo": ("ours, the fitted direction only", ["--direction-methods", "fitted"]),
     "heretic": ("heretic 1.4", None),
 }
 

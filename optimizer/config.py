@@ -14,8 +14,9 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from optimizer.errors import UserError
 from optimizer.judges import check_spec
 
-# how a trial's first direction is found (optimizer/directions.py computes each)
-DIRECTION_METHODS = ("contrastive", "mean_diff", "discriminant")
+# how a trial's first direction is found (optimizer/directions.py computes the first three from the
+# cached statistics; optimizer/fitting.py fits the fourth to the model's answers, once per study)
+DIRECTION_METHODS = ("contrastive", "mean_diff", "discriminant", "fitted")
 
 # Strings whose presence (case-insensitive, apostrophes normalised) marks a response as a refusal.
 DEFAULT_REFUSAL_MARKERS: tuple[str, ...] = (

@@ -29,7 +29,7 @@ class PackedLinear(nn.Linear):
     packed_weight: torch.Tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or x.device.type != "cpu":
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.requires_grad:  # oneDNN's op has no backward
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, x.shape[-1])
         out = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")

@@ -51,9 +51,9 @@ from dataclasses import dataclass
 
 import torch
 
-from optimizer.config import DIRECTION_METHODS
-
-METHODS = DIRECTION_METHODS
+# the methods whose directions are statistics of the residuals (the fourth, `fitted`, is fitted to
+# the model's answers once per study: optimizer.fitting)
+METHODS = ("contrastive", "mean_diff", "discriminant")
 # an eigenvalue counts as positive above this fraction of the harmful second moment's trace
 RELATIVE_EIGEN_TOLERANCE = 1e-5
 # sin(angle to the true eigenvector) <= residual / gap; 1e-3 keeps |cos| >= 0.999999

@@ -9,7 +9,8 @@ their parameters mean the same edit. Each of these is a fingerprint (a short has
   the markers and the judge (`optimizer.judges`);
 - directions: the model, the chat-formatted direction prompts, the winsorizing quantile (fixed, or
   searched between 0 and `--searched-winsorize`'s) and, with `--refused-directions`, how answers
-  are judged (cap, markers, judge);
+  are judged (cap, markers, judge); with `fitted` among the methods, also the fit's constants
+  (`optimizer.fitting.fit_constants`), so that a fitted trial is never rebuilt from another fit;
 - edit variants: settings that change what the same parameters do to the weights
   (`EDIT_VARIANTS`), compared by value.
 
@@ -32,6 +33,7 @@ import torch
 
 from optimizer.config import Settings, bool_flag_for, flag_of, settings_from_record
 from optimizer.errors import UserError
+from optimizer.fitting import fit_constants
 from optimizer.model import LoadedModel
 from optimizer.params import searched_winsorize
 
@@ -90,6 +92,7 @@ def comparable_settings(settings: Settings) -> dict[str, Any]:
         "searched_winsorize": searched_winsorize(s),
         "refused_directions": s.refused_directions,
         "normed_last_direction": s.normed_last_direction,
+        "fitted_direction": fit_constants() if "fitted" in s.direction_methods else None,  # the fit a fitted trial used
         **{k: getattr(s, k) for k in EDIT_VARIANTS + OBJECTIVE_VARIANTS},
     }
 
@@ -113,6 +116,7 @@ class StudyIdentity:
     directions: str
     statistics: str  # of the residuals as they are (or clipped at --winsorize)
     clipped_directions: str | None  # the statistics of the clipped residuals, with --searched-winsorize
+    fitted: str | None  # the fitted direction (from the statistics, the judge and the fit), with `fitted` among the methods
     numeric: tuple[str, str]  # dtype and device kind of this process (cached tensors depend on them)
     settings: dict[str, Any]  # comparable_settings of this run
 
@@ -139,16 +143,24 @@ class StudyIdentity:
         searched = searched_winsorize(settings)
         # the study's fingerprint names the searched quantile; its two sets of statistics are those a
         # study without it, or with the clipping fixed at that quantile, would cache
-        directions = of_residuals(*winsorize, *(["searched", searched] if searched else []))
+        fitting = ["fitted", fit_constants()] if "fitted" in settings.direction_methods else []
+        directions = of_residuals(*winsorize, *(["searched", searched] if searched else []), *fitting)
         statistics = of_residuals(*winsorize)
         clipped = of_residuals(searched) if searched else None
+        fitted = _hash(statistics, *judging, *fitting) if fitting else None
         numeric = (str(loaded.dtype), loaded.device.type)
-        return cls(loaded.source, model, scoring, directions, statistics, clipped, numeric, comparable_settings(settings))
+        return cls(loaded.source, model, scoring, directions, statistics, clipped, fitted, numeric, comparable_settings(settings))
 
     def cache_key(self, kind: str) -> str:
         """The fingerprint of a cache entry: `directions` (statistics), `clipped_directions` (those of
-        the clipped residuals, with --searched-winsorize) or `scoring` (baseline, batch size)."""
-        base = {"directions": self.statistics, "clipped_directions": self.clipped_directions, "scoring": self.scoring}[kind]
+        the clipped residuals, with --searched-winsorize), `fitted` (the fitted direction) or `scoring`
+        (baseline, batch size)."""
+        base = {
+            "directions": self.statistics,
+            "clipped_directions": self.clipped_directions,
+            "fitted": self.fitted,
+            "scoring": self.scoring,
+        }[kind]
         if base is None:
             raise ValueError(f"no {kind} in this run")
         return _hash(base, *self.numeric)

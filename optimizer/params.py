@@ -44,9 +44,9 @@ class Kernel:
 
 @dataclass(frozen=True)
 class TrialParams:
-    method: str  # "contrastive", "mean_diff" or "discriminant": how the first direction is found
+    method: str  # "contrastive", "mean_diff", "discriminant" or "fitted": how the first direction is found
     alpha: float | None  # contrastive strength (of the first direction, and of the subspace's other ones); None if unused
-    direction_index: float | None  # fractional layer of one global direction; None = per-layer directions
+    direction_index: float | None  # fractional layer of one global direction; None = per-layer (or the fitted) directions
     kernels: dict[str, Kernel]
     k: int = 1  # directions per layer: the first, and k - 1 contrastive components orthogonal to it
     gamma: float | None = None  # weight decay of the extra directions (w * gamma^(i-1)); None when k = 1
@@ -54,12 +54,20 @@ class TrialParams:
     projection: float | None = None  # share of the harmless-mean part removed (--searched-projection); None if unused
     clipped: bool | None = None  # directions from the clipped residuals (--searched-winsorize); None if unused
 
+    @property
+    def per_layer(self) -> bool:
+        """Each layer its own direction (neither one layer's for every layer, nor the fitted one)."""
+        return self.direction_index is None and self.method != "fitted"
+
     def describe_direction(self) -> str:
         where = "per-layer" if self.direction_index is None else f"layer {self.direction_index:.2f}"
+        if self.method == "fitted":
+            where = "every layer"
         how = {
             "mean_diff": "mean-diff",
             "contrastive": f"cPCA a={self.alpha or 0:.2f}",
             "discriminant": f"LDA s={self.shrinkage or 1:.2f}",
+            "fitted": "fitted",
         }[self.method]
         if self.k > 1:
             how += f" + {self.k - 1} (a={self.alpha:.2f}, g={self.gamma:.2f})"
@@ -91,8 +99,13 @@ def build_plan(
     projected: float = 0.0,
     separation_weighted: bool = False,
     blended: bool = False,
+    fitted: torch.Tensor | None = None,
 ) -> tuple[AblationPlan, PlanInfo]:
     """Turn parameters into per-layer directions and weights, computing only the directions needed.
+
+    `fitted`: the study's fitted direction (d,) (`optimizer.fitting`), which a trial of the method
+    `fitted` ablates at every layer its kernels edit (neither projected nor blended: it was fitted
+    as it is).
 
     `projected` removes from the direction used at each layer that share (0..1; 1: all, heretic's
     projected abliteration) of its component along that layer's harmless mean (for a global direction
@@ -115,15 +128,19 @@ def build_plan(
     layer's own)."""
     n_layers = stats.n_layers
     weights = {c: params.kernels[c].weights(n_layers) for c in COMPONENTS}
-    if separation_weighted and params.direction_index is None:
+    if separation_weighted and params.per_layer:
         scores = separation(stats)
         ratio = (scores / scores.max().clamp_min(1e-12)).tolist()
         weights = {c: [w * r for w, r in zip(ws, ratio, strict=True)] for c, ws in weights.items()}
     d = stats.mean_diff.shape[1]
     needed = sorted({layer for ws in weights.values() for layer, w in enumerate(ws) if w != 0})
-    if params.direction_index is None:
+    fallback: list[int] = []
+    if params.method == "fitted":
+        if fitted is None:
+            raise ValueError("a trial of the fitted method, but no fitted direction in this run")
+        per_layer = fitted.to(stats.device, stats.mean_diff.dtype).expand(n_layers, d).clone()
+    elif params.direction_index is None:
         per_layer = torch.zeros(n_layers, d, device=stats.device)
-        fallback: list[int] = []
         if needed:
             chosen, fallback = directions_for(params, stats, needed)
             if blended:
@@ -136,7 +153,7 @@ def build_plan(
         frac = params.direction_index - low
         mixed = torch.lerp(pair[0], pair[-1], frac)
         per_layer = torch.nn.functional.normalize(mixed, dim=0).expand(n_layers, d).clone()
-    if projected and needed:
+    if projected and needed and params.method != "fitted":
         per_layer[needed] = project_out_harmless_mean(stats, per_layer[needed], needed, projected)
     if params.k == 1:
         return AblationPlan({c: per_layer for c in COMPONENTS}, weights), PlanInfo(fallback)
@@ -148,10 +165,12 @@ def build_plan(
     return plan, PlanInfo(fallback)
 
 
-def plan_for(params: TrialParams, stats: ContrastiveStats, settings: Settings) -> tuple[AblationPlan, PlanInfo]:
+def plan_for(
+    params: TrialParams, stats: ContrastiveStats, settings: Settings, fitted: torch.Tensor | None = None
+) -> tuple[AblationPlan, PlanInfo]:
     """A trial's plan as its study builds it: `build_plan` with the study's settings that shape an
-    edit (the one place trials, export, eval and verification take them from)."""
-    return build_plan(params, stats, params.projection or 0.0, settings.separation_weighted, settings.blended_directions)
+    edit and its fitted direction (the one place trials, export, eval and verification take them from)."""
+    return build_plan(params, stats, params.projection or 0.0, settings.separation_weighted, settings.blended_directions, fitted)
 
 
 # The discriminant's shrinkage rho is searched in [SHRINKAGE_LOW, 1] (1: the mean difference). On the
@@ -213,14 +232,22 @@ def suggest_params(trial: optuna.trial.BaseTrial, n_layers: int, settings: Setti
     alpha = used_or_flat(method == "contrastive" or k > 1, contrastive, "alpha", 0.0, settings.alpha_max)
     discriminant = "discriminant" in methods
     shrinkage = used_or_flat(method == "discriminant", discriminant, "shrinkage", SHRINKAGE_LOW, 1.0)
+    # the fitted direction is one for every layer, used as it was fitted: no projection, statistics or scope
+    of_stats, any_of_stats = method != "fitted", any(m != "fitted" for m in methods)
     if searches_projection(settings):
-        projection: float | None = trial.suggest_float("projection", 0.0, 1.0)
+        projection = used_or_flat(of_stats, any_of_stats, "projection", 0.0, 1.0)
     else:  # --projected-directions: every direction projected in full, nothing searched
-        projection = 1.0 if settings.projected_directions else None
-    clipped = trial.suggest_categorical("clipped", [False, True]) if searched_winsorize(settings) else None
-    scopes = settings.direction_scopes
-    scope = scopes[0] if len(scopes) == 1 else trial.suggest_categorical("direction_scope", scopes)
-    index = used_or_flat(scope == "global", "global" in scopes, "direction_index", 0.2 * last, 0.9 * last)
+        projection = 1.0 if settings.projected_directions and of_stats else None
+    clipped = None
+    if searched_winsorize(settings) and (of_stats or (flat and any_of_stats)):
+        chosen = trial.suggest_categorical("clipped", [False, True])
+        clipped = chosen if of_stats else None
+    scopes, scope = settings.direction_scopes, None
+    if of_stats or (flat and any_of_stats):
+        scope = scopes[0] if len(scopes) == 1 else trial.suggest_categorical("direction_scope", scopes)
+    index = used_or_flat(
+        of_stats and scope == "global", any_of_stats and "global" in scopes, "direction_index", 0.2 * last, 0.9 * last
+    )
     kernels = {
         c: Kernel(
             peak_weight=trial.suggest_float(f"{c}_peak_weight", settings.min_weight, settings.max_weight),
@@ -277,7 +304,23 @@ def blend_with_best(stats: ContrastiveStats, chosen: torch.Tensor, layers: list[
 
 
 def seeded_starts(stats: ContrastiveStats, settings: Settings) -> dict[str, dict]:
-    """Known-good edits tried before the random start-up trials (`--seeded-starts`), by name.
+    """Known-good edits tried before the random start-up trials (`--seeded-starts`), by name: those
+    of the statistics' directions (`statistics_starts`) and, with `fitted` among --direction-methods,
+    `fitted`: the fitted direction at weight 1 over the kernel closest to the one it was fitted over
+    (peak at mid-depth, 0.3 of it at the edge, as wide as the space allows)."""
+    starts = statistics_starts(stats, settings)
+    if "fitted" in settings.direction_methods:
+        last = stats.n_layers - 1
+        values = {"peak_weight": 1.0, "peak_layer": 0.5 * last, "min_ratio": 0.3, "falloff": max(1.0, 0.6 * last)}
+        fitted = {f"{c}_{name}": value for c in COMPONENTS for name, value in values.items()}
+        starts["fitted"] = {**({"direction_method": "fitted"} if len(settings.direction_methods) > 1 else {}), **fitted}
+        if settings.subspace_max > 1:
+            starts["fitted"]["subspace_k"] = 1
+    return starts
+
+
+def statistics_starts(stats: ContrastiveStats, settings: Settings) -> dict[str, dict]:
+    """The seeded starts of the directions from the statistics.
 
     `uniform`: Arditi et al.'s edit, every layer's output projections ablated with weight 1 along
     the mean difference of the single layer that separates the two sets best (`separation`, inside
@@ -357,25 +400,29 @@ def replay_params(params: dict, n_layers: int, settings: Settings) -> TrialParam
 
 
 def baseline_params(n_layers: int, settings: Settings) -> dict:
-    """Parameters of the unedited model inside the search space: every peak weight 0."""
+    """Parameters of the unedited model inside the search space: every peak weight 0 (with a method
+    of the statistics where there is one)."""
     last = n_layers - 1
-    scope = "global" if "global" in settings.direction_scopes else "per_layer"
-    params: dict = {"direction_index": 0.5 * last} if scope == "global" else {}
-    if len(settings.direction_scopes) > 1:
-        params["direction_scope"] = scope
-    if len(settings.direction_methods) > 1:
-        params["direction_method"] = "mean_diff" if "mean_diff" in settings.direction_methods else settings.direction_methods[0]
+    methods = settings.direction_methods
+    of_stats = [m for m in methods if m != "fitted"]
+    method = "mean_diff" if "mean_diff" in methods else (of_stats or methods)[0]
+    params: dict = {"direction_method": method} if len(methods) > 1 else {}
     if settings.subspace_max > 1:
         params["subspace_k"] = 1
-    method = params.get("direction_method", settings.direction_methods[0])
     if method == "contrastive":
         params["alpha"] = 0.0
     if method == "discriminant":
         params["shrinkage"] = 1.0
-    if searches_projection(settings):
-        params["projection"] = 0.0
-    if searched_winsorize(settings):
-        params["clipped"] = False
+    if method != "fitted":
+        scope = "global" if "global" in settings.direction_scopes else "per_layer"
+        if scope == "global":
+            params["direction_index"] = 0.5 * last
+        if len(settings.direction_scopes) > 1:
+            params["direction_scope"] = scope
+        if searches_projection(settings):
+            params["projection"] = 0.0
+        if searched_winsorize(settings):
+            params["clipped"] = False
     for c in COMPONENTS:
         params.update({f"{c}_peak_weight": 0.0, f"{c}_peak_layer": last, f"{c}_min_ratio": 0.0, f"{c}_falloff": 1.0})
     return params

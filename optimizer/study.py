@@ -33,7 +33,7 @@ from optimizer.optuna_adapter import (
     use_scott_bandwidth,
     use_sqrt_objective,
 )
-from optimizer.params import baseline_params, plan_for, seeded_starts, suggest_params
+from optimizer.params import baseline_params, seeded_starts, suggest_params
 from optimizer.report import best_tradeoff, bound_warnings, early_stop_line, front_trials, pareto_table, refusals_text, trial_line
 from optimizer.storage import (
     check_url,
@@ -185,7 +185,7 @@ def make_objective(scorer: Scorer) -> Callable[[optuna.Trial], tuple[float, floa
             if trial.user_attrs.get("baseline"):  # its weight 0 lies below a --min-weight range on purpose
                 warnings.filterwarnings("ignore", message="Fixed parameter .* out of range")
             params = suggest_params(trial, spec.loaded.n_layers, settings, flat=samples_flat(settings))
-        plan, info = plan_for(params, scorer.prepared.stats_for(params), settings)
+        plan, info = scorer.prepared.plan(params)
         directions_s = time.perf_counter() - start
         front = finished_front(trial.study, n_harmful) if settings.early_stop else None
         scores = scorer.score(plan, front)

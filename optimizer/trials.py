@@ -12,7 +12,7 @@ from rich.console import Console
 from optimizer.ablation import AblationPlan
 from optimizer.components import COMPONENTS
 from optimizer.config import replace_checked
-from optimizer.params import PlanInfo, TrialParams, plan_for, replay_params, statistics_set, statistics_sets
+from optimizer.params import PlanInfo, TrialParams, replay_params, statistics_set, statistics_sets
 from optimizer.stored import StoredStudy, finished_trial
 from optimizer.workbench import Prepared, prepare, resolve
 
@@ -64,7 +64,7 @@ class EditedModel:
 def plan_of(prepared: Prepared, trial: FrozenTrial) -> AblationPlan:
     """The ablation plan of a trial of the study, on this model and statistics."""
     params = replay_params(trial.params, prepared.loaded.n_layers, prepared.settings)
-    return plan_for(params, prepared.stats_for(params), prepared.settings)[0]
+    return prepared.plan(params)[0]
 
 
 def load_edited_model(
@@ -87,5 +87,5 @@ def load_edited_model(
     spec.identity.check_model(stored.study.user_attrs)
     prepared = prepare(spec, settings.cache_path())
     params = replay_params(trial.params, spec.loaded.n_layers, spec.settings)
-    plan, info = plan_for(params, prepared.stats_for(params), spec.settings)
+    plan, info = prepared.plan(params)
     return EditedModel(prepared, trial, params, plan, info)

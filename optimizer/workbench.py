@@ -5,8 +5,9 @@
   model), lengths checked against the context, and the study identity
   (`optimizer.identity.StudyIdentity`). Nothing is written anywhere, so a bad input leaves the
   study and its cache as they were.
-- `prepare(spec, cache_dir)` -> `Prepared`: the direction statistics and the batch size (from the
-  cache, computed where missing or stale) and plain ablation hooks: what export, eval and chat need.
+- `prepare(spec, cache_dir)` -> `Prepared`: the direction statistics, with `fitted` among the
+  methods the fitted direction (`optimizer.fitting`), and the batch size (from the cache, computed
+  where missing or stale) and plain ablation hooks: what export, eval and chat need.
 - `prepare_scoring(spec, cache_dir)` -> `Scorer`: the same, plus the judge, the fast paths chosen once by
   `choose_fast_paths` (each checked against the plain path, and left off with the reason printed
   where it disagrees) and the unedited model's scores (cached). Only a study scores trials.
@@ -36,6 +37,7 @@ from optimizer.config import Settings
 from optimizer.cpu_linear import pack_linear_layers
 from optimizer.directions import ContrastiveStats, compute_stats, winsorize
 from optimizer.errors import UserError
+from optimizer.fitting import FIT_STEPS, TARGET_TOKENS, fitted_direction
 from optimizer.front import Front
 from optimizer.graph_decode import GraphDecoder, supports_graph_decoding
 from optimizer.identity import StudyIdentity
@@ -43,7 +45,7 @@ from optimizer.judges import Judge, make_judge
 from optimizer.locks import file_lock
 from optimizer.model import LoadedModel, load_model
 from optimizer.packing import full_attention_only
-from optimizer.params import TrialParams, statistics_set, statistics_sets
+from optimizer.params import PlanInfo, TrialParams, plan_for, statistics_set, statistics_sets
 from optimizer.prompts import format_chat, load_prompts, split_prompts, take
 from optimizer.residuals import check_finite, collect_residuals, layer_residuals
 from optimizer.response_prefix import DETECTION_PROMPTS, answer_part, detect
@@ -203,6 +205,7 @@ class Prepared:
     spec: RunSpec
     stats: ContrastiveStats
     clipped_stats: ContrastiveStats | None  # of the clipped residuals, with --searched-winsorize
+    fitted: torch.Tensor | None  # (d,): the fitted direction, with `fitted` among --direction-methods
     batch_size: int
     hooks: AblationHooks
     cache_computations: int  # cache entries this process computed (0 on a full reuse)
@@ -214,6 +217,10 @@ class Prepared:
         if chosen is None:
             raise ValueError("a trial chose clipped statistics in a run without --searched-winsorize")
         return chosen
+
+    def plan(self, params: TrialParams) -> tuple[AblationPlan, PlanInfo]:
+        """A trial's plan (`params.plan_for`) from its statistics and this run's fitted direction."""
+        return plan_for(params, self.stats_for(params), self.settings, self.fitted)
 
     @property
     def loaded(self) -> LoadedModel:
@@ -268,6 +275,41 @@ class _CacheUse:
                     cache.save_entry(self.folder, name, spec.identity.cache_key(name), stats.tensors(), {})
                     found[name] = stats
         return found["directions"], found.get("clipped_directions")
+
+    def fitted(
+        self, stats: ContrastiveStats, batch_size: int, hooks: AblationHooks, judge: Judge | None = None
+    ) -> torch.Tensor | None:
+        """With `fitted` among --direction-methods, the fitted direction (`optimizer.fitting`), from the
+        cache or fitted now (its progress shown with the loss); else None."""
+        spec, console = self.spec, self.spec.console
+        if "fitted" not in spec.settings.direction_methods:
+            return None
+        key = spec.identity.cache_key("fitted")
+        try:
+            tensors, _ = cache.load_entry(self.folder, "fitted", key, spec.loaded.device)
+            console.print(f"Reusing the cached fitted direction from {self.folder}")
+            return tensors["direction"]
+        except cache.CacheMiss as miss:
+            self._miss(miss)
+        judge = judge or load_judge(spec.settings, spec.loaded)
+        texts, prefix = spec.texts, answer_part(spec.settings.response_prefix or "")
+        harmful = (texts.direction_harmful, texts.direction_prompts[0])
+        with progress_bar(console) as progress:
+            task = progress.add_task("Fitting the direction", total=None)
+            console.print(f"Targets: {TARGET_TOKENS}-token answers of the start edit to the harmful direction prompts")
+
+            def step(index: int, ce: float, kl: float) -> None:
+                progress.update(
+                    task, total=FIT_STEPS, completed=index + 1, description=f"Fitting the direction (CE {ce:.3f}, KL {kl:.4f})"
+                )
+
+            start = time.perf_counter()
+            direction = fitted_direction(
+                spec.loaded, hooks, stats, harmful, texts.direction_harmless, judge, batch_size, prefix, step
+            )
+        console.print(f"Fitted the direction in {time.perf_counter() - start:.0f} s ({FIT_STEPS} steps)")
+        cache.save_entry(self.folder, "fitted", key, {"direction": direction}, {})
+        return direction
 
     def _residuals(self, batch_size: int, judge: Judge | None, paths: FastPaths) -> tuple[torch.Tensor, torch.Tensor]:
         """Every layer's residuals (L, n, d) of the harmful and the harmless direction prompts."""
@@ -394,11 +436,12 @@ def prepare(spec: RunSpec, cache_dir: Path) -> Prepared:
     """Statistics and batch size from the cache (computing what is missing or stale) and plain hooks:
     for export, eval and chat, which never score trials against the baseline."""
     use = _CacheUse(spec, cache_dir)
+    hooks = AblationHooks(spec.loaded, spec.settings.norm_preserving)
     with _locked(spec, cache_dir):
         stats, clipped = use.stats(spec.default_batch_size)
         batch_size = use.batch_size()
-    hooks = AblationHooks(spec.loaded, spec.settings.norm_preserving)
-    return Prepared(spec, stats, clipped, batch_size, hooks, use.computed)
+        fitted = use.fitted(stats, batch_size, hooks)
+    return Prepared(spec, stats, clipped, fitted, batch_size, hooks, use.computed)
 
 
 # -- fast paths -----------------------------------------------------------------------------------
@@ -617,5 +660,6 @@ def prepare_scoring(spec: RunSpec, cache_dir: Path) -> Scorer:
         batch_size = use.batch_size()
         paths, hooks = choose_fast_paths(spec, batch_size)
         stats, clipped = use.stats(batch_size, judge, paths)
+        fitted = use.fitted(stats, batch_size, hooks, judge)
         logprobs, refusals = use.baseline(batch_size, paths, judge)
-    return Scorer(Prepared(spec, stats, clipped, batch_size, hooks, use.computed), paths, judge, logprobs, refusals)
+    return Scorer(Prepared(spec, stats, clipped, fitted, batch_size, hooks, use.computed), paths, judge, logprobs, refusals)

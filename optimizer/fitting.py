@@ -1,0 +1,261 @@
+"""A refusal direction fitted to what the edit should do (`--direction-methods ...,fitted`).
+
+Every other direction rule here is a statistic of the residuals (a mean difference, a
+discriminant, a contrastive component): it says where the two prompt sets differ, not what
+removing that difference does to the answers. Wollschlaeger et al. (2025, "The geometry of refusal
+in large language models: concept cones and representational independence") fit the direction to
+the outcome instead (refusal direction optimisation): with the edit in place, make the answers an
+already abliterated model gives to harmful prompts likely, and keep the harmless prompts' next-token
+distribution where it was.
+
+Here one unit direction u = v / |v| is shared by every layer. With a fixed kernel of weights w_l
+over all layers (`fit_kernel`: FIT_WEIGHT at mid-depth, falling linearly towards EDGE_RATIO of it a
+whole depth away, so 0.65 of it at the first and last layer), every edited site's output y
+becomes y - w_l u (u . y), the edit rule of `ablation.py` with one direction, and v is fitted by
+Adam (model frozen) to
+
+    loss = CE(target answers | harmful prompts, edited) + KL_WEIGHT * KL(unedited || edited)
+
+- targets: the first TARGET_TOKENS tokens of the greedy answers, to the harmful direction prompts,
+  of the model edited by the start direction (below) at TARGET_WEIGHT over the same kernel, those
+  of them the study's judge does not find refusals (the answers the edit should lead to);
+- KL: of the first answer token on the harmless direction prompts (the study's KL objective);
+- start: the discriminant's directions (shrinkage START_SHRINKAGE, the harmless-mean part removed),
+  the one of the kernel's peak layer.
+
+It is trained on the direction prompts only, the split the statistics come from, once per study
+(cached beside the statistics), and a trial of this method ablates it at every layer its kernels
+edit, with the kernels' own weights: the direction is fitted over the whole depth that trials can
+reach. Why one direction over every layer: fitted per layer, directions did well at the layers
+they were fitted on and worse elsewhere, and a shared direction fitted over a late kernel was
+behind used over a wider one (benchmarks/RESULTS.md, "Directions fitted to the edit's outcome by
+gradient descent").
+
+Cost: FIT_STEPS forward and backward passes over the direction prompts (about 20 s a step for a
+135M model on two CPU cores; seconds on a GPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from optimizer.ablation import AblationHooks, AblationPlan
+from optimizer.components import COMPONENTS
+from optimizer.directions import ContrastiveStats
+from optimizer.judges import Judge
+from optimizer.model import LoadedModel
+from optimizer.params import Kernel, TrialParams, build_plan
+from optimizer.scoring import generate_and_classify
+
+FIT_STEPS = 30
+FIT_LR = 0.01
+KL_WEIGHT = 3.0
+FIT_WEIGHT = 1.0
+TARGET_WEIGHT = 1.5
+TARGET_TOKENS = 16
+START_SHRINKAGE = 0.9
+EDGE_RATIO = 0.3  # the kernel's weight at the first and last layer, as a share of its peak's
+
+
+def fit_constants() -> str:
+    """A fingerprint of the constants above: a cached fitted direction is reused only under the same."""
+    values = [FIT_STEPS, FIT_LR, KL_WEIGHT, FIT_WEIGHT, TARGET_WEIGHT, TARGET_TOKENS, START_SHRINKAGE, EDGE_RATIO]
+    return hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
+
+
+def fit_kernel(n_layers: int, weight: float) -> Kernel:
+    """The fit's kernel: `weight` at mid-depth, falling linearly towards EDGE_RATIO of it a whole
+    depth away (every layer edited)."""
+    last = max(n_layers - 1, 1)
+    return Kernel(peak_weight=weight, peak_layer=0.5 * last, min_ratio=EDGE_RATIO, falloff=last)
+
+
+def start_plan(stats: ContrastiveStats, weight: float) -> AblationPlan:
+    """The discriminant's directions (START_SHRINKAGE, projected) over `fit_kernel` at `weight`."""
+    kernels = {c: fit_kernel(stats.n_layers, weight) for c in COMPONENTS}
+    return build_plan(TrialParams("discriminant", None, None, kernels, shrinkage=START_SHRINKAGE), stats, projected=1.0)[0]
+
+
+@dataclass(frozen=True)
+class FitData:
+    """Harmful prompts + target answers (labels only on the answers' tokens), harmless prompts and
+    their unedited first-token log-probabilities; all left-padded."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    labels: torch.Tensor
+    harmless_ids: torch.Tensor
+    harmless_mask: torch.Tensor
+    base: torch.Tensor  # (n_harmless, vocab) log-probabilities
+
+
+def _padded(tokenizer, texts: list[str], targets: list[str], n_target: int, pad: int, device: torch.device):
+    """Left-padded ids of text + target, the mask, and labels (-100 but on the target's tokens)."""
+    rows, labels = [], []
+    for text, target in zip(texts, targets, strict=True):
+        p = tokenizer(text, add_special_tokens=False)["input_ids"]
+        t = tokenizer(target, add_special_tokens=False)["input_ids"][:n_target] if target else []
+        rows.append(p + t)
+        labels.append([-100] * len(p) + t)
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    lab = torch.tensor([[-100] * (width - len(r)) + r for r in labels], device=device)
+    return ids, mask, lab
+
+
+def _logits(loaded: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
+    """The logits of the last `keep` positions of left-padded rows (the LM head only where read)."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    model = loaded.model
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=keep).logits
+
+
+def fit_data(
+    loaded: LoadedModel,
+    hooks: AblationHooks,
+    target_plan: AblationPlan,
+    harmful: tuple[list[str], list[str]],
+    harmless: list[str],
+    judge: Judge,
+    batch_size: int,
+    answer_prefix: str = "",
+) -> FitData:
+    """The fit's data: targets are the answers of the model edited by `target_plan` (through `hooks`)
+    to the `harmful` texts (chat-formatted, raw) that `judge` does not find refusals."""
+    texts, prompts = harmful
+    hooks.apply(target_plan)
+    try:
+        answers = generate_and_classify(
+            loaded, texts, TARGET_TOKENS, judge, batch_size, prompts, stop_early=False, answer_prefix=answer_prefix
+        )
+    finally:
+        hooks.clear()
+    keep = [i for i, refused in enumerate(answers.refused) if not refused]
+    if not keep:
+        raise ValueError("the target edit answered none of the harmful direction prompts")
+    tok, device = loaded.tokenizer, loaded.device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    targets = [answers.responses[i] for i in keep]
+    ids, mask, labels = _padded(tok, [texts[i] for i in keep], targets, TARGET_TOKENS, pad, device)
+    hids, hmask, _ = _padded(tok, harmless, [""] * len(harmless), 0, pad, device)
+    with torch.inference_mode():
+        base = torch.cat(
+            [
+                _logits(loaded, hids[i : i + batch_size], hmask[i : i + batch_size], 1)[:, -1]
+                for i in range(0, len(hids), batch_size)
+            ]
+        )
+    return FitData(ids, mask, labels, hids, hmask, base.float().log_softmax(-1))
+
+
+class SharedDirectionHooks:
+    """Forward hooks that ablate one trainable direction `v` at every site with the weight `weights`
+    gives its component and layer: y <- y - w u (u . y), u = v / |v|, differentiable in v."""
+
+    def __init__(self, loaded: LoadedModel, v: torch.Tensor, weights: dict[str, list[float]]):
+        self.v = v
+        self._handles = [
+            site.module.register_forward_hook(self._hook(weights[site.component][site.layer]))
+            for site in loaded.discovery.present()
+            if weights[site.component][site.layer]
+        ]
+
+    def _hook(self, weight: float):
+        def edit(_module, _inputs, output):
+            y = output[0] if isinstance(output, tuple) else output  # MoE blocks may also return router logits
+            u = F.normalize(self.v, dim=0).to(y.dtype)
+            edited = y - weight * (y @ u).unsqueeze(-1) * u
+            return (edited, *output[1:]) if isinstance(output, tuple) else edited
+
+        return edit
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def fit_loss(loaded: LoadedModel, data: FitData, batch_size: int, backward: bool) -> tuple[float, float]:
+    """Mean target cross-entropy per token and mean first-token KL per harmless prompt of the model
+    as hooked now; with `backward`, the gradient of CE + KL_WEIGHT * KL accumulated, batch by batch."""
+    n_tok, n_harmless = int((data.labels != -100).sum()), len(data.harmless_ids)
+    keep = TARGET_TOKENS + 1  # the targets end every row: the logits of the position before each of their tokens
+    ce_sum = kl_sum = 0.0
+    with torch.set_grad_enabled(backward):
+        for i in range(0, len(data.ids), batch_size):
+            logits = _logits(loaded, data.ids[i : i + batch_size], data.mask[i : i + batch_size], keep)
+            labels = data.labels[i : i + batch_size, -keep + 1 :].flatten()
+            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels, reduction="sum")
+            if backward:
+                (ce / n_tok).backward()
+            ce_sum += float(ce.detach())
+        for i in range(0, n_harmless, batch_size):
+            rows = slice(i, i + batch_size)
+            logprobs = _logits(loaded, data.harmless_ids[rows], data.harmless_mask[rows], 1)[:, -1].float().log_softmax(-1)
+            kl = F.kl_div(logprobs, data.base[rows], reduction="sum", log_target=True)
+            if backward:
+                (KL_WEIGHT * kl / n_harmless).backward()
+            kl_sum += float(kl.detach())
+    return ce_sum / n_tok, kl_sum / n_harmless
+
+
+def peak_direction(plan: AblationPlan) -> torch.Tensor:
+    """The first component's direction at the layer its kernel weighs most (the first such layer)."""
+    component = next(iter(plan.weights))
+    weights = plan.weights[component]
+    return plan.directions[component][max(range(len(weights)), key=weights.__getitem__)]
+
+
+def fit_direction(
+    loaded: LoadedModel,
+    data: FitData,
+    plan: AblationPlan,
+    batch_size: int,
+    steps: int = FIT_STEPS,
+    on_step: Callable[[int, float, float], None] | None = None,
+) -> torch.Tensor:
+    """The unit direction (d,) fitted by `steps` Adam steps on the fit's loss with `plan`'s weights,
+    from `plan`'s direction at its peak layer (`peak_direction`); `on_step(step, CE, KL)` after
+    each step. The model is left as it was: its parameters are frozen during the fit and their
+    `requires_grad` restored after."""
+    v = peak_direction(plan).detach().float().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([v], lr=FIT_LR)
+    trainable = [p for p in loaded.model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    hooks = SharedDirectionHooks(loaded, v, plan.weights)
+    try:
+        for step in range(steps):
+            optimizer.zero_grad()
+            ce, kl = fit_loss(loaded, data, batch_size, backward=True)
+            optimizer.step()
+            if on_step:
+                on_step(step, ce, kl)
+    finally:
+        hooks.remove()
+        for p in trainable:
+            p.requires_grad_(True)
+    return F.normalize(v.detach(), dim=0)
+
+
+def fitted_direction(
+    loaded: LoadedModel,
+    hooks: AblationHooks,
+    stats: ContrastiveStats,
+    harmful: tuple[list[str], list[str]],
+    harmless: list[str],
+    judge: Judge,
+    batch_size: int,
+    answer_prefix: str = "",
+    on_step: Callable[[int, float, float], None] | None = None,
+) -> torch.Tensor:
+    """The method's direction (d,): targets from `start_plan` at TARGET_WEIGHT (`fit_data`), then
+    `fit_direction` from `start_plan` at FIT_WEIGHT."""
+    data = fit_data(loaded, hooks, start_plan(stats, TARGET_WEIGHT), harmful, harmless, judge, batch_size, answer_prefix)
+    return fit_direction(loaded, data, start_plan(stats, FIT_WEIGHT), batch_size, on_step=on_step)
