@@ -61,6 +61,10 @@ TARGET_WEIGHT = 1.5
 TARGET_TOKENS = 16
 START_SHRINKAGE = 0.9
 EDGE_RATIO = 0.3  # the kernel's weight at the first and last layer, as a share of its peak's
+# most prompts per forward and backward pass of the fit: a backward pass keeps every layer's activations
+# of its batch, many times what the study's (inference) batch size was measured for; the gradient is
+# accumulated over batches, so this changes the memory, not the result
+FIT_BATCH_SIZE = 16
 
 
 def fit_constants() -> str:
@@ -258,4 +262,4 @@ def fitted_direction(
     """The method's direction (d,): targets from `start_plan` at TARGET_WEIGHT (`fit_data`), then
     `fit_direction` from `start_plan` at FIT_WEIGHT."""
     data = fit_data(loaded, hooks, start_plan(stats, TARGET_WEIGHT), harmful, harmless, judge, batch_size, answer_prefix)
-    return fit_direction(loaded, data, start_plan(stats, FIT_WEIGHT), batch_size, on_step=on_step)
+    return fit_direction(loaded, data, start_plan(stats, FIT_WEIGHT), min(batch_size, FIT_BATCH_SIZE), on_step=on_step)

@@ -154,7 +154,10 @@ class StudyIdentity:
     def cache_key(self, kind: str) -> str:
         """The fingerprint of a cache entry: `directions` (statistics), `clipped_directions` (those of
         the clipped residuals, with --searched-winsorize), `fitted` (the fitted direction) or `scoring`
-        (baseline, batch size)."""
+        (baseline, batch size). All but the fitted direction also name the dtype and device kind: the
+        fitted direction is the one the study's trials ablated, so export, eval and chat in another
+        precision or on another device reuse it rather than fit another (and a model too large to
+        fit on a CPU can be exported there)."""
         base = {
             "directions": self.statistics,
             "clipped_directions": self.clipped_directions,
@@ -163,7 +166,7 @@ class StudyIdentity:
         }[kind]
         if base is None:
             raise ValueError(f"no {kind} in this run")
-        return _hash(base, *self.numeric)
+        return _hash(base) if kind == "fitted" else _hash(base, *self.numeric)
 
     def attrs(self) -> dict[str, Any]:
         """What a new study records about itself (besides its run settings)."""

@@ -197,6 +197,11 @@ def test_a_study_fits_caches_resumes_and_exports_the_fitted_direction(tiny_varie
         baked = load_model(str(out), "cpu", "float32").model(**tokenize(loaded, texts)).logits
     assert (hooked - original).abs().max() > 1e-3
     torch.testing.assert_close(baked, hooked, rtol=1e-4, atol=1e-4)
+    # in another precision the study's own fitted direction is read back, not fitted again in that one
+    log = io.StringIO()
+    other = load_edited_model(open_study("t", None, str(studies)), number, Console(file=log), dtype="bfloat16")
+    assert other.prepared.loaded.dtype == torch.bfloat16 and "Reusing the cached fitted direction" in log.getvalue()
+    assert other.prepared.fitted is not None and torch.equal(other.prepared.fitted.float(), fitted.float())
 
 
 def test_the_seeded_start_of_the_fitted_method(bench):
