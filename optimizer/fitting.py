@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from optimizer.ablation import AblationHooks, AblationPlan
 from optimizer.components import COMPONENTS
 from optimizer.directions import ContrastiveStats
+from optimizer.errors import UserError
 from optimizer.judges import Judge
 from optimizer.model import LoadedModel
 from optimizer.params import Kernel, TrialParams, build_plan
@@ -143,7 +144,11 @@ def fit_data(
         hooks.clear()
     keep = [i for i, refused in enumerate(answers.refused) if not refused]
     if not keep:
-        raise ValueError("the target edit answered none of the harmful direction prompts")
+        raise UserError(
+            f"the fitted direction has no answers to fit towards: edited along the discriminant at weight {TARGET_WEIGHT:g} "
+            f"over every layer, the model still refuses all {len(texts)} harmful direction prompts; drop `fitted` from "
+            "--direction-methods for this model"
+        )
     tok, device = loaded.tokenizer, loaded.device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     targets = [answers.responses[i] for i in keep]

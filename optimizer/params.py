@@ -312,10 +312,10 @@ def seeded_starts(stats: ContrastiveStats, settings: Settings) -> dict[str, dict
     if "fitted" in settings.direction_methods:
         last = stats.n_layers - 1
         values = {"peak_weight": 1.0, "peak_layer": 0.5 * last, "min_ratio": 0.3, "falloff": max(1.0, 0.6 * last)}
-        fitted = {f"{c}_{name}": value for c in COMPONENTS for name, value in values.items()}
-        starts["fitted"] = {**({"direction_method": "fitted"} if len(settings.direction_methods) > 1 else {}), **fitted}
-        if settings.subspace_max > 1:
-            starts["fitted"]["subspace_k"] = 1
+        chosen = {"direction_method": "fitted"} if len(settings.direction_methods) > 1 else {}
+        one = {"subspace_k": 1} if settings.subspace_max > 1 else {}
+        kernel = {f"{c}_{name}": value for c in COMPONENTS for name, value in values.items()}
+        starts["fitted"] = {**chosen, **one, **kernel}
     return starts
 
 

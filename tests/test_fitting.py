@@ -18,11 +18,13 @@ from optimizer.ablation import AblationPlan
 from optimizer.cli import main
 from optimizer.components import COMPONENTS
 from optimizer.config import Settings
-from optimizer.judges import MarkerJudge
+from optimizer.errors import UserError
+from optimizer.judges import MarkerJudge, normalise
 from optimizer.model import load_model
 from optimizer.params import Kernel, TrialParams, baseline_params, build_plan, replay_params, seeded_starts, suggest_params
 from optimizer.prompts import format_chat
 from optimizer.residuals import tokenize
+from optimizer.scoring import generate_and_classify
 from optimizer.stored import open_study
 from optimizer.trials import load_edited_model
 from optimizer.workbench import prepare, resolve
@@ -116,6 +118,26 @@ def test_the_fit_lowers_the_loss_and_leaves_the_model_alone(bench):
     for name, p in model.state_dict().items():
         assert torch.equal(p, before[name]), name
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_model_that_refuses_every_direction_prompt_under_the_start_edit_is_refused(bench):
+    """No answer to fit towards: a UserError naming the fix. The judge: markers that every answer of
+    the start edit contains (a character of each), so that each is judged a refusal."""
+    prepared, _ = bench
+    texts = prepared.spec.texts
+    harmful = (texts.direction_harmful, texts.direction_prompts[0])
+    start = fitting.start_plan(prepared.stats, fitting.TARGET_WEIGHT)
+    nothing = MarkerJudge([], echo_aware=False)
+    prepared.hooks.apply(start)
+    try:
+        answers = generate_and_classify(
+            prepared.loaded, harmful[0], fitting.TARGET_TOKENS, nothing, 4, harmful[1], stop_early=False
+        )
+    finally:
+        prepared.hooks.clear()
+    every = MarkerJudge(sorted({normalise(a).strip()[:1] for a in answers.responses} - {""}), echo_aware=False)
+    with pytest.raises(UserError, match="drop `fitted` from --direction-methods"):
+        fitting.fit_data(prepared.loaded, prepared.hooks, start, harmful, texts.direction_harmless, every, 4)
 
 
 def test_a_fitted_trial_ablates_the_fitted_direction_at_every_edited_layer(bench):
