@@ -31,8 +31,10 @@ they were fitted on and worse elsewhere, and a shared direction fitted over a la
 behind used over a wider one (benchmarks/RESULTS.md, "Directions fitted to the edit's outcome by
 gradient descent").
 
-Cost: FIT_STEPS forward and backward passes over the direction prompts (about 20 s a step for a
-135M model on two CPU cores; seconds on a GPU).
+Cost: FIT_STEPS forward and backward passes over the direction prompts, the LM head only where the
+loss reads it. Measured on the project's 2-core CPU, one thread beside another study: 28 minutes for
+the 135M second model, 80 for the 0.5B default one (benchmarks/RESULTS.md); not yet measured on a
+GPU.
 """
 
 from __future__ import annotations
