@@ -40,6 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.fixed_kernels import KERNELS, arguments, kept_direction_texts, open_sweep
 from optimizer.ablation import AblationPlan
+from optimizer.fitting import padded
 from optimizer.params import build_plan
 from optimizer.scoring import generate_and_classify
 
@@ -55,21 +56,6 @@ class Batches:
     harmless_ids: torch.Tensor
     harmless_mask: torch.Tensor
     base: torch.Tensor
-
-
-def padded(tokenizer, prompts: list[str], targets: list[str], n_target: int, pad: int):
-    """Left-padded ids of prompt + target, the mask, and labels (-100 but on the target's tokens)."""
-    rows, labels = [], []
-    for prompt, target in zip(prompts, targets, strict=True):
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        t = tokenizer(target, add_special_tokens=False)["input_ids"][:n_target] if target else []
-        rows.append(p + t)
-        labels.append([-100] * len(p) + t)
-    width = max(map(len, rows))
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    lab = torch.tensor([[-100] * (width - len(r)) + r for r in labels])
-    return ids, mask, lab
 
 
 def logits_of(model, ids, mask):

@@ -102,7 +102,7 @@ class FitData:
     base: torch.Tensor  # (n_harmless, vocab) log-probabilities
 
 
-def _padded(tokenizer, texts: list[str], targets: list[str], n_target: int, pad: int, device: torch.device):
+def padded(tokenizer, texts: list[str], targets: list[str], n_target: int, pad: int, device: torch.device | str = "cpu"):
     """Left-padded ids of text + target, the mask, and labels (-100 but on the target's tokens)."""
     rows, labels = [], []
     for text, target in zip(texts, targets, strict=True):
@@ -154,8 +154,8 @@ def fit_data(
     tok, device = loaded.tokenizer, loaded.device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     targets = [answers.responses[i] for i in keep]
-    ids, mask, labels = _padded(tok, [texts[i] for i in keep], targets, TARGET_TOKENS, pad, device)
-    hids, hmask, _ = _padded(tok, harmless, [""] * len(harmless), 0, pad, device)
+    ids, mask, labels = padded(tok, [texts[i] for i in keep], targets, TARGET_TOKENS, pad, device)
+    hids, hmask, _ = padded(tok, harmless, [""] * len(harmless), 0, pad, device)
     with torch.inference_mode():
         base = torch.cat(
             [
