@@ -286,7 +286,7 @@ class _CacheUse:
             return None
         key = spec.identity.cache_key("fitted")
         try:
-            tensors, _ = cache.load_entry(self.folder, "fitted", key, spec.loaded.device)
+            tensors, _ = cache.load_entry(self.folder, "fitted_direction", key, spec.loaded.device)
             console.print(f"Reusing the cached fitted direction from {self.folder}")
             return tensors["direction"]
         except cache.CacheMiss as miss:
@@ -308,7 +308,7 @@ class _CacheUse:
                 spec.loaded, hooks, stats, harmful, texts.direction_harmless, judge, batch_size, prefix, step
             )
         console.print(f"Fitted the direction in {time.perf_counter() - start:.0f} s ({FIT_STEPS} steps)")
-        cache.save_entry(self.folder, "fitted", key, {"direction": direction}, {})
+        cache.save_entry(self.folder, "fitted_direction", key, {"direction": direction}, {})
         return direction
 
     def _residuals(self, batch_size: int, judge: Judge | None, paths: FastPaths) -> tuple[torch.Tensor, torch.Tensor]:

@@ -189,6 +189,7 @@ def test_a_study_fits_caches_resumes_and_exports_the_fitted_direction(tiny_varie
     args = run_args(tiny_varied_dir, studies, "--direction-methods", "discriminant,fitted", "--subspace-max", "1", seeded=True)
     assert main([*args, "--trials", "6"]) == 0
     assert "Fitted the direction in" in capsys.readouterr().err
+    assert (studies / "t" / "fitted_direction.safetensors").exists()  # beside the statistics
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{studies}/t.db")
     seeded = [t for t in study.trials if t.user_attrs.get("seeded") == "fitted"]
     assert len(seeded) == 1 and seeded[0].params["direction_method"] == "fitted"
