@@ -85,6 +85,15 @@ def _project(y: torch.Tensor, scaled: torch.Tensor, basis: torch.Tensor) -> torc
     return y - (y @ basis.mT) @ scaled
 
 
+def project_output(output, scaled: torch.Tensor, basis: torch.Tensor):
+    """A hooked module's output with the edit applied (`_project`): to the hidden states, which MoE
+    blocks return first in a tuple beside their router logits. The one edit rule of every hook (the
+    trials' here, the fit's in `optimizer.fitting`)."""
+    if isinstance(output, tuple):
+        return (_project(output[0], scaled, basis), *output[1:])
+    return _project(output, scaled, basis)
+
+
 def _row_scale(norms: torch.Tensor, c: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Per row of norm |row| and components c = R^T row (rows, k): |row| / |row - R W c|, the
     factor that restores each edited row's norm."""
@@ -134,9 +143,7 @@ class AblationHooks:
         if slot is None:
             return None
         scaled, basis, _ = slot
-        if isinstance(output, tuple):  # MoE blocks may also return router logits
-            return (_project(output[0], scaled, basis), *output[1:])
-        return _project(output, scaled, basis)
+        return project_output(output, scaled, basis)
 
     @torch.no_grad()
     def apply(self, plan: AblationPlan) -> None:

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from optimizer.ablation import AblationHooks, AblationPlan
+from optimizer.ablation import AblationHooks, AblationPlan, project_output
 from optimizer.components import COMPONENTS
 from optimizer.directions import ContrastiveStats
 from optimizer.errors import UserError
@@ -180,10 +180,9 @@ class SharedDirectionHooks:
 
     def _hook(self, weight: float):
         def edit(_module, _inputs, output):
-            y = output[0] if isinstance(output, tuple) else output  # MoE blocks may also return router logits
-            u = F.normalize(self.v, dim=0).to(y.dtype)
-            edited = y - weight * (y @ u).unsqueeze(-1) * u
-            return (edited, *output[1:]) if isinstance(output, tuple) else edited
+            y = output[0] if isinstance(output, tuple) else output
+            basis = F.normalize(self.v, dim=0).to(y.dtype).unsqueeze(0)  # (1, d): u^T
+            return project_output(output, weight * basis, basis)
 
         return edit
 
