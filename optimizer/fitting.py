@@ -228,14 +228,16 @@ def fit_direction(
     plan: AblationPlan,
     batch_size: int,
     steps: int = FIT_STEPS,
-    on_step: Callable[[int, float, float], None] | None = None,
+    lr: float = FIT_LR,
+    on_step: Callable[[int, float, float, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """The unit direction (d,) fitted by `steps` Adam steps on the fit's loss with `plan`'s weights,
-    from `plan`'s direction at its peak layer (`peak_direction`); `on_step(step, CE, KL)` after
-    each step. The model is left as it was: its parameters are frozen during the fit and their
+    """The unit direction (d,) fitted by `steps` Adam steps (learning rate `lr`) on the fit's loss
+    with `plan`'s weights, from `plan`'s direction at its peak layer (`peak_direction`);
+    `on_step(step, CE, KL, direction)` after each step (CE and KL before it, the unit direction
+    after it). The model is left as it was: its parameters are frozen during the fit and their
     `requires_grad` restored after."""
     v = peak_direction(plan).detach().float().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([v], lr=FIT_LR)
+    optimizer = torch.optim.Adam([v], lr=lr)
     trainable = [p for p in loaded.model.parameters() if p.requires_grad]
     for p in trainable:
         p.requires_grad_(False)
@@ -246,7 +248,7 @@ def fit_direction(
             ce, kl = fit_loss(loaded, data, batch_size, backward=True)
             optimizer.step()
             if on_step:
-                on_step(step, ce, kl)
+                on_step(step, ce, kl, F.normalize(v.detach(), dim=0))
     finally:
         hooks.remove()
         for p in trainable:
@@ -263,7 +265,7 @@ def fitted_direction(
     judge: Judge,
     batch_size: int,
     answer_prefix: str = "",
-    on_step: Callable[[int, float, float], None] | None = None,
+    on_step: Callable[[int, float, float, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """The method's direction (d,): targets from `start_plan` at TARGET_WEIGHT (`fit_data`), then
     `fit_direction` from `start_plan` at FIT_WEIGHT."""

@@ -298,7 +298,7 @@ class _CacheUse:
             task = progress.add_task("Fitting the direction", total=None)
             console.print(f"Targets: {TARGET_TOKENS}-token answers of the start edit to the harmful direction prompts")
 
-            def step(index: int, ce: float, kl: float) -> None:
+            def step(index: int, ce: float, kl: float, _direction: torch.Tensor) -> None:
                 progress.update(
                     task, total=FIT_STEPS, completed=index + 1, description=f"Fitting the direction (CE {ce:.3f}, KL {kl:.4f})"
                 )

@@ -1,0 +1,114 @@
+"""What the fitted direction (`optimizer.fitting`) loses when its fit is made cheaper.
+
+The fit is `FIT_STEPS` forward and backward passes over every direction prompt (harmful, with
+their target answers, and harmless), once per study: on this CPU the largest cost a study with
+`fitted` among its methods pays before its first trial. Two ways to pay less: fewer steps (or
+fewer at a larger learning rate), and fewer prompts per set. Each run here (`--runs P,STEPS,LR`:
+the first P harmful and P harmless direction prompts, STEPS Adam steps at learning rate LR, the
+product's other constants) fits the direction as `fitting.fitted_direction` does, times it, and at
+each of `--snapshots` steps scores the direction so far as the sweeps here score an edit: held-out
+refusals (markers, first `--cap` tokens) and first-token KL on held-out prompts, the direction at
+every layer of fixed kernels (`--kernels`, `--weights`), with its cosine to the first run's final
+direction and to `--reference` (a study's cached `fitted_direction.safetensors`, when given).
+
+    python benchmarks/fit_cost.py [--model DIR] --runs 64,30,0.01 32,30,0.01 [--reference FILE]
+
+Last line: `fit_cost model=... runs=...` with each run's seconds and cosine to the first run.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.fixed_kernels import Sweep, arguments, open_sweep
+from optimizer import fitting
+from optimizer.ablation import AblationPlan
+from optimizer.params import build_plan
+from optimizer.response_prefix import answer_part
+from optimizer.workbench import load_judge
+
+
+def fitted_plan(sweep: Sweep, kernel: str, weight: float, direction: torch.Tensor) -> AblationPlan:
+    """`direction` at every layer `kernel` edits, with its weights (as a trial of the method `fitted`)."""
+    return build_plan(sweep.params(kernel, weight, "fitted"), sweep.bench.stats, fitted=direction)[0]
+
+
+def score_row(sweep: Sweep, a, label: str, direction: torch.Tensor, against: dict[str, torch.Tensor]) -> None:
+    cells = []
+    for kernel in a.kernels:
+        for w in a.weights:
+            refusals, kl = sweep.score_plan(fitted_plan(sweep, kernel, w, direction))
+            cells.append(f"{refusals}/{a.prompts}, {kl:.4f}")
+    cosines = [f"{float(torch.dot(direction, ref)):.4f}" for ref in against.values()]
+    print(f"| {label} | {' | '.join(cosines)} | {' | '.join(cells)} |", flush=True)
+
+
+def fit_run(sweep: Sweep, a, run: str, judge) -> tuple[torch.Tensor, dict[int, torch.Tensor], float]:
+    """One run `P,STEPS,LR`: the fit's data from the first P direction prompts per set, the fit, and
+    the direction after each of `--snapshots` steps (and the last); the seconds both took."""
+    bench = sweep.bench
+    texts, prefix = bench.spec.texts, answer_part(bench.spec.settings.response_prefix or "")
+    n, steps, lr = int(run.split(",")[0]), int(run.split(",")[1]), float(run.split(",")[2])
+    start = time.perf_counter()
+    harmful = (texts.direction_harmful[:n], texts.direction_prompts[0][:n])
+    data = fitting.fit_data(
+        bench.loaded, bench.hooks, fitting.start_plan(bench.stats, fitting.TARGET_WEIGHT), harmful,
+        texts.direction_harmless[:n], judge, bench.batch_size, prefix,
+    )  # fmt: skip
+    data_s = time.perf_counter() - start
+    snaps: dict[int, torch.Tensor] = {}
+
+    def keep(step: int, ce: float, kl: float, direction: torch.Tensor) -> None:
+        if step + 1 in a.snapshots or step + 1 == steps:
+            snaps[step + 1] = direction.clone()
+            print(f"# {run}: step {step + 1} CE {ce:.4f} KL {kl:.5f}", flush=True)
+
+    start = time.perf_counter()
+    plan = fitting.start_plan(bench.stats, fitting.FIT_WEIGHT)
+    final = fitting.fit_direction(bench.loaded, data, plan, min(bench.batch_size, fitting.FIT_BATCH_SIZE), steps, lr, keep)
+    fit_s = time.perf_counter() - start
+    print(
+        f"# {run}: {len(data.ids)} targets, {len(data.harmless_ids)} harmless; data {data_s:.0f} s, "
+        f"fit {fit_s:.0f} s ({fit_s / steps:.1f} s a step)",
+        flush=True,
+    )
+    return final, snaps, data_s + fit_s
+
+
+def main() -> None:
+    p = arguments([0.7, 1.0], kernels=["p.6 f.45", "p.5 f1"])
+    p.add_argument("--runs", nargs="+", default=["64,30,0.01"], help="P,STEPS,LR: prompts per set, Adam steps, learning rate")
+    p.add_argument("--snapshots", type=int, nargs="+", default=[5, 10, 15, 20, 30], help="steps after which to score")
+    p.add_argument("--reference", type=Path, help="a study's cached fitted_direction.safetensors, to compare with")
+    a = p.parse_args()
+    sweep = open_sweep(a, "fitcost")
+    texts = sweep.bench.spec.texts
+    judge = load_judge(sweep.bench.spec.settings, sweep.bench.loaded)
+    against: dict[str, torch.Tensor] = {}
+    if a.reference:
+        against["reference"] = load_file(a.reference)["direction"].float()
+    print(sweep.header + f"; {len(texts.direction_harmful)} + {len(texts.direction_harmless)} direction prompts")
+    summary = []
+    for run in a.runs:
+        final, snaps, seconds = fit_run(sweep, a, run, judge)
+        against.setdefault("first run", final)
+        cols = " | ".join(f"cos to {k}" for k in against)
+        kcols = " | ".join(f"{k} w {w}" for k in a.kernels for w in a.weights)
+        print(f"| {run} after step | {cols} | {kcols} |")
+        print("|---" * (1 + len(against) + len(a.kernels) * len(a.weights)) + "|")
+        for step, direction in sorted(snaps.items()):
+            score_row(sweep, a, f"{run} @{step}", direction, against)
+        summary.append(f"{run}:{seconds:.0f}s:cos{float(torch.dot(final, against['first run'])):.4f}")
+    if a.reference:
+        score_row(sweep, a, "reference", against["reference"], against)
+    print(f"fit_cost model={Path(a.model).name} runs={' '.join(summary)}")
+
+
+if __name__ == "__main__":
+    main()
