@@ -61,6 +61,8 @@ def fit_run(sweep: Sweep, a, run: str, judge) -> tuple[torch.Tensor, dict[int, t
         bench.loaded, bench.hooks, fitting.start_plan(bench.stats, fitting.TARGET_WEIGHT), harmful,
         texts.direction_harmless[:n], judge, bench.batch_size, prefix,
     )  # fmt: skip
+    if data is None:
+        raise SystemExit(f"{run}: the start edit leaves every harmful direction prompt refused; nothing to fit towards")
     data_s = time.perf_counter() - start
     snaps: dict[int, torch.Tensor] = {}
 

@@ -11,8 +11,8 @@ SmolLM2-135M of benchmarks/make_refusing_model.py, built on first use), or a mod
 Variants, each one study per model and seed with the same budget, scoring prompts, response cap and
 markers:
 
-- `ours`: `optimizer run` with its defaults (refusal subspaces up to k = 4, seeded starts, both
-  direction methods, alpha tuned);
+- `ours`: `optimizer run` with its defaults (refusal subspaces up to k = 4, seeded starts, the
+  contrastive, discriminant and fitted direction methods, alpha tuned);
 - `k1`: the same with `--subspace-max 1` (one direction per layer: the space before subspaces);
 - `meandiff`: `--direction-methods mean_diff --subspace-max 1` (no principal component anywhere);
 - `np`: the defaults with `--norm-preserving --projected-directions`, the two choices heretic 1.4
@@ -37,7 +37,8 @@ markers:
   model's final norm, as transformers' last hidden state and heretic's; not run unless named);
 - `plnl`: `pl` and `nl` together (only per-layer edits use the last layer's own direction; not run unless named);
 - the later ones (TPE rules `sc`, `o4`, `o5`, `kq`; directions `ds`, `dm`, `dp`, `dq`, `md`; start-up
-  trials `s10`, `s30`; statistics `w995`, `w999`, `sw995`; the fitted direction `ft`, `fo`; the GP sampler
+  trials `s10`, `s30`; statistics `w995`, `w999`, `sw995`; the fitted direction `ft` (now the defaults), `fo`, and
+  the defaults before it `cd`; the GP sampler
   `gp`): each described by its label in VARIANTS
   below; not run unless named;
 - `heretic`: heretic 1.4 in its own venv (benchmarks/heretic_runner.py), seeded starts off by
@@ -147,6 +148,10 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
         ["--direction-methods", "contrastive,discriminant,fitted"],
     ),
     "fo": ("ours, the fitted direction only", ["--direction-methods", "fitted"]),
+    "cd": (
+        "ours, contrastive and discriminant (the defaults before the fitted direction joined them)",
+        ["--direction-methods", "contrastive,discriminant"],
+    ),
     "heretic": ("heretic 1.4", None),
 }
 

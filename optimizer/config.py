@@ -248,11 +248,11 @@ class Settings:
         },
     )
     direction_methods: list[str] = field(
-        default_factory=lambda: ["contrastive", "discriminant"],
+        default_factory=lambda: ["contrastive", "discriminant", "fitted"],
         metadata={
             "help": f"comma-separated: {','.join(DIRECTION_METHODS)}",
             "choices": list(DIRECTION_METHODS),
-            "default_text": "contrastive,discriminant",
+            "default_text": "contrastive,discriminant,fitted",
         },
     )
     direction_scopes: list[str] = field(

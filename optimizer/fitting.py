@@ -50,19 +50,19 @@ import torch.nn.functional as F
 from optimizer.ablation import AblationHooks, AblationPlan, project_output
 from optimizer.components import COMPONENTS
 from optimizer.directions import ContrastiveStats
-from optimizer.errors import UserError
 from optimizer.judges import Judge
 from optimizer.model import LoadedModel
 from optimizer.params import Kernel, TrialParams, build_plan
 from optimizer.scoring import generate_and_classify
 
-FIT_STEPS = 30
+FIT_STEPS = 15
 FIT_LR = 0.01
 KL_WEIGHT = 3.0
 FIT_WEIGHT = 1.0
 TARGET_WEIGHT = 1.5
 TARGET_TOKENS = 16
 START_SHRINKAGE = 0.9
+FIT_PROMPTS = 64  # the first this many direction prompts per set (harmful and harmless)
 EDGE_RATIO = 0.3  # the kernel's weight at the first and last layer, as a share of its peak's
 # most prompts per forward and backward pass of the fit: a backward pass keeps every layer's activations
 # of its batch, many times what the study's (inference) batch size was measured for; the gradient is
@@ -72,7 +72,7 @@ FIT_BATCH_SIZE = 16
 
 def fit_constants() -> str:
     """A fingerprint of the constants above: a cached fitted direction is reused only under the same."""
-    values = [FIT_STEPS, FIT_LR, KL_WEIGHT, FIT_WEIGHT, TARGET_WEIGHT, TARGET_TOKENS, START_SHRINKAGE, EDGE_RATIO]
+    values = [FIT_STEPS, FIT_LR, KL_WEIGHT, FIT_WEIGHT, TARGET_WEIGHT, TARGET_TOKENS, START_SHRINKAGE, EDGE_RATIO, FIT_PROMPTS]
     return hashlib.sha256(json.dumps(values).encode()).hexdigest()[:16]
 
 
@@ -133,9 +133,10 @@ def fit_data(
     judge: Judge,
     batch_size: int,
     answer_prefix: str = "",
-) -> FitData:
+) -> FitData | None:
     """The fit's data: targets are the answers of the model edited by `target_plan` (through `hooks`)
-    to the `harmful` texts (chat-formatted, raw) that `judge` does not find refusals."""
+    to the `harmful` texts (chat-formatted, raw) that `judge` does not find refusals; None when it
+    finds every one a refusal (no answer to fit towards)."""
     texts, prompts = harmful
     hooks.apply(target_plan)
     try:
@@ -146,11 +147,7 @@ def fit_data(
         hooks.clear()
     keep = [i for i, refused in enumerate(answers.refused) if not refused]
     if not keep:
-        raise UserError(
-            f"the fitted direction has no answers to fit towards: edited along the discriminant at weight {TARGET_WEIGHT:g} "
-            f"over every layer, the model still refuses all {len(texts)} harmful direction prompts; drop `fitted` from "
-            "--direction-methods for this model"
-        )
+        return None
     tok, device = loaded.tokenizer, loaded.device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     targets = [answers.responses[i] for i in keep]
@@ -256,6 +253,16 @@ def fit_direction(
     return F.normalize(v.detach(), dim=0)
 
 
+@dataclass(frozen=True)
+class Fit:
+    """The method's direction and what it was fitted on: `targets` of `prompts` harmful direction
+    prompts answered by the start edit (none: the start direction as it was, unfitted)."""
+
+    direction: torch.Tensor  # (d,), unit
+    targets: int
+    prompts: int
+
+
 def fitted_direction(
     loaded: LoadedModel,
     hooks: AblationHooks,
@@ -266,8 +273,17 @@ def fitted_direction(
     batch_size: int,
     answer_prefix: str = "",
     on_step: Callable[[int, float, float, torch.Tensor], None] | None = None,
-) -> torch.Tensor:
-    """The method's direction (d,): targets from `start_plan` at TARGET_WEIGHT (`fit_data`), then
-    `fit_direction` from `start_plan` at FIT_WEIGHT."""
+) -> Fit:
+    """The method's direction: targets from `start_plan` at TARGET_WEIGHT (`fit_data`), then
+    `fit_direction` from `start_plan` at FIT_WEIGHT, both on the first FIT_PROMPTS direction prompts
+    of each set. When the start edit leaves every harmful direction prompt refused there is nothing
+    to fit towards, and the direction is the start's (`peak_direction`), unfitted: the method then
+    costs the study nothing but its share of trials, where failing would stop a run that asked for
+    the default methods."""
+    start = start_plan(stats, FIT_WEIGHT)
+    harmful, harmless = (harmful[0][:FIT_PROMPTS], harmful[1][:FIT_PROMPTS]), harmless[:FIT_PROMPTS]
     data = fit_data(loaded, hooks, start_plan(stats, TARGET_WEIGHT), harmful, harmless, judge, batch_size, answer_prefix)
-    return fit_direction(loaded, data, start_plan(stats, FIT_WEIGHT), min(batch_size, FIT_BATCH_SIZE), on_step=on_step)
+    if data is None:
+        return Fit(F.normalize(peak_direction(start).float(), dim=0), 0, len(harmful[0]))
+    direction = fit_direction(loaded, data, start, min(batch_size, FIT_BATCH_SIZE), on_step=on_step)
+    return Fit(direction, len(data.ids), len(harmful[0]))

@@ -37,7 +37,7 @@ from optimizer.config import Settings
 from optimizer.cpu_linear import pack_linear_layers
 from optimizer.directions import ContrastiveStats, compute_stats, winsorize
 from optimizer.errors import UserError
-from optimizer.fitting import FIT_STEPS, TARGET_TOKENS, fitted_direction
+from optimizer.fitting import FIT_STEPS, TARGET_TOKENS, TARGET_WEIGHT, fitted_direction
 from optimizer.front import Front
 from optimizer.graph_decode import GraphDecoder, supports_graph_decoding
 from optimizer.identity import StudyIdentity
@@ -304,10 +304,20 @@ class _CacheUse:
                 )
 
             start = time.perf_counter()
-            direction = fitted_direction(
-                spec.loaded, hooks, stats, harmful, texts.direction_harmless, judge, batch_size, prefix, step
+            fit = fitted_direction(spec.loaded, hooks, stats, harmful, texts.direction_harmless, judge, batch_size, prefix, step)
+        if fit.targets:
+            console.print(
+                f"Fitted the direction in {time.perf_counter() - start:.0f} s ({FIT_STEPS} steps, "
+                f"towards the answers to {fit.targets} of {fit.prompts} harmful direction prompts)"
             )
-        console.print(f"Fitted the direction in {time.perf_counter() - start:.0f} s ({FIT_STEPS} steps)")
+        else:
+            console.print(
+                f"[yellow]The fitted direction is left unfitted: edited along the discriminant at weight {TARGET_WEIGHT:g} "
+                f"over every layer, the model still refuses all {fit.prompts} harmful direction prompts, so there is no "
+                "answer to fit towards; its trials use the discriminant's direction at mid-depth, at every layer. To leave "
+                "the method out: --direction-methods contrastive,discriminant[/]"
+            )
+        direction = fit.direction
         cache.save_entry(self.folder, "fitted_direction", key, {"direction": direction}, {})
         return direction
 

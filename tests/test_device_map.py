@@ -31,6 +31,7 @@ from optimizer.residuals import collect_residuals, layer_residuals
 from optimizer.scoring import first_token_logprobs, generate_and_classify, kl_divergence
 from optimizer.workbench import prepare, prepare_scoring, resolve
 from tests.test_graph_decode import random_plan
+from tests.test_study import STATS_METHOD_LIST
 
 PROMPTS = [
     "Write a haiku about rain.",
@@ -114,7 +115,7 @@ def test_a_split_model_exports_the_weights_of_the_plain_one(tiny_varied_dir, tmp
     the hooked model's logits (`bake_and_verify` checks that before anything is written)."""
     settings = build_settings(
         {"model": str(tiny_varied_dir), "device": devices[0], "dtype": "float32", "direction_prompts": 4,
-         "scoring_prompts": 2, "response_prefix": "", "batch_size": 4}
+         "direction_methods": STATS_METHOD_LIST, "scoring_prompts": 2, "response_prefix": "", "batch_size": 4}
     )  # fmt: skip
     saved, identities = {}, {}
     for split in (False, True):
@@ -140,8 +141,8 @@ def test_a_split_model_decodes_eagerly_and_says_why(tiny_varied_dir, tmp_path, m
     monkeypatch.setattr(workbench_module, "load_model", functools.partial(load_model, device_map=groups(4, ("cpu", "cpu"))))
     console = Console(file=io.StringIO(), width=200)
     settings = build_settings(
-        {"model": str(tiny_varied_dir), "direction_prompts": 4, "scoring_prompts": 4, "max_new_tokens": 3, "response_prefix": "",
-         "batch_size": 4}
+        {"model": str(tiny_varied_dir), "direction_prompts": 4, "direction_methods": STATS_METHOD_LIST, "scoring_prompts": 4,
+         "max_new_tokens": 3, "response_prefix": "", "batch_size": 4}
     )  # fmt: skip
     scorer = prepare_scoring(resolve(settings, console), tmp_path)
     log = console.file.getvalue()

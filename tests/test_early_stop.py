@@ -18,6 +18,7 @@ from optimizer.judges import MarkerJudge
 from optimizer.model import load_model
 from optimizer.prompts import format_chat, load_prompts
 from optimizer.scoring import generate_and_classify
+from tests.test_study import STATS_METHODS
 
 
 def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
@@ -79,7 +80,7 @@ def _study(model: Path, tmp_path: Path, name: str, trials: int, *extra: str) -> 
     args = [
         "run", "--model", str(model), "--studies-dir", str(tmp_path / "studies"), "--cache-dir", str(tmp_path / "cache"),
         "--study", name, "--config", str(config), "--direction-prompts", "8", "--scoring-prompts", "16",
-        "--max-new-tokens", "6", "--trials", str(trials), "--no-verify", "--no-seeded-starts", *extra,
+        "--max-new-tokens", "6", "--trials", str(trials), "--no-verify", "--no-seeded-starts", *STATS_METHODS, *extra,
     ]  # fmt: skip
     assert main(args) == 0
     return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/studies/{name}.db")

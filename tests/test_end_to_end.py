@@ -4,6 +4,7 @@ import optuna
 import pytest
 
 from optimizer.cli import main
+from tests.test_study import STATS_METHODS
 
 
 @pytest.mark.real_model
@@ -31,6 +32,7 @@ def test_real_model_study(qwen_dir, tmp_path, capsys):
         "3",
         "--verify-max-new-tokens",
         "16",
+        *STATS_METHODS,  # the fitted direction's fit on this model would double the test's time
     ]
     code = main(args)
     err = capsys.readouterr().err

@@ -16,6 +16,7 @@ from optimizer.directions import compute_stats
 from optimizer.fill import ATTR, Point, line_of, next_fill
 from optimizer.params import build_plan, replay_params, scaled_params, suggest_params
 from tests.test_directions import synthetic
+from tests.test_study import STATS_METHODS
 
 
 def test_the_widest_gap_is_filled_first_from_its_stronger_end_then_its_weaker_and_none_twice():
@@ -65,7 +66,10 @@ def test_a_way_with_a_trial_of_the_same_line_inside_the_gap_is_not_tried_again()
 def test_a_scaled_trial_is_the_same_edit_scaled_at_every_site_within_the_weight_range():
     harmful, harmless = synthetic(8, 20, 20, 16, seed=2)
     stats = compute_stats(harmful, harmless)
-    settings = Settings(max_weight=1.5)
+    settings = Settings(max_weight=1.5)  # the default methods, the fitted one included (a random direction here)
+    fitted = torch.nn.functional.normalize(
+        torch.randn(stats.mean_diff.shape[1], generator=torch.Generator().manual_seed(0)), dim=0
+    )
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     checked_subspace = False
     for _ in range(12):
@@ -74,8 +78,10 @@ def test_a_scaled_trial_is_the_same_edit_scaled_at_every_site_within_the_weight_
         study.tell(trial, 0.0)
         source = trial.params
         scale = 0.6
-        plan, _ = build_plan(replay_params(source, stats.n_layers, settings), stats)
-        scaled, _ = build_plan(replay_params(scaled_params(source, scale, settings), stats.n_layers, settings), stats)
+        plan, _ = build_plan(replay_params(source, stats.n_layers, settings), stats, fitted=fitted)
+        scaled, _ = build_plan(
+            replay_params(scaled_params(source, scale, settings), stats.n_layers, settings), stats, fitted=fitted
+        )
         for c in COMPONENTS:
             assert scaled.weights[c] == pytest.approx([w * scale for w in plan.weights[c]])
         assert scaled.decay == plan.decay and scaled.rank == plan.rank
@@ -98,7 +104,7 @@ def _study(model, tmp_path, *extra):
     args = [
         "run", "--model", str(model), "--studies-dir", str(tmp_path / "studies"), "--cache-dir", str(tmp_path / "cache"),
         "--study", "f", "--config", str(config), "--direction-prompts", "8", "--scoring-prompts", "16",
-        "--max-new-tokens", "6", "--no-verify", "--no-seeded-starts", "--seed", "0", *extra,
+        "--max-new-tokens", "6", "--no-verify", "--no-seeded-starts", "--seed", "0", *STATS_METHODS, *extra,
     ]  # fmt: skip
     assert main(args) == 0
     return optuna.load_study(study_name="f", storage=f"sqlite:///{tmp_path}/studies/f.db")

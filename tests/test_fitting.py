@@ -18,7 +18,6 @@ from optimizer.ablation import AblationPlan
 from optimizer.cli import main
 from optimizer.components import COMPONENTS
 from optimizer.config import Settings
-from optimizer.errors import UserError
 from optimizer.judges import MarkerJudge, normalise
 from optimizer.model import load_model
 from optimizer.params import Kernel, TrialParams, baseline_params, build_plan, replay_params, seeded_starts, suggest_params
@@ -28,7 +27,7 @@ from optimizer.scoring import generate_and_classify
 from optimizer.stored import open_study
 from optimizer.trials import load_edited_model
 from optimizer.workbench import prepare, resolve
-from tests.test_study import run_args
+from tests.test_study import STATS_METHODS, run_args
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +119,10 @@ def test_the_fit_lowers_the_loss_and_leaves_the_model_alone(bench):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_a_model_that_refuses_every_direction_prompt_under_the_start_edit_is_refused(bench):
-    """No answer to fit towards: a UserError naming the fix. The judge: markers that every answer of
-    the start edit contains (a character of each), so that each is judged a refusal."""
+def test_a_model_that_refuses_every_direction_prompt_under_the_start_edit_keeps_the_start_direction(bench):
+    """No answer to fit towards: no data, and the method's direction is the start's, unfitted (a run
+    with the default methods goes on). The judge: markers that every answer of the start edit
+    contains (a character of each), so that each is judged a refusal."""
     prepared, _ = bench
     texts = prepared.spec.texts
     harmful = (texts.direction_harmful, texts.direction_prompts[0])
@@ -136,8 +136,15 @@ def test_a_model_that_refuses_every_direction_prompt_under_the_start_edit_is_ref
     finally:
         prepared.hooks.clear()
     every = MarkerJudge(sorted({normalise(a).strip()[:1] for a in answers.responses} - {""}), echo_aware=False)
-    with pytest.raises(UserError, match="drop `fitted` from --direction-methods"):
-        fitting.fit_data(prepared.loaded, prepared.hooks, start, harmful, texts.direction_harmless, every, 4)
+    assert fitting.fit_data(prepared.loaded, prepared.hooks, start, harmful, texts.direction_harmless, every, 4) is None
+    fit = fitting.fitted_direction(prepared.loaded, prepared.hooks, prepared.stats, harmful, texts.direction_harmless, every, 4)
+    assert (fit.targets, fit.prompts) == (0, len(harmful[0]))
+    expected = fitting.peak_direction(fitting.start_plan(prepared.stats, fitting.FIT_WEIGHT))
+    torch.testing.assert_close(fit.direction, F.normalize(expected.float(), dim=0))
+    answered = fitting.fitted_direction(
+        prepared.loaded, prepared.hooks, prepared.stats, harmful, texts.direction_harmless, nothing, 4
+    )
+    assert answered.targets > 0 and float(answered.direction @ fit.direction) < 0.999  # fitted: moved from its start
 
 
 def test_a_fitted_trial_ablates_the_fitted_direction_at_every_edited_layer(bench):
@@ -236,3 +243,16 @@ def test_the_seeded_start_of_the_fitted_method(bench):
     params = replay_params(starts["fitted"], stats.n_layers, settings)
     last = stats.n_layers - 1
     assert params.method == "fitted" and params.kernels["attn"] == Kernel(1.0, 0.5 * last, 0.3, max(1.0, 0.6 * last))
+
+
+def test_a_run_with_the_default_methods_goes_on_when_there_is_nothing_to_fit_towards(tiny_dir, tmp_path, capsys):
+    """The default methods include `fitted`; the default tiny model's answers (one token repeated) are
+    all judged refusals, edited or not: the run says so, names how to leave the method out, and goes
+    on with the start direction unfitted."""
+    studies = tmp_path / "studies"
+    args = [a for a in run_args(tiny_dir, studies, "--trials", "3") if a not in STATS_METHODS]
+    assert "--direction-methods" not in args and "fitted" in Settings().direction_methods
+    assert main(args) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "The fitted direction is left unfitted" in err and "--direction-methods contrastive,discriminant" in err
+    assert (studies / "t" / "fitted_direction.safetensors").exists()

@@ -21,6 +21,7 @@ from optimizer.model import load_model
 from optimizer.prompts import format_chat
 from optimizer.scoring import generate_and_classify, graph_error, graph_length
 from optimizer.workbench import FAST_PATH_TOLERANCE, MIN_REFUSED_DIRECTION_PROMPTS, prepare_scoring, resolve
+from tests.test_study import STATS_METHOD_LIST
 
 PROMPTS = [
     "Write a haiku about rain.",
@@ -132,6 +133,7 @@ def scorers_eager_and_fixed(model_dir, tmp_path, monkeypatch, **overrides):
             {
                 "model": str(model_dir),
                 "direction_prompts": 8,
+                "direction_methods": STATS_METHOD_LIST,
                 "scoring_prompts": 6,
                 "max_new_tokens": 5,
                 "response_prefix": "",
@@ -203,6 +205,7 @@ def test_a_graph_that_cannot_be_built_leaves_eager_decoding_and_per_trial_hooks(
         {
             "model": str(tiny_dir),
             "direction_prompts": 8,
+            "direction_methods": STATS_METHOD_LIST,
             "scoring_prompts": 4,
             "max_new_tokens": 3,
             "response_prefix": "",

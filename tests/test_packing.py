@@ -23,6 +23,7 @@ from optimizer.scoring import (
 from optimizer.workbench import FAST_PATH_TOLERANCE, prepare_scoring, resolve
 from tests.test_ablation import random_plan
 from tests.test_graph_decode import PROMPTS
+from tests.test_study import STATS_METHOD_LIST
 
 
 def test_groups_fill_the_budget_in_order():
@@ -99,6 +100,7 @@ def test_study_prefills_packed_only_where_every_layer_attends_fully(tiny_dir, ti
             {
                 "model": str(model),
                 "direction_prompts": 4,
+                "direction_methods": STATS_METHOD_LIST,
                 "scoring_prompts": 4,
                 "max_new_tokens": 2,
                 "response_prefix": "",
@@ -121,6 +123,7 @@ def test_a_packed_prefill_that_differs_is_not_used(tiny_dir, tmp_path, monkeypat
         {
             "model": str(tiny_dir),
             "direction_prompts": 4,
+            "direction_methods": STATS_METHOD_LIST,
             "scoring_prompts": 4,
             "max_new_tokens": 2,
             "response_prefix": "",

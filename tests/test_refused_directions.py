@@ -12,7 +12,7 @@ from optimizer.cli import main
 from optimizer.judges import MarkerJudge
 from optimizer.workbench import prepare, resolve
 from tests.test_settings import settings_of
-from tests.test_study import run_args
+from tests.test_study import STATS_METHODS, run_args
 
 # on the tiny varied model, the plain marker "a" is in 13 of the 24 harmful answers and 15 of the 24
 # harmless ones (4 new tokens): both filtered sets keep at least 8 prompts
@@ -61,6 +61,7 @@ def test_refused_directions_use_exactly_the_prompts_the_unedited_model_refuses(t
     assert "Answering the direction prompts (--refused-directions)" in err and "48/48" in err  # the progress bar, done
 
     argv = ["--model", str(tiny_varied_dir), "--studies-dir", str(studies), "--study", "t", "--max-new-tokens", "4", *FILTER]
+    argv += STATS_METHODS  # as the study was run
     spec = resolve(settings_of([*argv, *markers(tmp_path, "a"), "--refused-directions"], None, tmp_path), Console(stderr=True))
     cached = prepare(spec, spec.settings.cache_path())
     assert cached.cache_computations == 0, "the study's statistics, reused from its cache"

@@ -87,7 +87,7 @@ def test_every_start_replays_inside_the_search_space(methods, subspace_max):
 def test_one_direction_scope_leaves_the_other_out_of_the_space_and_the_starts(scopes):
     harmful, harmless = synthetic(10, 20, 20, 16, seed=1)
     stats = compute_stats(harmful, harmless)
-    settings = Settings(direction_scopes=scopes)
+    settings = Settings(direction_methods=["contrastive", "discriminant"], direction_scopes=scopes)  # the scoped methods
     per_layer = scopes == ["per_layer"]
     starts = seeded_starts(stats, settings)
     assert set(starts) == ({"tapered-per-layer", "late-per-layer"} if per_layer else {"uniform", "tapered"})
@@ -253,7 +253,7 @@ def test_the_searched_clipping_is_sampled_replayed_and_seeded_plain():
     clipping instead, and then no trial chooses."""
     harmful, harmless = synthetic(6, 20, 20, 16, seed=4)
     stats = compute_stats(harmful, harmless)
-    settings = Settings(searched_winsorize=0.99)
+    settings = Settings(direction_methods=["contrastive", "discriminant"], searched_winsorize=0.99)  # statistics' methods
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
     for _ in range(10):

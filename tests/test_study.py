@@ -11,9 +11,15 @@ from optuna.trial import TrialState
 from optimizer.cli import main
 from optimizer.storage import counted_trials
 
+# the statistics' methods only: a short study of the machinery, without the fitted direction's fit
+# (tests/test_fitting.py runs that; the default methods include it)
+STATS_METHOD_LIST = ["contrastive", "discriminant"]
+STATS_METHODS = ("--direction-methods", ",".join(STATS_METHOD_LIST))
+
 
 def run_args(model: Path, studies: Path, *extra: str, seeded: bool = False) -> list[str]:
-    """A short study's command line; without the seeded starts unless `seeded` (tests/test_starts.py)."""
+    """A short study's command line; without the seeded starts unless `seeded` (tests/test_starts.py);
+    the statistics' methods unless `extra` names others."""
     return [
         "run",
         "--model",
@@ -32,6 +38,7 @@ def run_args(model: Path, studies: Path, *extra: str, seeded: bool = False) -> l
         "2",
         "--no-verify",
         *([] if seeded else ["--no-seeded-starts"]),
+        *STATS_METHODS,
         *extra,
     ]
 
