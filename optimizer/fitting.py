@@ -31,10 +31,13 @@ they were fitted on and worse elsewhere, and a shared direction fitted over a la
 behind used over a wider one (benchmarks/RESULTS.md, "Directions fitted to the edit's outcome by
 gradient descent").
 
-Cost: FIT_STEPS forward and backward passes over the direction prompts, the LM head only where the
-loss reads it. Measured on the project's 2-core CPU, one thread beside another study: 28 minutes for
-the 135M second model, 80 for the 0.5B default one (benchmarks/RESULTS.md); not yet measured on a
-GPU.
+Cost: FIT_STEPS forward and backward passes over the first FIT_PROMPTS direction prompts per set,
+the LM head only where the loss reads it. After 15 steps the direction scores on held-out prompts as
+it does after 30, on 64 prompts per set; on 32 it spends more KL for the same refusals
+(benchmarks/fit_cost.py). Measured on the project's 2-core CPU, one thread beside another study: 15
+minutes for the 135M second model and 41 for the 0.5B default one, answers and fit (30 steps on
+every prompt took 28 and 80); not yet measured on a GPU. A run at the default 128 direction
+prompts per set pays a quarter of what 30 steps over all of them cost.
 """
 
 from __future__ import annotations
