@@ -1,15 +1,16 @@
 """What the fitted direction (`optimizer.fitting`) loses when its fit is made cheaper.
 
-The fit is `FIT_STEPS` forward and backward passes over every direction prompt (harmful, with
-their target answers, and harmless), once per study: on this CPU the largest cost a study with
-`fitted` among its methods pays before its first trial. Two ways to pay less: fewer steps (or
-fewer at a larger learning rate), and fewer prompts per set. Each run here (`--runs P,STEPS,LR`:
-the first P harmful and P harmless direction prompts, STEPS Adam steps at learning rate LR, the
-product's other constants) fits the direction as `fitting.fitted_direction` does, times it, and at
-each of `--snapshots` steps scores the direction so far as the sweeps here score an edit: held-out
-refusals (markers, first `--cap` tokens) and first-token KL on held-out prompts, the direction at
-every layer of fixed kernels (`--kernels`, `--weights`), with its cosine to the first run's final
-direction and to `--reference` (a study's cached `fitted_direction.safetensors`, when given).
+The fit is `FIT_STEPS` forward and backward passes over the first FIT_PROMPTS direction prompts
+per set (harmful, with their target answers, and harmless), once per study: on this CPU the largest
+cost a study with `fitted` among its methods pays before its first trial. Two ways to pay less:
+fewer steps (or fewer at a larger learning rate), and fewer prompts per set. Each run here
+(`--runs P,STEPS,LR`: the first P harmful and P harmless direction prompts, P <= FIT_PROMPTS, STEPS
+Adam steps at learning rate LR, the product's other constants) fits the direction with
+`fitting.fitted_direction`, times it, and at each of `--snapshots` steps scores the direction so
+far as the sweeps here score an edit: held-out refusals (markers, first `--cap` tokens) and
+first-token KL on held-out prompts, the direction at every layer of fixed kernels (`--kernels`,
+`--weights`), with its cosine to the first run's final direction and to `--reference` (a study's
+cached `fitted_direction.safetensors`, when given).
 
     python benchmarks/fit_cost.py [--model DIR] --runs 64,30,0.01 32,30,0.01 [--reference FILE]
 
@@ -50,37 +51,35 @@ def score_row(sweep: Sweep, a, label: str, direction: torch.Tensor, against: dic
 
 
 def fit_run(sweep: Sweep, a, run: str, judge) -> tuple[torch.Tensor, dict[int, torch.Tensor], float]:
-    """One run `P,STEPS,LR`: the fit's data from the first P direction prompts per set, the fit, and
-    the direction after each of `--snapshots` steps (and the last); the seconds both took."""
+    """One run `P,STEPS,LR`: `fitting.fitted_direction` on the first P direction prompts per set, and
+    the direction after each of `--snapshots` steps (and the last); the seconds it took."""
     bench = sweep.bench
     texts, prefix = bench.spec.texts, answer_part(bench.spec.settings.response_prefix or "")
     n, steps, lr = int(run.split(",")[0]), int(run.split(",")[1]), float(run.split(",")[2])
-    start = time.perf_counter()
-    harmful = (texts.direction_harmful[:n], texts.direction_prompts[0][:n])
-    data = fitting.fit_data(
-        bench.loaded, bench.hooks, fitting.start_plan(bench.stats, fitting.TARGET_WEIGHT), harmful,
-        texts.direction_harmless[:n], judge, bench.batch_size, prefix,
-    )  # fmt: skip
-    if data is None:
-        raise SystemExit(f"{run}: the start edit leaves every harmful direction prompt refused; nothing to fit towards")
-    data_s = time.perf_counter() - start
+    if n > fitting.FIT_PROMPTS:
+        raise SystemExit(f"{run}: the fit reads at most FIT_PROMPTS = {fitting.FIT_PROMPTS} prompts per set")
     snaps: dict[int, torch.Tensor] = {}
+    first_step: list[float] = []  # when the first step ended: the answers and one step before it
 
     def keep(step: int, ce: float, kl: float, direction: torch.Tensor) -> None:
+        if not first_step:
+            first_step.append(time.perf_counter())
         if step + 1 in a.snapshots or step + 1 == steps:
             snaps[step + 1] = direction.clone()
             print(f"# {run}: step {step + 1} CE {ce:.4f} KL {kl:.5f}", flush=True)
 
     start = time.perf_counter()
-    plan = fitting.start_plan(bench.stats, fitting.FIT_WEIGHT)
-    final = fitting.fit_direction(bench.loaded, data, plan, min(bench.batch_size, fitting.FIT_BATCH_SIZE), steps, lr, keep)
-    fit_s = time.perf_counter() - start
-    print(
-        f"# {run}: {len(data.ids)} targets, {len(data.harmless_ids)} harmless; data {data_s:.0f} s, "
-        f"fit {fit_s:.0f} s ({fit_s / steps:.1f} s a step)",
-        flush=True,
-    )
-    return final, snaps, data_s + fit_s
+    harmful = (texts.direction_harmful[:n], texts.direction_prompts[0][:n])
+    fit = fitting.fitted_direction(
+        bench.loaded, bench.hooks, bench.stats, harmful, texts.direction_harmless[:n], judge, bench.batch_size, prefix,
+        keep, steps, lr,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    if not fit.targets:
+        raise SystemExit(f"{run}: the start edit leaves every harmful direction prompt refused; nothing to fit towards")
+    per_step = (start + seconds - first_step[0]) / max(steps - 1, 1)
+    print(f"# {run}: {fit.targets} targets of {fit.prompts}; {seconds:.0f} s, {per_step:.1f} s a step after the first")
+    return fit.direction, snaps, seconds
 
 
 def main() -> None:

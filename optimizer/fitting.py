@@ -276,17 +276,20 @@ def fitted_direction(
     batch_size: int,
     answer_prefix: str = "",
     on_step: Callable[[int, float, float, torch.Tensor], None] | None = None,
+    steps: int = FIT_STEPS,
+    lr: float = FIT_LR,
 ) -> Fit:
     """The method's direction: targets from `start_plan` at TARGET_WEIGHT (`fit_data`), then
-    `fit_direction` from `start_plan` at FIT_WEIGHT, both on the first FIT_PROMPTS direction prompts
-    of each set. When the start edit leaves every harmful direction prompt refused there is nothing
-    to fit towards, and the direction is the start's (`peak_direction`), unfitted: the method then
-    costs the study nothing but its share of trials, where failing would stop a run that asked for
-    the default methods."""
+    `fit_direction` from `start_plan` at FIT_WEIGHT (`steps` at rate `lr`: the constants but for
+    benchmarks/fit_cost.py), both on the first FIT_PROMPTS direction prompts of each set. When the
+    start edit leaves every harmful direction prompt refused there is nothing to fit towards, and
+    the direction is the start's (`peak_direction`), unfitted: the method then costs the study
+    nothing but its share of trials, where failing would stop a run that asked for the default
+    methods."""
     start = start_plan(stats, FIT_WEIGHT)
     harmful, harmless = (harmful[0][:FIT_PROMPTS], harmful[1][:FIT_PROMPTS]), harmless[:FIT_PROMPTS]
     data = fit_data(loaded, hooks, start_plan(stats, TARGET_WEIGHT), harmful, harmless, judge, batch_size, answer_prefix)
     if data is None:
         return Fit(F.normalize(peak_direction(start).float(), dim=0), 0, len(harmful[0]))
-    direction = fit_direction(loaded, data, start, min(batch_size, FIT_BATCH_SIZE), on_step=on_step)
+    direction = fit_direction(loaded, data, start, min(batch_size, FIT_BATCH_SIZE), steps, lr, on_step)
     return Fit(direction, len(data.ids), len(harmful[0]))
