@@ -24,7 +24,7 @@ run: model
 	$(PY) -m optimizer run $(ARGS)
 
 test: model
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs --durations=15 tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs --durations=15 -n auto --dist worksteal tests
 
 $(VENV)/.lint-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[test,lint]"

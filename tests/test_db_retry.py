@@ -124,11 +124,12 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_run_again(serve
     """Optuna fails only trials whose recorded heartbeat is stale; a worker killed between creating
     a trial and its first heartbeat left it RUNNING for ever."""
     url = server.create_database("nobeat")
-    new_study(url, "s", grace=2).ask({"x": optuna.distributions.FloatDistribution(0, 1)})  # no heartbeat, ever
-    other = new_study(url, "s", grace=2)
+    # a grace of 4 s: the check "not before the grace period" must hold on a loaded machine too
+    new_study(url, "s", grace=4).ask({"x": optuna.distributions.FloatDistribution(0, 1)})  # no heartbeat, ever
+    other = new_study(url, "s", grace=4)
     optuna.storages.fail_stale_trials(other)
     assert other.get_trials(deepcopy=False)[0].state == TrialState.RUNNING  # not before the grace period
-    time.sleep(3)
+    time.sleep(5)
     optuna.storages.fail_stale_trials(other)
     trials = other.get_trials(deepcopy=False)
     assert trials[0].state == TrialState.FAIL and trials[0].number in retried_numbers(trials)

@@ -329,12 +329,16 @@ def test_wait_for_initialisation(tmp_path, monkeypatch):
 # -- PostgreSQL: heartbeats ------------------------------------------------------------------
 
 
+# The heartbeat grace of the heartbeat test: long enough that the check "within the grace period"
+# holds on a loaded machine (the suite runs one worker per core, beside the workers the tests start).
+GRACE_S = 4
+
 # A worker whose trial beats every second; it prints the trial's number once a beat is recorded.
-BEATING_WORKER = """
+BEATING_WORKER = f"""
 import sys, time
 import optuna
 from optimizer.storage import connect
-study = optuna.load_study(study_name="s", storage=connect(sys.argv[1], heartbeat_interval=1, heartbeat_grace=2))
+study = optuna.load_study(study_name="s", storage=connect(sys.argv[1], heartbeat_interval=1, heartbeat_grace={GRACE_S}))
 def objective(trial):
     trial.suggest_float("x", 0.0, 1.0)
     trial.set_user_attr("note", "kept")
@@ -347,7 +351,7 @@ study.optimize(objective, n_trials=1)
 
 @needs_pg
 def test_killed_postgres_trial_is_failed_by_the_heartbeat_and_retried(pg_url):
-    storage = connect(pg_url, heartbeat_interval=1, heartbeat_grace=2)
+    storage = connect(pg_url, heartbeat_interval=1, heartbeat_grace=GRACE_S)
     assert storage.get_heartbeat_interval() == 1
     optuna.create_study(study_name="s", storage=storage).optimize(objective, n_trials=1)
     proc = start_python(BEATING_WORKER, pg_url)
@@ -357,10 +361,10 @@ def test_killed_postgres_trial_is_failed_by_the_heartbeat_and_retried(pg_url):
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
 
-    other = fresh(pg_url, heartbeat_interval=1, heartbeat_grace=2)  # another worker
+    other = fresh(pg_url, heartbeat_interval=1, heartbeat_grace=GRACE_S)  # another worker
     optuna.storages.fail_stale_trials(other)
     assert other.trials[killed].state == TrialState.RUNNING, "within the grace period the trial is left alone"
-    time.sleep(3.5)
+    time.sleep(GRACE_S + 1.5)
     other.optimize(objective, n_trials=1)  # fails the silent trial, queues it again, and runs the retry
 
     study = fresh(pg_url)
