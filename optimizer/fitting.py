@@ -37,7 +37,9 @@ it does after 30, on 64 prompts per set; on 32 it spends more KL for the same re
 (benchmarks/fit_cost.py). Measured on the project's 2-core CPU, one thread beside another study: 15
 minutes for the 135M second model and 41 for the 0.5B default one, answers and fit (30 steps on
 every prompt took 28 and 80); not yet measured on a GPU. A run at the default 128 direction
-prompts per set pays a quarter of what 30 steps over all of them cost.
+prompts per set pays a quarter of what 30 steps over all of them cost. A study pays it when its
+first trial of the method asks for the direction (`workbench.FittedDirection`), after the
+statistics' seeded starts, not before its first trial.
 """
 
 from __future__ import annotations

@@ -5,21 +5,26 @@
   model), lengths checked against the context, and the study identity
   (`optimizer.identity.StudyIdentity`). Nothing is written anywhere, so a bad input leaves the
   study and its cache as they were.
-- `prepare(spec, cache_dir)` -> `Prepared`: the direction statistics, with `fitted` among the
-  methods the fitted direction (`optimizer.fitting`), and the batch size (from the cache, computed
-  where missing or stale) and plain ablation hooks: what export, eval and chat need.
+- `prepare(spec, cache_dir)` -> `Prepared`: the direction statistics and the batch size (from the
+  cache, computed where missing or stale), plain ablation hooks and, with `fitted` among the
+  methods, a `FittedDirection`: what export, eval and chat need.
 - `prepare_scoring(spec, cache_dir)` -> `Scorer`: the same, plus the judge, the fast paths chosen once by
   `choose_fast_paths` (each checked against the plain path, and left off with the reason printed
   where it disagrees) and the unedited model's scores (cached). Only a study scores trials.
 
 Every result is a frozen dataclass made complete: no field is filled in later, no flag is flipped
-on a shared object. Nothing here knows about Optuna: `study.py` drives a `Scorer` through `score`.
-Workers sharing a cache folder take turns under a file lock: one computes, the others load.
+on a shared object. The one answer given later is the fitted direction's (`FittedDirection`): built
+complete, it fits (or reads) the direction when a trial first asks for it, once, because no trial
+of the statistics' methods needs it and the fit is minutes of one-time work on a CPU where the
+seeded starts reach a good front in seconds. Nothing here knows about Optuna: `study.py` drives a
+`Scorer` through `score`. Workers sharing a cache folder take turns under a file lock: one
+computes, the others load.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -205,10 +210,10 @@ class Prepared:
     spec: RunSpec
     stats: ContrastiveStats
     clipped_stats: ContrastiveStats | None  # of the clipped residuals, with --searched-winsorize
-    fitted: torch.Tensor | None  # (d,): the fitted direction, with `fitted` among --direction-methods
+    fitted: FittedDirection | None  # with `fitted` among --direction-methods
     batch_size: int
     hooks: AblationHooks
-    cache_computations: int  # cache entries this process computed (0 on a full reuse)
+    cache_computations: int  # cache entries this process computed while preparing (0 on a full reuse)
 
     def stats_for(self, params: TrialParams) -> ContrastiveStats:
         """The statistics a trial's directions come from (`statistics_set`): the clipped residuals'
@@ -219,8 +224,10 @@ class Prepared:
         return chosen
 
     def plan(self, params: TrialParams) -> tuple[AblationPlan, PlanInfo]:
-        """A trial's plan (`params.plan_for`) from its statistics and this run's fitted direction."""
-        return plan_for(params, self.stats_for(params), self.settings, self.fitted)
+        """A trial's plan (`params.plan_for`) from its statistics and, for a trial of the fitted
+        method, this run's fitted direction (fitted now if no trial has needed it yet)."""
+        fitted = self.fitted.direction if self.fitted is not None and params.method == "fitted" else None
+        return plan_for(params, self.stats_for(params), self.settings, fitted)
 
     @property
     def loaded(self) -> LoadedModel:
@@ -229,6 +236,34 @@ class Prepared:
     @property
     def settings(self) -> Settings:
         return self.spec.settings
+
+
+@dataclass(frozen=True, eq=False)
+class FittedDirection:
+    """The fitted direction of a run with `fitted` among --direction-methods (`optimizer.fitting`),
+    given when first asked for: read from the cache folder or fitted now (progress shown, saved
+    there), under the cache's lock, then kept for the rest of the process.
+
+    Why on demand: the fit is the one piece of a run's one-time work that the statistics' trials
+    do not need, and it is the largest on a CPU (the default model at the default prompt counts:
+    minutes on 2 cores, where loading, the statistics and the baseline take under 30 s). Fitted up
+    front, it held back the seeded starts that reach a good front in seconds; asked for by the first
+    trial of the method (the fitted seeded start, enqueued after the statistics' ones), it comes
+    after them. A study that never tries the method never fits, and export, eval and chat of a
+    trial of another method never read it."""
+
+    spec: RunSpec
+    folder: Path  # the study's cache folder
+    stats: ContrastiveStats
+    batch_size: int
+    hooks: AblationHooks
+    judge: Judge | None  # the study's; loaded if the fit needs one and none is given
+
+    @functools.cached_property
+    def direction(self) -> torch.Tensor:
+        """(d,), unit length."""
+        with _locked(self.spec, self.folder):
+            return _CacheUse(self.spec, self.folder).fitted(self.stats, self.batch_size, self.hooks, self.judge)
 
 
 @dataclass
@@ -276,14 +311,10 @@ class _CacheUse:
                     found[name] = stats
         return found["directions"], found.get("clipped_directions")
 
-    def fitted(
-        self, stats: ContrastiveStats, batch_size: int, hooks: AblationHooks, judge: Judge | None = None
-    ) -> torch.Tensor | None:
-        """With `fitted` among --direction-methods, the fitted direction (`optimizer.fitting`), from the
-        cache or fitted now (its progress shown with the loss); else None."""
+    def fitted(self, stats: ContrastiveStats, batch_size: int, hooks: AblationHooks, judge: Judge | None = None) -> torch.Tensor:
+        """The fitted direction (`optimizer.fitting`), from the cache or fitted now (its progress
+        shown with the loss); `FittedDirection` asks for it."""
         spec, console = self.spec, self.spec.console
-        if "fitted" not in spec.settings.direction_methods:
-            return None
         key = spec.identity.cache_key("fitted")
         try:
             tensors, _ = cache.load_entry(self.folder, "fitted_direction", key, spec.loaded.device)
@@ -450,7 +481,8 @@ def prepare(spec: RunSpec, cache_dir: Path) -> Prepared:
     with _locked(spec, cache_dir):
         stats, clipped = use.stats(spec.default_batch_size)
         batch_size = use.batch_size()
-        fitted = use.fitted(stats, batch_size, hooks)
+    fits = "fitted" in spec.settings.direction_methods
+    fitted = FittedDirection(spec, cache_dir, stats, batch_size, hooks, None) if fits else None
     return Prepared(spec, stats, clipped, fitted, batch_size, hooks, use.computed)
 
 
@@ -670,6 +702,7 @@ def prepare_scoring(spec: RunSpec, cache_dir: Path) -> Scorer:
         batch_size = use.batch_size()
         paths, hooks = choose_fast_paths(spec, batch_size)
         stats, clipped = use.stats(batch_size, judge, paths)
-        fitted = use.fitted(stats, batch_size, hooks, judge)
         logprobs, refusals = use.baseline(batch_size, paths, judge)
+    fits = "fitted" in spec.settings.direction_methods
+    fitted = FittedDirection(spec, cache_dir, stats, batch_size, hooks, judge) if fits else None
     return Scorer(Prepared(spec, stats, clipped, fitted, batch_size, hooks, use.computed), paths, judge, logprobs, refusals)

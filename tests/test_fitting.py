@@ -10,6 +10,7 @@ import optuna
 import pytest
 import torch
 import torch.nn.functional as F
+from optuna.trial import TrialState
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -195,15 +196,20 @@ def test_a_study_fits_caches_resumes_and_exports_the_fitted_direction(tiny_varie
     studies = tmp_path / "studies"
     args = run_args(tiny_varied_dir, studies, "--direction-methods", "discriminant,fitted", "--subspace-max", "1", seeded=True)
     assert main([*args, "--trials", "6"]) == 0
-    assert "Fitted the direction in" in capsys.readouterr().err
+    err = capsys.readouterr().err
     assert (studies / "t" / "fitted_direction.safetensors").exists()  # beside the statistics
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{studies}/t.db")
     seeded = [t for t in study.trials if t.user_attrs.get("seeded") == "fitted"]
     assert len(seeded) == 1 and seeded[0].params["direction_method"] == "fitted"
     assert seeded[0].user_attrs["direction"] == "fitted, every layer"
-    assert main([*args, "--trials", "7"]) == 0  # resumed: the fit is read back, not redone
+    # fitted when its first trial asks for it: after the statistics' seeded starts (enqueued first)
+    assert seeded[0].number == 5 and all(t.params["direction_method"] != "fitted" for t in study.trials[:5])
+    assert err.index("trial 4:") < err.index("Fitted the direction in") < err.index("trial 5:")
+    assert main([*args, "--trials", "9"]) == 0  # resumed: the fit is read back if a trial needs it, never redone
     err = capsys.readouterr().err
-    assert "Reusing the cached fitted direction" in err and "Fitted the direction" not in err
+    resumed = optuna.load_study(study_name="t", storage=f"sqlite:///{studies}/t.db").trials[6:]
+    assert "Fitted the direction" not in err
+    assert ("Reusing the cached fitted direction" in err) == any(t.params["direction_method"] == "fitted" for t in resumed)
     # a run without the method may not add to it: its fitted trials would mean another edit
     without = run_args(tiny_varied_dir, studies, "--direction-methods", "discriminant", "--subspace-max", "1", seeded=True)
     assert main([*without, "--trials", "8"]) == 2
@@ -213,8 +219,9 @@ def test_a_study_fits_caches_resumes_and_exports_the_fitted_direction(tiny_varie
     out = tmp_path / "exported"
     assert main(["export", "--study", "t", "--studies-dir", str(studies), "--trial", str(number), "--out", str(out)]) == 0
     edited = load_edited_model(open_study("t", None, str(studies)), number, Console(file=io.StringIO()))
-    fitted = edited.prepared.fitted
-    assert fitted is not None and json.loads((out / "optimizer.json").read_text())["params"]["direction_method"] == "fitted"
+    assert edited.prepared.fitted is not None
+    fitted = edited.prepared.fitted.direction
+    assert json.loads((out / "optimizer.json").read_text())["params"]["direction_method"] == "fitted"
     directions = load_file(out / "ablation.safetensors")
     for c in COMPONENTS:
         torch.testing.assert_close(directions[f"{c}.directions"], fitted.float().expand(edited.prepared.stats.n_layers, -1))
@@ -231,7 +238,7 @@ def test_a_study_fits_caches_resumes_and_exports_the_fitted_direction(tiny_varie
     log = io.StringIO()
     other = load_edited_model(open_study("t", None, str(studies)), number, Console(file=log), dtype="bfloat16")
     assert other.prepared.loaded.dtype == torch.bfloat16 and "Reusing the cached fitted direction" in log.getvalue()
-    assert other.prepared.fitted is not None and torch.equal(other.prepared.fitted.float(), fitted.float())
+    assert other.prepared.fitted is not None and torch.equal(other.prepared.fitted.direction.float(), fitted.float())
 
 
 def test_the_seeded_start_of_the_fitted_method(bench):
@@ -250,9 +257,16 @@ def test_a_run_with_the_default_methods_goes_on_when_there_is_nothing_to_fit_tow
     all judged refusals, edited or not: the run says so, names how to leave the method out, and goes
     on with the start direction unfitted."""
     studies = tmp_path / "studies"
-    args = [a for a in run_args(tiny_dir, studies, "--trials", "3") if a not in STATS_METHODS]
+    args = [a for a in run_args(tiny_dir, studies, seeded=True) if a not in STATS_METHODS]
     assert "--direction-methods" not in args and "fitted" in Settings().direction_methods
-    assert main(args) == 0
+    # the first trials are the statistics' seeded starts, which need no fit: none is done
+    assert main([*args, "--trials", "3"]) == 0
+    assert "fitted direction" not in capsys.readouterr().err
+    assert not (studies / "t" / "fitted_direction.safetensors").exists()
+    # the fitted seeded start (enqueued after the statistics' four) asks for it
+    assert main([*args, "--trials", "6"]) == 0
     err = " ".join(capsys.readouterr().err.split())
     assert "The fitted direction is left unfitted" in err and "--direction-methods contrastive,discriminant" in err
     assert (studies / "t" / "fitted_direction.safetensors").exists()
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{studies}/t.db")
+    assert study.trials[5].user_attrs["seeded"] == "fitted" and study.trials[5].state == TrialState.COMPLETE
