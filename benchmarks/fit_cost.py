@@ -2,7 +2,8 @@
 
 The fit is `FIT_STEPS` forward and backward passes over the first FIT_PROMPTS direction prompts
 per set (harmful, with their target answers, and harmless), once per study: on this CPU the largest
-cost a study with `fitted` among its methods pays before its first trial. Two ways to pay less:
+one-time cost of a study with `fitted` among its methods (paid in its first trial of the method,
+`workbench.FittedDirection`). Two ways to pay less:
 fewer steps (or fewer at a larger learning rate), and fewer prompts per set. Each run here
 (`--runs P,STEPS,LR`: the first P harmful and P harmless direction prompts, P <= FIT_PROMPTS, STEPS
 Adam steps at learning rate LR, the product's other constants) fits the direction with

@@ -259,6 +259,13 @@ class FittedDirection:
     hooks: AblationHooks
     judge: Judge | None  # the study's; loaded if the fit needs one and none is given
 
+    @classmethod
+    def of_run(
+        cls, spec: RunSpec, folder: Path, stats: ContrastiveStats, batch_size: int, hooks: AblationHooks, judge: Judge | None
+    ) -> FittedDirection | None:
+        """A run's fitted direction, to be fitted when asked for; None without `fitted` among the methods."""
+        return cls(spec, folder, stats, batch_size, hooks, judge) if "fitted" in spec.settings.direction_methods else None
+
     @functools.cached_property
     def direction(self) -> torch.Tensor:
         """(d,), unit length."""
@@ -481,8 +488,7 @@ def prepare(spec: RunSpec, cache_dir: Path) -> Prepared:
     with _locked(spec, cache_dir):
         stats, clipped = use.stats(spec.default_batch_size)
         batch_size = use.batch_size()
-    fits = "fitted" in spec.settings.direction_methods
-    fitted = FittedDirection(spec, cache_dir, stats, batch_size, hooks, None) if fits else None
+    fitted = FittedDirection.of_run(spec, cache_dir, stats, batch_size, hooks, None)
     return Prepared(spec, stats, clipped, fitted, batch_size, hooks, use.computed)
 
 
@@ -703,6 +709,5 @@ def prepare_scoring(spec: RunSpec, cache_dir: Path) -> Scorer:
         paths, hooks = choose_fast_paths(spec, batch_size)
         stats, clipped = use.stats(batch_size, judge, paths)
         logprobs, refusals = use.baseline(batch_size, paths, judge)
-    fits = "fitted" in spec.settings.direction_methods
-    fitted = FittedDirection(spec, cache_dir, stats, batch_size, hooks, judge) if fits else None
+    fitted = FittedDirection.of_run(spec, cache_dir, stats, batch_size, hooks, judge)
     return Scorer(Prepared(spec, stats, clipped, fitted, batch_size, hooks, use.computed), paths, judge, logprobs, refusals)
