@@ -39,14 +39,20 @@ minutes for the 135M second model and 41 for the 0.5B default one, answers and f
 every prompt took 28 and 80); not yet measured on a GPU. A run at the default 128 direction
 prompts per set pays a quarter of what 30 steps over all of them cost. A study pays it when its
 first trial of the method asks for the direction (`workbench.FittedDirection`), after the
-statistics' seeded starts, not before its first trial.
+statistics' seeded starts, not before its first trial. On a CPU the passes are bound by
+arithmetic, and padded batches of chat prompts spend much of it on padding and on every row's own
+copy of the system prompt and template (24 of 42-60 tokens a row on both models); there the
+rows are forwarded end to end behind one copy of their shared prefix (`choose_layout`, checked
+against the padded loss first): the default model's whole fit alone on the 2-core CPU took 736 s
+against 1192 s padded, the fitted direction the same to 2e-5.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -55,8 +61,10 @@ import torch.nn.functional as F
 from optimizer.ablation import AblationHooks, AblationPlan, project_output
 from optimizer.components import COMPONENTS
 from optimizer.directions import ContrastiveStats
+from optimizer.forward import output_logits
 from optimizer.judges import Judge
 from optimizer.model import LoadedModel
+from optimizer.packing import block_mask, full_attention_only, groups, shared_prefix_length
 from optimizer.params import Kernel, TrialParams, build_plan
 from optimizer.scoring import generate_and_classify
 
@@ -73,6 +81,10 @@ EDGE_RATIO = 0.3  # the kernel's weight at the first and last layer, as a share 
 # of its batch, many times what the study's (inference) batch size was measured for; the gradient is
 # accumulated over batches, so this changes the memory, not the result
 FIT_BATCH_SIZE = 16
+# CPU: rows forwarded end to end behind their shared prefix, this many of their own tokens per forward
+# (on the 2-core CPU 512 and 1024 were alike for the 0.5B default model, 256 best for the 135M one)
+FIT_TOKENS_PER_FORWARD = 512
+TOLERANCE = 1e-4  # relative difference of the loss, packed vs padded, that the packed layout may have
 
 
 def fit_constants() -> str:
@@ -193,28 +205,120 @@ class SharedDirectionHooks:
             handle.remove()
 
 
-def fit_loss(loaded: LoadedModel, data: FitData, batch_size: int, backward: bool) -> tuple[float, float]:
-    """Mean target cross-entropy per token and mean first-token KL per harmless prompt of the model
-    as hooked now; with `backward`, the gradient of CE + KL_WEIGHT * KL accumulated, batch by batch."""
-    n_tok, n_harmless = int((data.labels != -100).sum()), len(data.harmless_ids)
+def _rows(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """Left-padded rows as lists of their own ids."""
+    return [row[keep.bool()].tolist() for row, keep in zip(ids, mask, strict=True)]
+
+
+def _packed_logits(loaded: LoadedModel, rows: list[list[int]], reads: list[list[int]]) -> Iterator[tuple[range, torch.Tensor]]:
+    """The logits at positions `reads[i]` of each row i (positions within the row), for groups of rows
+    forwarded end to end behind their shared prefix (`packing.block_mask`: each row sees the prefix
+    and its own earlier tokens, its positions continue after the prefix), FIT_TOKENS_PER_FORWARD of
+    their own tokens per forward: (group, logits of its rows' reads, row after row)."""
+    p = shared_prefix_length(rows)
+    suffixes = [row[p:] for row in rows]
+    lengths = [len(suffix) for suffix in suffixes]
+    model, device = loaded.model, loaded.device
+    for group in groups(lengths, FIT_TOKENS_PER_FORWARD):
+        group_lengths = [lengths[i] for i in group]
+        ids = rows[0][:p] + [token for i in group for token in suffixes[i]]
+        positions = list(range(p)) + [p + j for n in group_lengths for j in range(n)]
+        hidden = model.get_decoder()(
+            input_ids=torch.tensor([ids], device=device),
+            attention_mask=block_mask(p, group_lengths, loaded),
+            position_ids=torch.tensor([positions], device=device),
+            use_cache=False,
+        ).last_hidden_state[0]
+        starts = torch.tensor([0] + group_lengths[:-1]).cumsum(0).tolist()
+        # a read inside the prefix is the prefix's own position (shared by every row)
+        at = [r if r < p else p + start + r - p for i, start in zip(group, starts, strict=True) for r in reads[i]]
+        yield group, output_logits(model, hidden[at])
+
+
+def _target_batches(
+    loaded: LoadedModel, data: FitData, batch_size: int, packed: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, labels) of the target tokens, batch by batch; labels -100 where there is no target."""
+    if packed:
+        rows, n_target = _rows(data.ids, data.mask), (data.labels != -100).sum(-1).tolist()
+        reads = [list(range(len(row) - n - 1, len(row) - 1)) for row, n in zip(rows, n_target, strict=True)]
+        for group, logits in _packed_logits(loaded, rows, reads):
+            yield logits, torch.cat([data.labels[i, data.labels.shape[1] - n_target[i] :] for i in group])
+        return
     keep = TARGET_TOKENS + 1  # the targets end every row: the logits of the position before each of their tokens
+    for i in range(0, len(data.ids), batch_size):
+        logits = _logits(loaded, data.ids[i : i + batch_size], data.mask[i : i + batch_size], keep)
+        yield logits[:, :-1].flatten(0, 1), data.labels[i : i + batch_size, -keep + 1 :].flatten()
+
+
+def _first_token_batches(
+    loaded: LoadedModel, data: FitData, batch_size: int, packed: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits of each harmless prompt's next token, its unedited log-probabilities), batch by batch."""
+    if packed:
+        rows = _rows(data.harmless_ids, data.harmless_mask)
+        for group, logits in _packed_logits(loaded, rows, [[len(row) - 1] for row in rows]):
+            yield logits, data.base[group.start : group.stop]
+        return
+    for i in range(0, len(data.harmless_ids), batch_size):
+        batch = slice(i, i + batch_size)
+        yield _logits(loaded, data.harmless_ids[batch], data.harmless_mask[batch], 1)[:, -1], data.base[batch]
+
+
+def fit_loss(loaded: LoadedModel, data: FitData, batch_size: int, backward: bool, packed: bool = False) -> tuple[float, float]:
+    """Mean target cross-entropy per token and mean first-token KL per harmless prompt of the model
+    as hooked now; with `backward`, the gradient of CE + KL_WEIGHT * KL accumulated, batch by batch.
+    `packed`: the rows forwarded end to end without padding (`_packed_logits`), else in padded
+    batches of `batch_size`; the same loss either way."""
+    n_tok, n_harmless = int((data.labels != -100).sum()), len(data.harmless_ids)
     ce_sum = kl_sum = 0.0
     with torch.set_grad_enabled(backward):
-        for i in range(0, len(data.ids), batch_size):
-            logits = _logits(loaded, data.ids[i : i + batch_size], data.mask[i : i + batch_size], keep)
-            labels = data.labels[i : i + batch_size, -keep + 1 :].flatten()
-            ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels, reduction="sum")
+        for logits, labels in _target_batches(loaded, data, batch_size, packed):
+            ce = F.cross_entropy(logits.float(), labels, reduction="sum")
             if backward:
                 (ce / n_tok).backward()
             ce_sum += float(ce.detach())
-        for i in range(0, n_harmless, batch_size):
-            rows = slice(i, i + batch_size)
-            logprobs = _logits(loaded, data.harmless_ids[rows], data.harmless_mask[rows], 1)[:, -1].float().log_softmax(-1)
-            kl = F.kl_div(logprobs, data.base[rows], reduction="sum", log_target=True)
+        for logits, base in _first_token_batches(loaded, data, batch_size, packed):
+            kl = F.kl_div(logits.float().log_softmax(-1), base, reduction="sum", log_target=True)
             if backward:
                 (KL_WEIGHT * kl / n_harmless).backward()
             kl_sum += float(kl.detach())
     return ce_sum / n_tok, kl_sum / n_harmless
+
+
+def choose_layout(loaded: LoadedModel, data: FitData, plan: AblationPlan, batch_size: int) -> tuple[bool, str]:
+    """Whether the fit forwards its rows packed (`fit_loss`), and what to say of it: on a CPU, where
+    the fit is bound by arithmetic and the packed rows spare it the padding and every row's copy of
+    the shared prefix (about 1.8x on the default model), if the loss of the start edit on the first
+    `batch_size` rows of each set agrees with the padded path's (a model whose logits are more than
+    `forward.output_logits` of its last hidden states, or whose attention takes the mask otherwise,
+    is caught here)."""
+    if loaded.device.type != "cpu":
+        return False, "padded batches (packed rows are for CPUs, where the fit is bound by arithmetic)"
+    if loaded.split or not full_attention_only(loaded):
+        return False, "padded batches (packed rows need every layer's full attention through sdpa or eager, on one device)"
+    first = dataclasses.replace(
+        data,
+        ids=data.ids[:batch_size],
+        mask=data.mask[:batch_size],
+        labels=data.labels[:batch_size],
+        harmless_ids=data.harmless_ids[:batch_size],
+        harmless_mask=data.harmless_mask[:batch_size],
+        base=data.base[:batch_size],
+    )
+    hooks = SharedDirectionHooks(loaded, peak_direction(plan).float(), plan.weights)
+    try:
+        with torch.inference_mode():
+            padded_loss, packed_loss = (
+                sum(w * x for w, x in zip((1.0, KL_WEIGHT), fit_loss(loaded, first, batch_size, False, packed), strict=True))
+                for packed in (False, True)
+            )
+    finally:
+        hooks.remove()
+    error = abs(packed_loss - padded_loss) / max(abs(padded_loss), 1e-12)
+    if error > TOLERANCE:
+        return False, f"padded batches (packed rows gave another loss: relative difference {error:.1e})"
+    return True, f"rows packed without padding (vs padded batches: relative difference of the loss {error:.1e})"
 
 
 def peak_direction(plan: AblationPlan) -> torch.Tensor:
@@ -232,12 +336,13 @@ def fit_direction(
     steps: int = FIT_STEPS,
     lr: float = FIT_LR,
     on_step: Callable[[int, float, float, torch.Tensor], None] | None = None,
+    packed: bool = False,
 ) -> torch.Tensor:
     """The unit direction (d,) fitted by `steps` Adam steps (learning rate `lr`) on the fit's loss
     with `plan`'s weights, from `plan`'s direction at its peak layer (`peak_direction`);
     `on_step(step, CE, KL, direction)` after each step (CE and KL before it, the unit direction
-    after it). The model is left as it was: its parameters are frozen during the fit and their
-    `requires_grad` restored after."""
+    after it); `packed`: `fit_loss`'s layout (`choose_layout`). The model is left as it was: its
+    parameters are frozen during the fit and their `requires_grad` restored after."""
     v = peak_direction(plan).detach().float().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([v], lr=lr)
     trainable = [p for p in loaded.model.parameters() if p.requires_grad]
@@ -247,7 +352,7 @@ def fit_direction(
     try:
         for step in range(steps):
             optimizer.zero_grad()
-            ce, kl = fit_loss(loaded, data, batch_size, backward=True)
+            ce, kl = fit_loss(loaded, data, batch_size, backward=True, packed=packed)
             optimizer.step()
             if on_step:
                 on_step(step, ce, kl, F.normalize(v.detach(), dim=0))
@@ -261,11 +366,13 @@ def fit_direction(
 @dataclass(frozen=True)
 class Fit:
     """The method's direction and what it was fitted on: `targets` of `prompts` harmful direction
-    prompts answered by the start edit (none: the start direction as it was, unfitted)."""
+    prompts answered by the start edit (none: the start direction as it was, unfitted), and how its
+    passes were laid out (`choose_layout`; empty when unfitted)."""
 
     direction: torch.Tensor  # (d,), unit
     targets: int
     prompts: int
+    layout: str = ""
 
 
 def fitted_direction(
@@ -293,5 +400,7 @@ def fitted_direction(
     data = fit_data(loaded, hooks, start_plan(stats, TARGET_WEIGHT), harmful, harmless, judge, batch_size, answer_prefix)
     if data is None:
         return Fit(F.normalize(peak_direction(start).float(), dim=0), 0, len(harmful[0]))
-    direction = fit_direction(loaded, data, start, min(batch_size, FIT_BATCH_SIZE), steps, lr, on_step)
-    return Fit(direction, len(data.ids), len(harmful[0]))
+    batch_size = min(batch_size, FIT_BATCH_SIZE)
+    packed, layout = choose_layout(loaded, data, start, batch_size)
+    direction = fit_direction(loaded, data, start, batch_size, steps, lr, on_step, packed)
+    return Fit(direction, len(data.ids), len(harmful[0]), layout)

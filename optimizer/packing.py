@@ -52,6 +52,16 @@ def layer_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(zip(cache.key_cache, cache.value_cache))
 
 
+def shared_prefix_length(rows: list[list[int]]) -> int:
+    """How many leading ids every row shares (system prompt and template, typically more than half of
+    a chat prompt), leaving each row at least one of its own."""
+    shortest = min(len(row) for row in rows)
+    length = 0
+    while length < shortest - 1 and all(row[length] == rows[0][length] for row in rows):
+        length += 1
+    return length
+
+
 def groups(lengths: list[int], budget: int) -> list[range]:
     """Consecutive rows whose prompt tokens fit in `budget` (a longer prompt gets a group alone)."""
     out, start, used = [], 0, 0

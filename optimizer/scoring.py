@@ -13,17 +13,14 @@ from optimizer.forward import add_readout, block_outputs, cache_keyword, output_
 from optimizer.graph_decode import GraphDecoder
 from optimizer.judges import REFUSED, Judge
 from optimizer.model import LoadedModel
-from optimizer.packing import packed_forward
+from optimizer.packing import packed_forward, shared_prefix_length
 
 
 def split_shared_prefix(loaded: LoadedModel, texts: list[str]) -> tuple[list[int], list[list[int]]]:
-    """Token ids of the prefix every text shares (system prompt and template, typically more than
-    half of a chat prompt) and each text's remaining ids (at least one token each)."""
+    """Token ids of the prefix every text shares (`packing.shared_prefix_length`) and each text's
+    remaining ids (at least one token each)."""
     ids = loaded.tokenizer(texts, add_special_tokens=False)["input_ids"]
-    shortest = min(len(i) for i in ids)
-    length = 0
-    while length < shortest - 1 and all(i[length] == ids[0][length] for i in ids):
-        length += 1
+    length = shared_prefix_length(ids)
     return ids[0][:length], [i[length:] for i in ids]
 
 

@@ -346,7 +346,7 @@ class _CacheUse:
         if fit.targets:
             console.print(
                 f"Fitted the direction in {time.perf_counter() - start:.0f} s ({FIT_STEPS} steps, "
-                f"towards the answers to {fit.targets} of {fit.prompts} harmful direction prompts)"
+                f"towards the answers to {fit.targets} of {fit.prompts} harmful direction prompts; {fit.layout})"
             )
         else:
             console.print(

@@ -21,6 +21,7 @@ from optimizer.components import COMPONENTS
 from optimizer.config import Settings
 from optimizer.judges import MarkerJudge, normalise
 from optimizer.model import load_model
+from optimizer.packing import shared_prefix_length
 from optimizer.params import Kernel, TrialParams, baseline_params, build_plan, replay_params, seeded_starts, suggest_params
 from optimizer.prompts import format_chat
 from optimizer.residuals import tokenize
@@ -96,6 +97,45 @@ def test_the_fit_loss_is_the_trial_edit_s_loss(bench):
     want_ce, want_kl = reference_loss(prepared, data, shared(plan, direction))
     assert ce == pytest.approx(want_ce, rel=1e-4) and kl == pytest.approx(want_kl, rel=1e-3, abs=1e-6)
     assert kl > 1e-4  # the edit does something to check
+
+
+def test_packed_rows_give_the_padded_loss_and_gradient(bench):
+    """The fit's layout on CPUs (rows end to end behind their shared prefix) against padded batches,
+    which the test above holds to the trials' own hooks: the same CE, KL and gradient of the direction."""
+    prepared, data = bench
+    loaded = prepared.loaded
+    rows = [row[keep.bool()].tolist() for row, keep in zip(data.ids, data.mask)]
+    assert shared_prefix_length(rows) > 0 and len(set(map(len, rows))) > 1  # a prefix to share, padding to spare
+    plan = fitting.start_plan(prepared.stats, fitting.FIT_WEIGHT)
+    v = torch.randn(prepared.stats.mean_diff.shape[1], generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    trainable = [p for p in loaded.model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    hooks = fitting.SharedDirectionHooks(loaded, v, plan.weights)
+    got = {}
+    try:
+        for packed in (False, True):
+            v.grad = None
+            ce, kl = fitting.fit_loss(loaded, data, 3, backward=True, packed=packed)  # 3: several padded batches
+            got[packed] = ce, kl, v.grad.clone()
+    finally:
+        hooks.remove()
+        for p in trainable:
+            p.requires_grad_(True)
+    (ce, kl, grad), (packed_ce, packed_kl, packed_grad) = got[False], got[True]
+    assert packed_ce == pytest.approx(ce, rel=1e-5) and packed_kl == pytest.approx(kl, rel=1e-4)
+    assert kl > 1e-4 and grad.norm() > 0
+    torch.testing.assert_close(packed_grad, grad, rtol=1e-4, atol=1e-4 * float(grad.abs().max()))
+    assert fitting.choose_layout(loaded, data, plan, 4)[0]  # chosen on the CPU for this model, after the check
+
+
+def test_the_fit_keeps_padded_batches_where_a_layer_attends_otherwise(bench, tiny_gemma2_dir):
+    """Gemma 2's sliding-window layers: a packed row would let one row see the next; padded batches,
+    with the reason."""
+    prepared, data = bench
+    gemma = load_model(str(tiny_gemma2_dir), "cpu", "float32")
+    packed, why = fitting.choose_layout(gemma, data, fitting.start_plan(prepared.stats, fitting.FIT_WEIGHT), 4)
+    assert not packed and "full attention" in why  # decided before anything is forwarded
 
 
 def test_the_fit_lowers_the_loss_and_leaves_the_model_alone(bench):
@@ -205,6 +245,7 @@ def test_a_study_fits_caches_resumes_and_exports_the_fitted_direction(tiny_varie
     # fitted when its first trial asks for it: after the statistics' seeded starts (enqueued first)
     assert seeded[0].number == 5 and all(t.params["direction_method"] != "fitted" for t in study.trials[:5])
     assert err.index("trial 4:") < err.index("Fitted the direction in") < err.index("trial 5:")
+    assert "harmful direction prompts; rows packed without padding (vs padded batches" in err  # the CPU's layout, checked
     assert main([*args, "--trials", "9"]) == 0  # resumed: the fit is read back if a trial needs it, never redone
     err = capsys.readouterr().err
     resumed = optuna.load_study(study_name="t", storage=f"sqlite:///{studies}/t.db").trials[6:]
