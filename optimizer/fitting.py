@@ -289,10 +289,10 @@ def fit_loss(loaded: LoadedModel, data: FitData, batch_size: int, backward: bool
 def choose_layout(loaded: LoadedModel, data: FitData, plan: AblationPlan, batch_size: int) -> tuple[bool, str]:
     """Whether the fit forwards its rows packed (`fit_loss`), and what to say of it: on a CPU, where
     the fit is bound by arithmetic and the packed rows spare it the padding and every row's copy of
-    the shared prefix (the default model's whole fit 1.6x faster), if the loss of the start edit on the first
-    `batch_size` rows of each set agrees with the padded path's (a model whose logits are more than
-    `forward.output_logits` of its last hidden states, or whose attention takes the mask otherwise,
-    is caught here)."""
+    the shared prefix (the default model's whole fit 1.6x faster), if the loss of the start edit on
+    the first `batch_size` rows of each set agrees with the padded path's (a model whose logits are
+    more than `forward.output_logits` of its last hidden states, or whose attention takes the mask
+    otherwise, is caught here)."""
     if loaded.device.type != "cpu":
         return False, "padded batches (packed rows are for CPUs, where the fit is bound by arithmetic)"
     if loaded.split or not full_attention_only(loaded):
@@ -307,14 +307,15 @@ def choose_layout(loaded: LoadedModel, data: FitData, plan: AblationPlan, batch_
         base=data.base[:batch_size],
     )
     hooks = SharedDirectionHooks(loaded, peak_direction(plan).float(), plan.weights)
+    losses = []
     try:
         with torch.inference_mode():
-            padded_loss, packed_loss = (
-                sum(w * x for w, x in zip((1.0, KL_WEIGHT), fit_loss(loaded, first, batch_size, False, packed), strict=True))
-                for packed in (False, True)
-            )
+            for packed in (False, True):
+                ce, kl = fit_loss(loaded, first, batch_size, backward=False, packed=packed)
+                losses.append(ce + KL_WEIGHT * kl)
     finally:
         hooks.remove()
+    padded_loss, packed_loss = losses
     error = abs(packed_loss - padded_loss) / max(abs(padded_loss), 1e-12)
     if error > TOLERANCE:
         return False, f"padded batches (packed rows gave another loss: relative difference {error:.1e})"
