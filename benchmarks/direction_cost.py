@@ -50,7 +50,7 @@ def main() -> None:
     from optimizer.config import Settings
     from optimizer.residuals import collect_residuals, tokenize
     from optimizer.scoring import generate_and_classify
-    from optimizer.workbench import choose_fast_paths, load_judge, refused_direction_residuals, resolve
+    from optimizer.workbench import choose_fast_paths, cpu_fast_paths, load_judge, refused_direction_residuals, resolve
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="model folder (default: the bundled Qwen2.5-Coder-0.5B-Instruct)")
@@ -132,7 +132,7 @@ def main() -> None:
 
     filter_before_s, (verdicts, _, _) = timed(old_filter)
     # after
-    paths_s, (paths, _hooks) = timed(lambda: choose_fast_paths(spec, bs))
+    paths_s, (paths, _hooks) = timed(lambda: choose_fast_paths(spec, bs, cpu_fast_paths(spec)))
     all_after_s, (new_b, new_g) = timed(
         lambda: (collect_residuals(loaded, harmful, bs, packed=paths.packed_prefill),
                  collect_residuals(loaded, harmless, bs, packed=paths.packed_prefill))

@@ -52,7 +52,7 @@ def main() -> None:
                           fresh.trials[t.number].user_attrs["heldout_kl_divergence"]) for t in trials]  # fmt: skip
 
     plain_s, plain = timed(FastPaths())
-    paths = cpu_fast_paths(edited.prepared.spec, edited.prepared.batch_size)
+    paths = cpu_fast_paths(edited.prepared.spec)
     fast_s, fast = timed(paths)
     unpack_linear_layers(edited.prepared.loaded.model)
     again_s, again = timed(FastPaths())

@@ -43,18 +43,20 @@ def _synchronize(loaded: LoadedModel) -> None:
             torch.cuda.synchronize(device)
 
 
-def _probe(loaded: LoadedModel, texts: list[str], size: int) -> float:
-    """Seconds per prompt of the probe's generation over `texts` in batches of `size`."""
+def _probe(loaded: LoadedModel, texts: list[str], size: int, packed: bool = False) -> float:
+    """Seconds per prompt of the probe's generation over `texts` in batches of `size` (`packed`: the
+    prefill without padding, `optimizer.packing`)."""
     _synchronize(loaded)
     start = time.perf_counter()
-    generate_and_classify(loaded, texts, PROBE_TOKENS, MarkerJudge([]), size, stop_early=False)
+    generate_and_classify(loaded, texts, PROBE_TOKENS, MarkerJudge([]), size, stop_early=False, packed=packed)
     _synchronize(loaded)
     return (time.perf_counter() - start) / len(texts)
 
 
-def measure_batch_sizes(loaded: LoadedModel, texts: list[str]) -> dict[int, float]:
+def measure_batch_sizes(loaded: LoadedModel, texts: list[str], packed: bool = False) -> dict[int, float]:
     """Seconds per prompt of the probe at each batch size measured, from the largest usable
-    candidate down while smaller sizes keep being faster (see the module's docstring)."""
+    candidate down while smaller sizes keep being faster (see the module's docstring); `packed`:
+    prefilled as the trials will be, without padding."""
     candidates = CUDA_CANDIDATES if loaded.device.type == "cuda" else CPU_CANDIDATES
     usable = [c for c in candidates if c <= max(len(texts), candidates[0])]
     sample = texts[: max(usable)]
@@ -62,8 +64,8 @@ def measure_batch_sizes(loaded: LoadedModel, texts: list[str]) -> dict[int, floa
     for size in reversed(usable):
         try:
             if not timings and len(usable) > 1:  # one size has nothing to be compared with
-                _probe(loaded, sample[:size], size)  # warm-up: one batch of the measurement's work
-            timings[size] = _probe(loaded, sample, size)
+                _probe(loaded, sample[:size], size, packed)  # warm-up: one batch of the measurement's work
+            timings[size] = _probe(loaded, sample, size, packed)
         except (RuntimeError, torch.OutOfMemoryError) as e:
             if not _out_of_memory(e):
                 raise

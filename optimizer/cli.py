@@ -145,7 +145,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> None:
         trials = evaluate.select_trials(stored.study, args.trial, args.pareto)
         edited = load_edited_model(stored, trials[0].number, console, model=args.model, device=args.device)
         if args.refusals:
-            paths = cpu_fast_paths(edited.prepared.spec, edited.prepared.batch_size)
+            paths = cpu_fast_paths(edited.prepared.spec)
             table = evaluate.evaluate_refusals(stored, edited, trials, args.harmful, args.harmless, args.limit, console, paths)
             console.print(table)
         if args.tasks:

@@ -8,9 +8,11 @@
 - `prepare(spec, cache_dir)` -> `Prepared`: the direction statistics and the batch size (from the
   cache, computed where missing or stale), plain ablation hooks and, with `fitted` among the
   methods, a `FittedDirection`: what export, eval and chat need.
-- `prepare_scoring(spec, cache_dir)` -> `Scorer`: the same, plus the judge, the fast paths chosen once by
-  `choose_fast_paths` (each checked against the plain path, and left off with the reason printed
-  where it disagrees) and the unedited model's scores (cached). Only a study scores trials.
+- `prepare_scoring(spec, cache_dir)` -> `Scorer`: the same, plus the judge, the fast paths chosen once
+  (each checked against the plain path, and left off with the reason printed where it disagrees:
+  the CPU's by `cpu_fast_paths` before the batch size is measured on them, the GPU's decode graph
+  by `choose_fast_paths` at that size) and the unedited model's scores (cached). Only a study
+  scores trials.
 
 Every result is a frozen dataclass made complete: no field is filled in later, no flag is flipped
 on a shared object. The one answer given later is the fitted direction's (`FittedDirection`): built
@@ -378,8 +380,9 @@ class _CacheUse:
         check_finite(spec.loaded, harmless)
         return harmful, harmless
 
-    def batch_size(self) -> int:
-        """--batch-size, else the fastest batch size for this model, device and prompts, measured once per study."""
+    def batch_size(self, packed_prefill: bool = False) -> int:
+        """--batch-size, else the fastest batch size for this model, device and prompts, measured once
+        per study on the path the trials take (`packed_prefill`: the CPU's prefill without padding)."""
         spec = self.spec
         if spec.settings.batch_size:
             return spec.settings.batch_size
@@ -390,7 +393,7 @@ class _CacheUse:
         except (cache.CacheMiss, KeyError, ValueError, TypeError):
             pass
         with spec.console.status("Measuring the fastest batch size..."):
-            timings = measure_batch_sizes(spec.loaded, spec.texts.harmful)
+            timings = measure_batch_sizes(spec.loaded, spec.texts.harmful, packed_prefill)
         best = best_batch_size(timings)
         table = ", ".join(f"{size}: {1000 * timings[size]:.0f} ms" for size in sorted(timings))
         spec.console.print(f"Batch size {best} (time per prompt by batch size: {table})")
@@ -504,16 +507,17 @@ class FastPaths:
     graph: GraphDecoder | None = None  # one GPU: decode steps replayed from one graph (`optimizer.graph_decode`)
 
 
-def choose_fast_paths(spec: RunSpec, batch_size: int) -> tuple[FastPaths, AblationHooks]:
+def choose_fast_paths(spec: RunSpec, batch_size: int, cpu: FastPaths) -> tuple[FastPaths, AblationHooks]:
     """The fast paths this model and device allow, each checked against the plain path on the
-    study's own prompts, and the hooks that go with them (fixed buffers for a captured graph).
+    study's own prompts, and the hooks that go with them (fixed buffers for a captured graph):
+    the CPU's, `cpu` (`cpu_fast_paths`, chosen before the batch size, which is measured on them),
+    and on one GPU the decode step captured at `batch_size`.
 
-    Only a study calls this (and `eval --refusals` the CPU's, `cpu_fast_paths`): packing and capture
-    assume that the weights never change afterwards (trials edit through hooks; export bakes into a
-    model loaded without them).
+    Only a study calls this (and `eval --refusals` the CPU's): packing and capture assume that the
+    weights never change afterwards (trials edit through hooks; export bakes into a model loaded
+    without them).
     """
     loaded, console = spec.loaded, spec.console
-    cpu = cpu_fast_paths(spec, batch_size)
     if supports_graph_decoding(loaded) and loaded.split:
         spread = f"the model is spread by a device map ({loaded.placement()})"
         console.print(f"[yellow]Decoding eagerly: a CUDA graph is captured on one device, and {spread}[/]")
@@ -528,23 +532,30 @@ def choose_fast_paths(spec: RunSpec, batch_size: int) -> tuple[FastPaths, Ablati
     return cpu, AblationHooks(loaded, spec.settings.norm_preserving)
 
 
-def cpu_fast_paths(spec: RunSpec, batch_size: int) -> FastPaths:
+def cpu_fast_paths(spec: RunSpec) -> FastPaths:
     """The CPU's fast paths (packed linear weights, the packed prefill), each checked against the
-    plain path; none on other devices. `eval --refusals` takes these: the weights never change under
-    it either (trials are hooked), and it answers prompts of any length, which a captured decode
-    graph, sized for the study's prompts, could not hold."""
+    plain path; none on other devices. They need no batch size, so they come first and the batch
+    size is measured on them (packed products are faster at every size, and not by the same factor
+    at each). `eval --refusals` takes these: the weights never change under it either (trials are
+    hooked), and it answers prompts of any length, which a captured decode graph, sized for the
+    study's prompts, could not hold."""
     if spec.loaded.device.type != "cpu":
         return FastPaths()
-    return FastPaths(pack_linear_layers(spec.loaded, spec.console), _packed_prefill_agrees(spec, batch_size))
+    return FastPaths(pack_linear_layers(spec.loaded, spec.console), _packed_prefill_agrees(spec))
 
 
-def _packed_prefill_agrees(spec: RunSpec, batch_size: int) -> bool:
+# prompts whose packed prefill is checked against padded batches: rows of several lengths, each with
+# its own block of the mask and its own part of the cache (the check's cost grows with them)
+PREFILL_CHECK_ROWS = 16
+
+
+def _packed_prefill_agrees(spec: RunSpec) -> bool:
     """Prefill without padding (where the prefill is bound by arithmetic, a quarter less work), if
     it reproduces the padded path's logits."""
     loaded, texts = spec.loaded, spec.texts.harmful
     if not full_attention_only(loaded):
         return False  # a packed row would carry one prompt's state into the next
-    check = lambda: packed_prefill_error(loaded, texts, min(batch_size, len(texts)))
+    check = lambda: packed_prefill_error(loaded, texts, min(PREFILL_CHECK_ROWS, len(texts)))
     error = _checked_fast_path(spec, check, "Prefilling padded batches", "the packed prefill")
     if error is None:
         return False
@@ -701,12 +712,14 @@ def prepare_scoring(spec: RunSpec, cache_dir: Path) -> Scorer:
     needs to score trials. The judge is loaded (or its endpoint reached) first, so that a bad one
     stops the run before anything is written; the fast paths are chosen before the statistics and
     the baseline, which they speed up (the packed prefill and linears on CPUs: --refused-directions
-    answers every direction prompt once)."""
+    answers every direction prompt once), and the CPU's before the batch size, which is measured
+    on the path the trials take."""
     judge = load_judge(spec.settings, spec.loaded)
     use = _CacheUse(spec, cache_dir)
     with _locked(spec, cache_dir):
-        batch_size = use.batch_size()
-        paths, hooks = choose_fast_paths(spec, batch_size)
+        cpu = cpu_fast_paths(spec)
+        batch_size = use.batch_size(cpu.packed_prefill)
+        paths, hooks = choose_fast_paths(spec, batch_size, cpu)
         stats, clipped = use.stats(batch_size, judge, paths)
         logprobs, refusals = use.baseline(batch_size, paths, judge)
     fitted = FittedDirection.of_run(spec, cache_dir, stats, batch_size, hooks, judge)

@@ -154,7 +154,7 @@ def test_eval_refusals_on_the_cpu_fast_paths_equal_the_plain_path(finished_study
 
     evaluate_refusals(stored, edited, trials, None, None, 8, Console(file=io.StringIO()), FastPaths())
     plain = heldout()
-    paths = cpu_fast_paths(edited.prepared.spec, edited.prepared.batch_size)
+    paths = cpu_fast_paths(edited.prepared.spec)
     assert paths.packed_linears > 0 and paths.packed_prefill and paths.graph is None
     evaluate_refusals(stored, edited, trials, None, None, 8, Console(file=io.StringIO()), paths)
     fast = heldout()

@@ -1,17 +1,22 @@
 """The batch-size search on a tiny model: from the largest usable size down while smaller sizes
 keep being faster per prompt, past sizes that run out of memory, after a warm-up of the same work."""
 
+import io
 import itertools
 
 import pytest
 import torch
+from rich.console import Console
 
 from optimizer.batching import CPU_CANDIDATES, PROBE_TOKENS, best_batch_size, measure_batch_sizes
+from optimizer.config import build_settings
 from optimizer.errors import UserError
 from optimizer.judges import MarkerJudge
 from optimizer.model import load_model
 from optimizer.prompts import format_chat
 from optimizer.scoring import generate_and_classify
+from optimizer.workbench import prepare_scoring, resolve
+from tests.test_study import STATS_METHOD_LIST
 
 VERBS = ("pick", "fix", "build", "paint", "sell", "hide", "clean", "open")
 THINGS = ("lock", "car", "boat", "house", "fence", "door", "box", "safe")
@@ -73,6 +78,37 @@ def test_warm_up_does_the_first_measurements_work(loaded, texts):
     assert any(shape == (64, 1) for shape in one_batch)  # it decodes, not only prefills
     shapes = batch_shapes(loaded, lambda: measure_batch_sizes(loaded, texts))
     assert shapes[: 2 * len(one_batch)] == one_batch * 2  # warm-up, then the measurement at 64
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_probe_prefills_as_the_trials_will(loaded, texts, packed):
+    """On a CPU a study measures the batch size on its fast paths: with `packed`, the warm-up and the
+    measurement make the forwards of a packed generation (prompts end to end in one row), not the
+    padded batches that the plain path makes."""
+    probe = lambda: generate_and_classify(loaded, texts, PROBE_TOKENS, MarkerJudge([]), 64, stop_early=False, packed=packed)
+    one_batch = batch_shapes(loaded, probe)
+    shapes = batch_shapes(loaded, lambda: measure_batch_sizes(loaded, texts, packed))
+    assert shapes[: 2 * len(one_batch)] == one_batch * 2
+    padded_prefill = [shape for shape in one_batch if shape[0] > 1 and shape[1] > 1]
+    assert bool(padded_prefill) != packed
+
+
+def test_a_study_measures_the_batch_size_on_the_cpu_fast_paths(tiny_dir, tmp_path):
+    out = io.StringIO()
+    settings = build_settings(
+        {
+            "model": str(tiny_dir),
+            "direction_prompts": 4,
+            "direction_methods": STATS_METHOD_LIST,
+            "scoring_prompts": 16,
+            "max_new_tokens": 2,
+            "response_prefix": "",
+        }
+    )
+    scorer = prepare_scoring(resolve(settings, Console(file=out, width=200)), tmp_path)
+    log = out.getvalue()
+    assert scorer.paths.packed_linears > 0 and scorer.paths.packed_prefill
+    assert log.index("Packed") < log.index("Prompts prefilled without padding") < log.index("Batch size")
 
 
 def test_a_single_usable_size_is_measured_once_without_warm_up(loaded, texts):
