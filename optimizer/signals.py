@@ -19,6 +19,11 @@ ignored" report of a swallowed signal (a traceback through the library's interna
 signal is not ignored, it is acted on shortly. `handled()` installs both handlers and that quieter
 report for one CLI command and puts the previous ones back afterwards (the CLI is also called
 in-process by tests).
+
+A signal that the process was started with ignored stays ignored, as Python itself leaves SIGINT
+then: a shell without job control starts `cmd &` with SIGINT ignored so that a Ctrl-C meant for the
+foreground does not stop the jobs in the background (a study started so from a script keeps
+running), and a caller that ignores SIGTERM means it too.
 """
 
 from __future__ import annotations
@@ -72,7 +77,10 @@ def raise_pending() -> None:
 def handled() -> Iterator[None]:
     global _pending
     _pending = None
-    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, handler in previous.items():
+        if handler is not signal.SIG_IGN:  # ignored by whoever started the process: stays ignored (see below)
+            signal.signal(sig, _on_signal)
     report = sys.unraisablehook
 
     def quiet_about_signals(unraisable: sys.UnraisableHookArgs) -> None:

@@ -26,10 +26,23 @@ class FailsWhenCollected:
         raise ValueError("a real error in a finaliser")
 
 
+@pytest.fixture(autouse=True)
+def handlers_as_in_a_terminal():
+    """Python's own handlers, whatever this process started with (a shell without job control starts
+    `cmd &` with SIGINT ignored, and Python then leaves it so); put back afterwards."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
 @pytest.mark.parametrize(("sig", "raised"), [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, signals.Terminated)])
 def test_a_signal_swallowed_in_a_finaliser_is_raised_at_the_next_safe_point(monkeypatch, sig, raised):
     reported = []
     monkeypatch.setattr(sys, "unraisablehook", lambda u: reported.append(u.exc_type))
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with signals.handled():
         SignalsWhenCollected(sig)  # collected at once: the signal arrives inside __del__ and is dropped there
         FailsWhenCollected()
@@ -37,9 +50,19 @@ def test_a_signal_swallowed_in_a_finaliser_is_raised_at_the_next_safe_point(monk
         with pytest.raises(raised):  # without the record the run would go on
             signals.raise_pending()
     signals.raise_pending()  # nothing pending once the command is over
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert {s: signal.getsignal(s) for s in before} == before  # the handlers it found are back
     FailsWhenCollected()
     assert reported == [ValueError, ValueError]  # the previous hook is back
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_ignored_at_start_stays_ignored(sig):
+    signal.signal(sig, signal.SIG_IGN)  # as a script's `optimizer run ... &` starts it
+    with signals.handled():
+        assert signal.getsignal(sig) is signal.SIG_IGN
+        os.kill(os.getpid(), sig)
+        signals.raise_pending()  # nothing recorded: the run goes on
+    assert signal.getsignal(sig) is signal.SIG_IGN
 
 
 def test_a_signal_inside_the_database_layer_waits_for_the_next_safe_point():
