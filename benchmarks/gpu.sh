@@ -23,11 +23,19 @@ OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
+# Once per machine (rm -rf the folder to install again): the wheels, then their bytecode, compiled on
+# every core, as pip's own install compiles it for a user (one file at a time: slower here). Without
+# it every process's imports compile what they read, and a reinstall on each call threw that away
+# for ours and not for heretic (installed once): the start-up of a run would count it.
 install() {
+    [ -f "$1/.installed" ] && return
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$1" "${@:2}" || exit 1
+    python3 -m compileall -q -j 0 "$1" > /dev/null 2>&1  # a file of the wheels' that does not compile stays source
+    touch "$1/.installed"
 }
 install /tmp/site-ours .whl/common/*.whl .whl/ours/*.whl
-[ -d /tmp/site-heretic ] || install /tmp/site-heretic .whl/common/*.whl .whl/heretic/*.whl
+install /tmp/site-heretic .whl/common/*.whl .whl/heretic/*.whl
+python3 -m compileall -q optimizer benchmarks > /dev/null  # this call's copy of the working tree has no bytecode yet
 # heretic's own interpreter: its optuna 4.9, and stand-ins for two imports it does not use here
 cat > /tmp/heretic-python <<EOF
 #!/bin/sh
