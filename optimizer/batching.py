@@ -19,6 +19,7 @@ measured once (its time is reported, and running out of memory there is still ca
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -43,29 +44,46 @@ def _synchronize(loaded: LoadedModel) -> None:
             torch.cuda.synchronize(device)
 
 
-def _probe(loaded: LoadedModel, texts: list[str], size: int, packed: bool = False) -> float:
+def _probe(loaded: LoadedModel, texts: list[str], size: int, packed: bool, on_prompts: Callable[[int], None] | None) -> float:
     """Seconds per prompt of the probe's generation over `texts` in batches of `size` (`packed`: the
-    prefill without padding, `optimizer.packing`)."""
+    prefill without padding, `optimizer.packing`; `on_prompts(n)` after each batch of n)."""
     _synchronize(loaded)
     start = time.perf_counter()
-    generate_and_classify(loaded, texts, PROBE_TOKENS, MarkerJudge([]), size, stop_early=False, packed=packed)
+    generate_and_classify(
+        loaded, texts, PROBE_TOKENS, MarkerJudge([]), size, stop_early=False, packed=packed, on_batch=on_prompts
+    )
     _synchronize(loaded)
     return (time.perf_counter() - start) / len(texts)
 
 
-def measure_batch_sizes(loaded: LoadedModel, texts: list[str], packed: bool = False) -> dict[int, float]:
-    """Seconds per prompt of the probe at each batch size measured, from the largest usable
-    candidate down while smaller sizes keep being faster (see the module's docstring); `packed`:
-    prefilled as the trials will be, without padding."""
+def _plan(loaded: LoadedModel, texts: list[str]) -> tuple[list[int], list[str]]:
+    """The candidate sizes these prompts allow, smallest first, and the prompts each size is timed on."""
     candidates = CUDA_CANDIDATES if loaded.device.type == "cuda" else CPU_CANDIDATES
     usable = [c for c in candidates if c <= max(len(texts), candidates[0])]
-    sample = texts[: max(usable)]
+    return usable, texts[: max(usable)]
+
+
+def most_prompts_probed(loaded: LoadedModel, texts: list[str]) -> int:
+    """Prompts that `measure_batch_sizes` answers at most (the warm-up and every usable size): a
+    progress bar's total; the descent usually stops sooner."""
+    usable, sample = _plan(loaded, texts)
+    return len(sample) * len(usable) + (max(usable) if len(usable) > 1 else 0)
+
+
+def measure_batch_sizes(
+    loaded: LoadedModel, texts: list[str], packed: bool = False, on_prompts: Callable[[int], None] | None = None
+) -> dict[int, float]:
+    """Seconds per prompt of the probe at each batch size measured, from the largest usable
+    candidate down while smaller sizes keep being faster (see the module's docstring); `packed`:
+    prefilled as the trials will be, without padding; `on_prompts(n)`: after each batch of n
+    prompts answered (a progress bar)."""
+    usable, sample = _plan(loaded, texts)
     timings: dict[int, float] = {}
     for size in reversed(usable):
         try:
             if not timings and len(usable) > 1:  # one size has nothing to be compared with
-                _probe(loaded, sample[:size], size, packed)  # warm-up: one batch of the measurement's work
-            timings[size] = _probe(loaded, sample, size, packed)
+                _probe(loaded, sample[:size], size, packed, on_prompts)  # warm-up: one batch of the measurement's work
+            timings[size] = _probe(loaded, sample, size, packed, on_prompts)
         except (RuntimeError, torch.OutOfMemoryError) as e:
             if not _out_of_memory(e):
                 raise

@@ -39,7 +39,7 @@ from rich.table import Table
 
 from optimizer import cache
 from optimizer.ablation import AblationHooks, AblationPlan
-from optimizer.batching import best_batch_size, measure_batch_sizes
+from optimizer.batching import best_batch_size, measure_batch_sizes, most_prompts_probed
 from optimizer.config import Settings
 from optimizer.cpu_linear import pack_linear_layers
 from optimizer.directions import ContrastiveStats, compute_stats, winsorize
@@ -392,8 +392,12 @@ class _CacheUse:
             return int(values["batch_size"])
         except (cache.CacheMiss, KeyError, ValueError, TypeError):
             pass
-        with spec.console.status("Measuring the fastest batch size..."):
-            timings = measure_batch_sizes(spec.loaded, spec.texts.harmful, packed_prefill)
+        texts = spec.texts.harmful
+        most = most_prompts_probed(spec.loaded, texts)
+        with progress_bar(spec.console) as progress:  # ETA for the longest search: the descent usually stops sooner
+            task = progress.add_task("Measuring the fastest batch size", total=most)
+            timings = measure_batch_sizes(spec.loaded, texts, packed_prefill, lambda n: progress.advance(task, n))
+            progress.update(task, completed=most)
         best = best_batch_size(timings)
         table = ", ".join(f"{size}: {1000 * timings[size]:.0f} ms" for size in sorted(timings))
         spec.console.print(f"Batch size {best} (time per prompt by batch size: {table})")

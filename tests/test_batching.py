@@ -8,7 +8,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from optimizer.batching import CPU_CANDIDATES, PROBE_TOKENS, best_batch_size, measure_batch_sizes
+from optimizer.batching import CPU_CANDIDATES, PROBE_TOKENS, best_batch_size, measure_batch_sizes, most_prompts_probed
 from optimizer.config import build_settings
 from optimizer.errors import UserError
 from optimizer.judges import MarkerJudge
@@ -93,6 +93,15 @@ def test_the_probe_prefills_as_the_trials_will(loaded, texts, packed):
     assert bool(padded_prefill) != packed
 
 
+def test_the_progress_counts_every_prompt_probed(loaded, texts):
+    seen: list[int] = []
+    timings = measure_batch_sizes(loaded, texts, on_prompts=seen.append)
+    assert sum(seen) == max(timings) + len(texts) * len(timings)  # the warm-up at the first size, then each size
+    usable = [c for c in CPU_CANDIDATES if c <= len(texts)]
+    assert most_prompts_probed(loaded, texts) == max(usable) + len(texts) * len(usable) >= sum(seen)
+    assert most_prompts_probed(loaded, texts[:4]) == 4  # one usable size: measured once, no warm-up
+
+
 def test_a_study_measures_the_batch_size_on_the_cpu_fast_paths(tiny_dir, tmp_path):
     out = io.StringIO()
     settings = build_settings(
@@ -109,6 +118,7 @@ def test_a_study_measures_the_batch_size_on_the_cpu_fast_paths(tiny_dir, tmp_pat
     log = out.getvalue()
     assert scorer.paths.packed_linears > 0 and scorer.paths.packed_prefill
     assert log.index("Packed") < log.index("Prompts prefilled without padding") < log.index("Batch size")
+    assert "Measuring the fastest batch size" in log  # a progress bar, with its count of prompts
 
 
 def test_a_single_usable_size_is_measured_once_without_warm_up(loaded, texts):
