@@ -155,6 +155,33 @@ def run_ours(model: Path, workdir: Path, args: argparse.Namespace) -> dict:
     }
 
 
+# Our start-up, step by step, read off our log's stamped lines: (name, the first line that starts with
+# or contains the text marks the step's end). A step whose line is absent (cached, or not taken) is left out.
+STARTUP_MILESTONES = (
+    ("imports and settings", "Loading model"),
+    ("weights loaded", "Ablation sites in"),
+    ("response prefix, fast paths, batch size", "no cached directions yet"),
+    ("filter and statistics", "Contrastive-PCA statistics"),
+    ("baseline and study", "Study '"),
+)
+
+
+def startup_steps(log_text: str) -> list[tuple[str, float]]:
+    """Seconds each start-up step took (`STARTUP_MILESTONES`), from the launch on."""
+    stamps = []
+    for line in log_text.splitlines():
+        if line.startswith("[") and "]" in line:
+            stamp, _, text = line[1:].partition("]")
+            stamps.append((float(stamp), text.strip()))
+    steps, last = [], 0.0
+    for name, marker in STARTUP_MILESTONES:
+        at = next((t for t, text in stamps if marker in text), None)
+        if at is not None:
+            steps.append((name, round(at - last, 3)))
+            last = at
+    return steps
+
+
 def run_heretic_study(model: Path, workdir: Path, args: argparse.Namespace) -> dict:
     """heretic's study through heretic_runner; finish times from its trial_end events."""
     python = args.heretic_python or ensure_heretic_venv(DEFAULT_VENV)
@@ -403,6 +430,8 @@ def main() -> None:
         "# clocks: ours from its process launch; heretic's from its wrapper's first statement (interpreter start-up not "
         "counted, tens of ms)"
     )
+    steps = startup_steps(Path(ours["log_path"]).read_text(encoding="utf-8"))
+    print("# our start-up (s, from our log): " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in steps))
 
     raw = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -411,7 +440,7 @@ def main() -> None:
         "heretic_final_hv": target,
         "seconds_to_heretic_final_hv": reach,
         "speedup": speedup,
-        "ours": {**ours, "hv_curve": curves["optimizer"]},
+        "ours": {**ours, "hv_curve": curves["optimizer"], "startup_steps": steps},
         "heretic": {**heretic, "hv_curve": curves["heretic 1.4"]},
     }
     (workdir / "time_to_front.json").write_text(json.dumps(raw, indent=1, default=str))
