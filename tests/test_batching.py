@@ -9,14 +9,13 @@ import torch
 from rich.console import Console
 
 from optimizer.batching import CPU_CANDIDATES, PROBE_TOKENS, best_batch_size, measure_batch_sizes, most_prompts_probed
-from optimizer.config import build_settings
 from optimizer.errors import UserError
 from optimizer.judges import MarkerJudge
 from optimizer.model import load_model
 from optimizer.prompts import format_chat
 from optimizer.scoring import generate_and_classify
 from optimizer.workbench import prepare_scoring, resolve
-from tests.test_study import STATS_METHOD_LIST
+from tests.test_study import short_settings
 
 VERBS = ("pick", "fix", "build", "paint", "sell", "hide", "clean", "open")
 THINGS = ("lock", "car", "boat", "house", "fence", "door", "box", "safe")
@@ -104,16 +103,7 @@ def test_the_progress_counts_every_prompt_probed(loaded, texts):
 
 def test_a_study_measures_the_batch_size_on_the_cpu_fast_paths(tiny_dir, tmp_path):
     out = io.StringIO()
-    settings = build_settings(
-        {
-            "model": str(tiny_dir),
-            "direction_prompts": 4,
-            "direction_methods": STATS_METHOD_LIST,
-            "scoring_prompts": 16,
-            "max_new_tokens": 2,
-            "response_prefix": "",
-        }
-    )
+    settings = short_settings(tiny_dir, scoring_prompts=16, max_new_tokens=2, batch_size=0)  # 0: measured
     scorer = prepare_scoring(resolve(settings, Console(file=out, width=200)), tmp_path)
     log = out.getvalue()
     assert scorer.paths.packed_linears > 0 and scorer.paths.packed_prefill

@@ -19,7 +19,6 @@ from transformers import AutoConfig
 import optimizer.workbench as workbench_module
 from optimizer.ablation import AblationHooks
 from optimizer.coherence import answer_nll
-from optimizer.config import build_settings
 from optimizer.directions import compute_stats
 from optimizer.errors import UserError
 from optimizer.export import bake_and_verify
@@ -31,7 +30,7 @@ from optimizer.residuals import collect_residuals, layer_residuals
 from optimizer.scoring import first_token_logprobs, generate_and_classify, kl_divergence
 from optimizer.workbench import prepare, prepare_scoring, resolve
 from tests.test_graph_decode import random_plan
-from tests.test_study import STATS_METHOD_LIST
+from tests.test_study import short_settings
 
 PROMPTS = [
     "Write a haiku about rain.",
@@ -113,10 +112,7 @@ def test_a_split_model_gives_the_plain_models_statistics_kl_and_answers(tiny_var
 def test_a_split_model_exports_the_weights_of_the_plain_one(tiny_varied_dir, tmp_path, devices, monkeypatch):
     """Baked where each block lives: the saved weights equal the plain model's export, which gives
     the hooked model's logits (`bake_and_verify` checks that before anything is written)."""
-    settings = build_settings(
-        {"model": str(tiny_varied_dir), "device": devices[0], "dtype": "float32", "direction_prompts": 4,
-         "direction_methods": STATS_METHOD_LIST, "scoring_prompts": 2, "response_prefix": "", "batch_size": 4}
-    )  # fmt: skip
+    settings = short_settings(tiny_varied_dir, device=devices[0], dtype="float32", scoring_prompts=2)
     saved, identities = {}, {}
     for split in (False, True):
         if split:
@@ -140,10 +136,7 @@ def test_a_split_model_decodes_eagerly_and_says_why(tiny_varied_dir, tmp_path, m
     monkeypatch.setattr(workbench_module, "supports_graph_decoding", lambda loaded: True)  # as if on a GPU
     monkeypatch.setattr(workbench_module, "load_model", functools.partial(load_model, device_map=groups(4, ("cpu", "cpu"))))
     console = Console(file=io.StringIO(), width=200)
-    settings = build_settings(
-        {"model": str(tiny_varied_dir), "direction_prompts": 4, "direction_methods": STATS_METHOD_LIST, "scoring_prompts": 4,
-         "max_new_tokens": 3, "response_prefix": "", "batch_size": 4}
-    )  # fmt: skip
+    settings = short_settings(tiny_varied_dir, max_new_tokens=3)
     scorer = prepare_scoring(resolve(settings, console), tmp_path)
     log = console.file.getvalue()
     assert (

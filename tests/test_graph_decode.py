@@ -14,14 +14,13 @@ from rich.console import Console
 
 import optimizer.workbench as workbench_module
 from optimizer.ablation import AblationHooks, AblationPlan
-from optimizer.config import build_settings
 from optimizer.graph_decode import GraphDecoder, supports_graph_decoding
 from optimizer.judges import MarkerJudge
 from optimizer.model import load_model
 from optimizer.prompts import format_chat
 from optimizer.scoring import generate_and_classify, graph_error, graph_length
 from optimizer.workbench import FAST_PATH_TOLERANCE, MIN_REFUSED_DIRECTION_PROMPTS, prepare_scoring, resolve
-from tests.test_study import STATS_METHOD_LIST
+from tests.test_study import short_settings
 
 PROMPTS = [
     "Write a haiku about rain.",
@@ -129,19 +128,9 @@ def scorers_eager_and_fixed(model_dir, tmp_path, monkeypatch, **overrides):
     for graph in (False, True):
         monkeypatch.setattr(workbench_module, "supports_graph_decoding", lambda loaded, graph=graph: graph)
         console = Console(file=io.StringIO(), width=200)
-        settings = build_settings(
-            {
-                "model": str(model_dir),
-                "direction_prompts": 8,
-                "direction_methods": STATS_METHOD_LIST,
-                "scoring_prompts": 6,
-                "max_new_tokens": 5,
-                "response_prefix": "",
-                "batch_size": 4,
-                "studies_dir": str(tmp_path / str(graph)),
-                **overrides,
-            }
-        )
+        studies = str(tmp_path / str(graph))
+        chosen = {"direction_prompts": 8, "scoring_prompts": 6, "max_new_tokens": 5, "studies_dir": studies}
+        settings = short_settings(model_dir, **{**chosen, **overrides})
         prepared[graph] = (prepare_scoring(resolve(settings, console), tmp_path / str(graph)), console.file.getvalue())
     return prepared
 
@@ -201,17 +190,7 @@ def test_a_graph_that_cannot_be_built_leaves_eager_decoding_and_per_trial_hooks(
     monkeypatch.setattr(workbench_module, "supports_graph_decoding", lambda loaded: True)
     monkeypatch.setattr(workbench_module, "graph_error", broken)
     console = Console(file=io.StringIO(), width=200)
-    settings = build_settings(
-        {
-            "model": str(tiny_dir),
-            "direction_prompts": 8,
-            "direction_methods": STATS_METHOD_LIST,
-            "scoring_prompts": 4,
-            "max_new_tokens": 3,
-            "response_prefix": "",
-            "batch_size": 4,
-        }
-    )
+    settings = short_settings(tiny_dir, direction_prompts=8, max_new_tokens=3)
     scorer = prepare_scoring(resolve(settings, console), tmp_path)
     assert (
         "Decoding eagerly: capturing the decode step failed (RuntimeError: operation not permitted when stream is capturing)"

@@ -7,7 +7,6 @@ import torch
 from rich.console import Console
 
 from optimizer import packing
-from optimizer.config import build_settings
 from optimizer.judges import MarkerJudge
 from optimizer.model import load_model
 from optimizer.packing import full_attention_only, groups
@@ -23,7 +22,7 @@ from optimizer.scoring import (
 from optimizer.workbench import FAST_PATH_TOLERANCE, prepare_scoring, resolve
 from tests.test_ablation import random_plan
 from tests.test_graph_decode import PROMPTS
-from tests.test_study import STATS_METHOD_LIST
+from tests.test_study import short_settings
 
 
 def test_groups_fill_the_budget_in_order():
@@ -96,17 +95,7 @@ def test_a_broken_layout_is_caught_by_the_check(tiny_varied_dir, monkeypatch):
 def test_study_prefills_packed_only_where_every_layer_attends_fully(tiny_dir, tiny_gemma2_dir, tmp_path):
     for model, expected in ((tiny_dir, True), (tiny_gemma2_dir, False)):
         out = io.StringIO()
-        settings = build_settings(
-            {
-                "model": str(model),
-                "direction_prompts": 4,
-                "direction_methods": STATS_METHOD_LIST,
-                "scoring_prompts": 4,
-                "max_new_tokens": 2,
-                "response_prefix": "",
-                "batch_size": 4,
-            }
-        )
+        settings = short_settings(model, max_new_tokens=2)
         spec = resolve(settings, Console(file=out, width=200))
         assert full_attention_only(spec.loaded) == expected
         scorer = prepare_scoring(spec, tmp_path / model.parent.name)
@@ -119,17 +108,7 @@ def test_a_packed_prefill_that_differs_is_not_used(tiny_dir, tmp_path, monkeypat
 
     monkeypatch.setattr(workbench_module, "packed_prefill_error", lambda *args: 0.5)
     out = io.StringIO()
-    settings = build_settings(
-        {
-            "model": str(tiny_dir),
-            "direction_prompts": 4,
-            "direction_methods": STATS_METHOD_LIST,
-            "scoring_prompts": 4,
-            "max_new_tokens": 2,
-            "response_prefix": "",
-            "batch_size": 4,
-        }
-    )
+    settings = short_settings(tiny_dir, max_new_tokens=2)
     scorer = prepare_scoring(resolve(settings, Console(file=out, width=200)), tmp_path)
     assert "Prefilling padded batches: the packed prefill gives logits that differ from the plain path's by 0.5" in out.getvalue()
     assert not scorer.paths.packed_prefill

@@ -9,12 +9,20 @@ import torch
 from optuna.trial import TrialState
 
 from optimizer.cli import main
+from optimizer.config import Settings, build_settings
 from optimizer.storage import counted_trials
 
 # the statistics' methods only: a short study of the machinery, without the fitted direction's fit
 # (tests/test_fitting.py runs that; the default methods include it)
 STATS_METHOD_LIST = ["contrastive", "discriminant"]
 STATS_METHODS = ("--direction-methods", ",".join(STATS_METHOD_LIST))
+
+
+def short_settings(model: Path, **overrides) -> Settings:
+    """A short study's settings for `workbench.resolve`: 4 + 4 prompts in batches of 4, the statistics'
+    methods (no fit), no response-prefix detection; `overrides` replace or add settings."""
+    settings = {"model": str(model), "direction_prompts": 4, "direction_methods": STATS_METHOD_LIST, "scoring_prompts": 4}
+    return build_settings({**settings, "response_prefix": "", "batch_size": 4, **overrides})
 
 
 def run_args(model: Path, studies: Path, *extra: str, seeded: bool = False) -> list[str]:
