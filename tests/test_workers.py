@@ -52,41 +52,62 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     return out
 
 
-def wait_for_running_trial(storage: str, timeout: float = 120) -> int:
-    """Poll until an edited (non-baseline) trial is RUNNING; return its number."""
-    deadline = time.time() + timeout
+def running_trials(storage: str) -> list[int]:
+    """The edited (non-baseline) trials RUNNING in the study now; none while its tables or study are
+    not there yet, or while a frozen worker holds SQLite's lock (the read gives up)."""
     url = storage
     if storage.startswith("sqlite:///"):
+        if not Path(storage.removeprefix("sqlite:///")).exists():
+            return []
         # read-only: the poll can never hold a write lock on the worker's file. A read-write poll
         # that catches the worker creating its tables can insert Optuna's version row itself, and
         # an engine left half-built by an error keeps its connection until garbage-collected: the
         # likely cause of a run under heavy load whose worker waited out SQLite's lock timeout twice
         # and could not record its interrupted trial
         url = f"sqlite:///file:{storage.removeprefix('sqlite:///')}?mode=ro&uri=true"
+    try:
+        # one engine per poll, closed at once: engines left to the garbage collector keep their
+        # connections open, and a slow start could fill the server's connection slots
+        rdb = optuna.storages.RDBStorage(url, skip_table_creation=True)
+    except (RuntimeError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError):
+        return []  # the worker has not created the tables yet
+    try:
+        study = optuna.load_study(study_name="t", storage=rdb)
+        return [t.number for t in study.get_trials(states=(TrialState.RUNNING,)) if t.number > 0]
+    except (KeyError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError):
+        return []  # the worker has not created the study yet
+    finally:
+        rdb.remove_session()
+        rdb.engine.dispose()
+
+
+def wait_for_running_trial(storage: str, timeout: float = 120) -> int:
+    """Poll until an edited (non-baseline) trial is RUNNING; return its number."""
+    deadline = time.time() + timeout
     while time.time() < deadline:
-        if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).exists():
-            time.sleep(0.05)
-            continue
-        running = []
-        try:
-            # one engine per poll, closed at once: engines left to the garbage collector keep their
-            # connections open, and a slow start could fill the server's connection slots
-            rdb = optuna.storages.RDBStorage(url, skip_table_creation=True)
-        except (RuntimeError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError):
-            rdb = None  # the worker has not created the tables yet
-        if rdb is not None:
-            try:
-                study = optuna.load_study(study_name="t", storage=rdb)
-                running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if t.number > 0]
-            except (KeyError, optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError):
-                pass  # the worker has not created the study yet
-            finally:
-                rdb.remove_session()
-                rdb.engine.dispose()
+        running = running_trials(storage)
         if running:
-            return running[0].number
+            return running[0]
         time.sleep(0.05)
     raise AssertionError("no trial started")
+
+
+def kill_mid_trial(proc: subprocess.Popen, storage: str, timeout: float = 120) -> int:
+    """SIGKILL the worker while an edited trial of its is RUNNING; return that trial's number. The
+    worker is frozen (SIGSTOP) before the study is read, so the trial read as running is the one it
+    dies in: a kill sent after a poll alone could land after that trial's end and before the next
+    one began, leaving nothing RUNNING (seen once in CI)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        wait_for_running_trial(storage, deadline - time.time())
+        proc.send_signal(signal.SIGSTOP)
+        running = running_trials(storage)
+        if running:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return running[0]
+        proc.send_signal(signal.SIGCONT)  # frozen between two trials: let it start the next one
+    raise AssertionError("the worker was never frozen mid-trial")
 
 
 # trials of about a second on the tiny model; early stop off, since it can end a dominated trial in milliseconds,
@@ -114,9 +135,7 @@ def test_killed_postgres_worker_trial_is_failed_and_retried(tiny_dir, tmp_path, 
     studies = tmp_path / "studies"
     beat = ("--heartbeat-interval", "1", "--heartbeat-grace", "3")
     proc = worker(tiny_dir, studies, "--storage", pg_url, "--trials", "30", *SLOW, *beat)
-    polled = wait_for_running_trial(pg_url)
-    proc.send_signal(signal.SIGKILL)  # at once: a trial of the tiny model lasts about a second
-    proc.wait()
+    polled = kill_mid_trial(proc, pg_url)
     killed = trial_left_running(pg_url, polled)
     before = {
         t.number: t.values for t in optuna.load_study(study_name="t", storage=pg_url).trials if t.state == TrialState.COMPLETE
@@ -154,8 +173,7 @@ def trial_left_running(storage: str, polled: int) -> int:
 def test_killed_sqlite_worker_trial_is_failed_and_retried(tiny_dir, tmp_path):
     studies = tmp_path / "studies"
     storage = f"sqlite:///{studies}/t.db"
-    proc, polled = signal_mid_trial(tiny_dir, studies, signal.SIGKILL, trials=30)
-    proc.wait()
+    polled = kill_mid_trial(worker(tiny_dir, studies, "--trials", "30", *SLOW), storage)
     killed = trial_left_running(storage, polled)
     again = worker(tiny_dir, studies, "--trials", str(killed + 2), *SLOW)
     out = finish(again)
